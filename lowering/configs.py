@@ -1,0 +1,140 @@
+"""Kernel configs: tile shapes, warps and pipeline depth per head dim, for both kernels.
+
+Defaults are what the template uses without max-autotune (no benchmarking); ``*_autotune_configs``
+is the small set max-autotune compares (plus aten flash as an extern choice). Numbers were
+chosen on an H100 (see benchmarks/results/); the constraints each config must meet are in the
+dataclass docstrings and checked in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = [
+    "BackwardConfig",
+    "ForwardConfig",
+    "MAX_HEAD_DIM",
+    "SEARCH_WIDTH",
+    "backward_autotune_configs",
+    "default_backward_config",
+    "default_forward_config",
+    "dot_precision",
+    "forward_autotune_configs",
+    "padded_head_dim",
+    "supported_head_dim",
+]
+
+MAX_HEAD_DIM = 256
+# Sequences read per step of the tile -> sequence search (one vector load when N <= this).
+SEARCH_WIDTH = 128
+
+
+def supported_head_dim(head_dim: int) -> bool:
+    """Head dims the Triton kernels take: 1..256 (padded to a power of two >= 16 inside)."""
+    return 1 <= head_dim <= MAX_HEAD_DIM
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """``tl.dot`` needs power-of-two tiles of at least 16: D=96 runs as 128 with a mask."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots ('ieee'), never silent tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _is_pow2(x: int) -> bool:
+    return x >= 16 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+    """Forward tiling.
+
+    ``block_m``: query rows per program; ``block_n``: key rows per inner step. Both powers of two
+    >= 16 (``tl.dot`` tiles). ``num_warps`` in {4, 8}; ``num_stages`` >= 1 (software pipelining
+    depth of the key/value loads).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        if not (_is_pow2(self.block_m) and _is_pow2(self.block_n)):
+            raise ValueError(f"block sizes must be powers of two >= 16: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+    """Backward tiling (one launch, two kinds of programs).
+
+    dK/dV programs own ``block_n1`` key rows and step over ``block_m1`` query rows; dQ programs
+    own ``block_m2`` query rows and step over ``block_n2`` key rows. All powers of two >= 16.
+    """
+
+    block_m1: int
+    block_n1: int
+    block_m2: int
+    block_n2: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        blocks = (self.block_m1, self.block_n1, self.block_m2, self.block_n2)
+        if not all(_is_pow2(b) for b in blocks):
+            raise ValueError(f"block sizes must be powers of two >= 16: {self}")
+
+
+def default_forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
+    padded = padded_head_dim(head_dim)
+    if dtype == torch.float32:
+        return ForwardConfig(64, 32, 4, 2) if padded <= 128 else ForwardConfig(32, 32, 4, 1)
+    if padded <= 64:
+        return ForwardConfig(128, 64, 4, 3)
+    if padded <= 128:
+        return ForwardConfig(128, 64, 8, 3)
+    return ForwardConfig(64, 64, 4, 2)
+
+
+def forward_autotune_configs(head_dim: int, dtype: torch.dtype) -> list[ForwardConfig]:
+    default = default_forward_config(head_dim, dtype)
+    padded = padded_head_dim(head_dim)
+    if dtype == torch.float32:
+        candidates = [ForwardConfig(32, 32, 4, 2), ForwardConfig(64, 32, 4, 1)]
+    elif padded <= 64:
+        candidates = [ForwardConfig(128, 128, 8, 3), ForwardConfig(64, 64, 4, 3), ForwardConfig(128, 64, 8, 4)]
+    elif padded <= 128:
+        candidates = [ForwardConfig(128, 128, 8, 3), ForwardConfig(128, 64, 4, 3), ForwardConfig(64, 64, 4, 3)]
+    else:
+        candidates = [ForwardConfig(64, 32, 4, 2), ForwardConfig(128, 32, 8, 2)]
+    return [default] + [c for c in candidates if c != default]
+
+
+def default_backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+    padded = padded_head_dim(head_dim)
+    if dtype == torch.float32:
+        return BackwardConfig(32, 32, 32, 32, 4, 1)
+    if padded <= 64:
+        return BackwardConfig(32, 128, 128, 32, 4, 3)
+    if padded <= 128:
+        return BackwardConfig(32, 128, 128, 32, 8, 2)
+    return BackwardConfig(32, 64, 64, 32, 8, 1)
+
+
+def backward_autotune_configs(head_dim: int, dtype: torch.dtype) -> list[BackwardConfig]:
+    default = default_backward_config(head_dim, dtype)
+    padded = padded_head_dim(head_dim)
+    if dtype == torch.float32:
+        candidates = [BackwardConfig(16, 32, 32, 16, 4, 1)]
+    elif padded <= 64:
+        candidates = [BackwardConfig(64, 128, 128, 64, 8, 2), BackwardConfig(32, 64, 64, 32, 4, 3)]
+    elif padded <= 128:
+        candidates = [BackwardConfig(64, 128, 128, 64, 8, 2), BackwardConfig(32, 64, 64, 32, 4, 2)]
+    else:
+        candidates = [BackwardConfig(16, 64, 64, 16, 4, 1)]
+    return [default] + [c for c in candidates if c != default]

@@ -1,0 +1,154 @@
+"""Standalone launcher: runs the shared Triton kernels eagerly, without Inductor.
+
+Eager mode uses it on CUDA where aten flash attention cannot serve a call (fp32, head dims
+aten rejects, gradients through ``lse``, CUDA-graph capture without max lengths). Tests run it
+on the CPU under ``TRITON_INTERPRET=1``. The kernels are ``standalone.py.jinja`` on top of
+``varlen_common.py.jinja``: the very ``@triton.jit`` code the Inductor templates append.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import linecache
+import os
+import types
+
+import torch
+
+from varlen_compile.reference import effective_window
+
+from ._sources import load_template
+from .configs import (
+    SEARCH_WIDTH,
+    BackwardConfig,
+    ForwardConfig,
+    default_backward_config,
+    default_forward_config,
+    dot_precision,
+    padded_head_dim,
+)
+
+__all__ = ["backward", "forward"]
+
+_PRELUDE = "import triton\nimport triton.language as tl\n"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernels(interpret: bool) -> types.ModuleType:
+    """Build the kernel module once per mode. ``triton.jit`` reads the source through
+    ``inspect``, so the text is registered with ``linecache`` under a stable name."""
+    del interpret  # part of the cache key: triton.jit picks interpreter or compiler at decoration
+    source = _PRELUDE + load_template("standalone") + load_template("varlen_common")
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    filename = f"<varlen_compile-kernels-{digest}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = types.ModuleType("varlen_compile_standalone_kernels")
+    module.__file__ = filename
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    config: ForwardConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse float32 ``(H_q, T_q)``.
+
+    Inputs as in :func:`varlen_compile.varlen_attn` (any strides with a contiguous last dim).
+    """
+    total_q, heads_q, head_dim = query.shape
+    num_seqs = cu_seq_q.shape[0] - 1
+    config = config or default_forward_config(head_dim, query.dtype)
+    left, right = effective_window(is_causal, window_left, window_right)
+    out = query.new_empty((total_q, heads_q, head_dim))
+    lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
+    grid = (_cdiv(total_q, config.block_m) + num_seqs, heads_q)
+    if grid[0] * grid[1] == 0:
+        return out, lse
+    _kernels(_interpreting()).varlen_fwd_kernel[grid](
+        query, key, value, cu_seq_q, cu_seq_k, out, lse, num_seqs, total_q,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), out.stride(0), out.stride(1), scale,
+        WINDOW_LEFT=left, WINDOW_RIGHT=right, GQA_GROUP=heads_q // key.shape[1],
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim),
+        SEARCH_WIDTH=SEARCH_WIDTH, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+def attention_delta(
+    grad_out: torch.Tensor, out: torch.Tensor, grad_lse: torch.Tensor | None
+) -> torch.Tensor:
+    """``rowsum(dO * O) - grad_lse`` as float32 ``(H_q, T_q)``, the backward's row term."""
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    return delta
+
+
+def backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    grad_lse: torch.Tensor | None = None,
+    config: BackwardConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``."""
+    total_q, heads_q, head_dim = query.shape
+    total_k, heads_kv, _ = key.shape
+    num_seqs = cu_seq_q.shape[0] - 1
+    group = heads_q // heads_kv
+    config = config or default_backward_config(head_dim, query.dtype)
+    left, right = effective_window(is_causal, window_left, window_right)
+    delta = attention_delta(grad_out, out, grad_lse)
+    lse = lse.contiguous()
+    dq = query.new_empty((total_q, heads_q, head_dim))
+    dk = key.new_empty((total_k, heads_kv, head_dim))
+    dv = value.new_empty((total_k, heads_kv, head_dim))
+    kv_slots = _cdiv(total_k, config.block_n1) + num_seqs
+    q_slots = _cdiv(total_q, config.block_m2) + num_seqs
+    grid = (kv_slots + group * q_slots, heads_kv)
+    if grid[0] * grid[1] == 0:
+        return dq, dk, dv
+    _kernels(_interpreting()).varlen_bwd_kernel[grid](
+        query, key, value, grad_out, lse, delta, cu_seq_q, cu_seq_k, dq, dk, dv,
+        num_seqs, total_q, total_k,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), grad_out.stride(0), grad_out.stride(1),
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale,
+        WINDOW_LEFT=left, WINDOW_RIGHT=right, GQA_GROUP=group,
+        BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
+        BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim),
+        SEARCH_WIDTH=SEARCH_WIDTH, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return dq, dk, dv

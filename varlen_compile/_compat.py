@@ -1,0 +1,75 @@
+"""Every torch / triton version difference and optional-dependency check lives here.
+
+Compare versions with :class:`packaging.version.Version`, never with strings.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from packaging.version import Version
+
+__all__ = [
+    "TORCH_VERSION",
+    "has_triton",
+    "has_inductor",
+    "is_symbolic",
+    "is_traced",
+    "stream_is_capturing",
+    "triton_version",
+]
+
+TORCH_VERSION = Version(torch.__version__.split("+")[0])
+MIN_TORCH_VERSION = Version("2.11")
+
+
+@functools.cache
+def has_triton() -> bool:
+    """True when ``import triton`` would succeed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def triton_version() -> Version | None:
+    if not has_triton():
+        return None
+    import triton
+
+    return Version(triton.__version__.split("+")[0])
+
+
+@functools.cache
+def has_inductor() -> bool:
+    """True when Inductor's lowering machinery imports on this install."""
+    try:
+        import torch._inductor.lowering  # noqa: F401
+        import torch._inductor.select_algorithm  # noqa: F401
+    except Exception:  # pragma: no cover - broken or stripped installs
+        return False
+    return True
+
+
+def is_symbolic(x: object) -> bool:
+    """True for SymInt/SymFloat values produced while tracing."""
+    return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """True when ``t`` has no readable values: Dynamo/export tracing, fake or functional tensors.
+
+    Value checks (which read ``cu_seq`` on the host) are skipped in that case, so tracing never
+    host-syncs or graph-breaks.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return is_fake(t) or isinstance(t, FunctionalTensor) or t.device.type == "meta"
+
+
+def stream_is_capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,244 @@
+"""Public entry point: :func:`varlen_attn`, mirroring ``torch.nn.attention.varlen.varlen_attn``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import _compat
+from .ops import varlen_attn_op
+
+__all__ = ["AuxRequest", "varlen_attn"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs :func:`varlen_attn` returns besides ``out``.
+
+    ``lse``: also return the float32 log-sum-exp of the scaled scores, shape ``(H_q, T_q)``
+    (the layout aten flash attention uses). Gradients flow through it.
+    """
+
+    lse: bool = False
+
+
+def varlen_attn(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int | None = None,
+    max_k: int | None = None,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    return_aux: AuxRequest | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention within each sequence of a packed (variable-length) batch, without padding.
+
+    Args:
+        query: ``(T_q, H_q, D)``, the queries of all ``N`` sequences concatenated.
+        key: ``(T_k, H_kv, D)``.
+        value: ``(T_k, H_kv, D)``.
+        cu_seq_q: int32 ``(N + 1,)``, cumulative query offsets: ``0 = cu_seq_q[0] <= ... <=
+            cu_seq_q[N] = T_q``; sequence ``i`` owns query rows ``cu_seq_q[i]:cu_seq_q[i + 1]``.
+        cu_seq_k: int32 ``(N + 1,)``, the same for keys and values. Sequences may be empty, and a
+            sequence's query and key lengths may differ.
+        max_q, max_k: optional hints, the longest query / key sequence (int or SymInt). Our
+            Triton kernels never need them; eager aten flash does, and reads them off
+            ``cu_seq`` on the host when they are None. Under ``torch.compile`` they cause no
+            guard and no host sync.
+        is_causal: causal masking, aligned bottom-right when a sequence's query length differs
+            from its key length (FlashAttention's convention): query ``i`` of a sequence with
+            ``L_q`` queries and ``L_k`` keys attends keys ``j <= i + L_k - L_q``.
+        scale: multiplier of ``Q @ K^T``; default ``1 / sqrt(D)``.
+        window_size: ``(left, right)`` sliding window as in FlashAttention: query ``i`` attends
+            keys ``j`` with ``i + L_k - L_q - left <= j <= i + L_k - L_q + right``; ``-1`` is
+            unbounded. ``is_causal=True`` sets ``right = 0``.
+        enable_gqa: allow ``H_q != H_kv`` (grouped-query / multi-query attention); ``H_q`` must
+            be a multiple of ``H_kv``, and query head ``h`` uses kv head ``h // (H_q // H_kv)``.
+        return_aux: ``AuxRequest(lse=True)`` also returns the log-sum-exp.
+
+    Returns:
+        ``out`` ``(T_q, H_q, D)`` in the input dtype, or ``(out, lse)`` with ``lse`` float32
+        ``(H_q, T_q)`` when ``return_aux.lse``. Query rows that attend no key (an empty key
+        sequence, or a window that excludes every key) get ``out = 0`` and ``lse = +inf``.
+
+    Checked on every call (tensor metadata only, so also under ``torch.compile`` where it costs
+    no sync and no graph break): ranks and shapes, head dims, head counts and ``enable_gqa``,
+    ``cu_seq`` dtype/rank/length, devices, dtypes, a contiguous last dim, ``window_size``.
+    Checked in eager mode only (it reads ``cu_seq`` on the host: one sync): offsets start at 0,
+    never decrease and end at ``T``, and ``max_q``/``max_k`` are not below the real maxima.
+    Skipped while tracing (compile, export, fake tensors) and during CUDA-graph capture.
+
+    Example::
+
+        >>> lengths = torch.tensor([5, 0, 3])
+        >>> cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        >>> q = k = v = torch.randn(8, 4, 64)
+        >>> out = varlen_attn(q, k, v, cu, cu, is_causal=True)
+    """
+    window_left, window_right = _check_window(window_size)
+    _check_tensors(query, key, value, cu_seq_q, cu_seq_k, enable_gqa)
+    if return_aux is not None and not isinstance(return_aux, AuxRequest):
+        raise TypeError(
+            f"varlen_attn: return_aux must be None or AuxRequest(lse=...), got {type(return_aux)}"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif not isinstance(scale, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"varlen_attn: scale must be a float or None, got {type(scale)}")
+    cu_seq_q, cu_seq_k = cu_seq_q.contiguous(), cu_seq_k.contiguous()
+    if not (_compat.is_traced(cu_seq_q) or _compat.stream_is_capturing(cu_seq_q.device)):
+        max_q, max_k = _check_offsets(cu_seq_q, cu_seq_k, query.shape[0], key.shape[0], max_q, max_k)
+    out, lse = varlen_attn_op(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+        bool(is_causal), float(scale), window_left, window_right,
+    )
+    if return_aux is not None and return_aux.lse:
+        return out, lse
+    return out
+
+
+def _check_window(window_size: tuple[int, int]) -> tuple[int, int]:
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, (int, torch.SymInt)) for w in window_size)
+    ):
+        raise ValueError(
+            f"varlen_attn: window_size must be a pair of ints (left, right), got {window_size!r}; "
+            "use (-1, -1) for no window"
+        )
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(
+            f"varlen_attn: window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}"
+        )
+    return left, right
+
+
+def _check_tensors(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    enable_gqa: bool,
+) -> None:
+    """Metadata checks: safe under torch.compile (no data access)."""
+    named = {"query": query, "key": key, "value": value, "cu_seq_q": cu_seq_q, "cu_seq_k": cu_seq_k}
+    for name, tensor in named.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"varlen_attn: {name} must be a torch.Tensor, got {type(tensor)}")
+    for name in ("query", "key", "value"):
+        if named[name].dim() != 3:
+            raise ValueError(
+                f"varlen_attn: {name} must be 3-D (total_tokens, heads, head_dim), got shape "
+                f"{tuple(named[name].shape)}; pack sequences along dim 0 instead of padding a batch dim"
+            )
+    if key.shape != value.shape:
+        raise ValueError(
+            f"varlen_attn: key and value must have the same shape, got {tuple(key.shape)} and "
+            f"{tuple(value.shape)}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"varlen_attn: query and key must have the same head_dim, got {query.shape[-1]} and "
+            f"{key.shape[-1]}"
+        )
+    heads_q, heads_kv = query.shape[1], key.shape[1]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(
+            f"varlen_attn: the number of query heads ({heads_q}) must be a multiple of the number "
+            f"of key/value heads ({heads_kv})"
+        )
+    if heads_q != heads_kv and not enable_gqa:
+        raise ValueError(
+            f"varlen_attn: query has {heads_q} heads but key/value have {heads_kv}; pass "
+            "enable_gqa=True for grouped-query attention"
+        )
+    for name in ("cu_seq_q", "cu_seq_k"):
+        cu_seq = named[name]
+        if cu_seq.dtype != torch.int32:
+            raise ValueError(
+                f"varlen_attn: {name} must be int32, got {cu_seq.dtype}; use {name}.to(torch.int32)"
+            )
+        if cu_seq.dim() != 1 or cu_seq.shape[0] < 1:
+            raise ValueError(
+                f"varlen_attn: {name} must be 1-D with N + 1 >= 1 offsets, got shape {tuple(cu_seq.shape)}"
+            )
+    if cu_seq_q.shape[0] != cu_seq_k.shape[0]:
+        raise ValueError(
+            f"varlen_attn: cu_seq_q and cu_seq_k must describe the same number of sequences, got "
+            f"{cu_seq_q.shape[0] - 1} and {cu_seq_k.shape[0] - 1}; pass an empty sequence "
+            "(a repeated offset) where one side has none"
+        )
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(
+            f"varlen_attn: all tensors must be on one device, got {devices}; move them with .to(query.device)"
+        )
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"varlen_attn: query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+            f"{value.dtype}"
+        )
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"varlen_attn: unsupported dtype {query.dtype}; use one of "
+            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
+        )
+    for name in ("query", "key", "value"):
+        tensor = named[name]
+        if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+            raise ValueError(
+                f"varlen_attn: {name} must have a contiguous last dimension (stride 1), got strides "
+                f"{tuple(tensor.stride())}; views like qkv.chunk(3, -1) are fine, call "
+                f"{name}.contiguous() for transposed inputs"
+            )
+
+
+def _check_offsets(
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    total_q: int,
+    total_k: int,
+    max_q: int | None,
+    max_k: int | None,
+) -> tuple[int, int]:
+    """Eager-only value checks (one host sync); returns the max lengths for aten flash."""
+    offsets = torch.stack([cu_seq_q, cu_seq_k]).cpu()
+    checked = []
+    for offs, name, total, max_len, max_name in (
+        (offsets[0], "cu_seq_q", total_q, max_q, "max_q"),
+        (offsets[1], "cu_seq_k", total_k, max_k, "max_k"),
+    ):
+        lengths = offs[1:] - offs[:-1]
+        if int(offs[0]) != 0:
+            raise ValueError(f"varlen_attn: {name} must start at 0, got {int(offs[0])}")
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(
+                f"varlen_attn: {name} must be non-decreasing (cumulative sequence lengths), got "
+                f"{offs.tolist()}"
+            )
+        if int(offs[-1]) != total:
+            raise ValueError(
+                f"varlen_attn: {name} must end at the total token count {total}, got {int(offs[-1])}"
+            )
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if max_len is not None and int(max_len) < longest:
+            raise ValueError(
+                f"varlen_attn: {max_name}={int(max_len)} is smaller than the longest sequence "
+                f"({longest}); pass the true maximum or None"
+            )
+        checked.append(longest if max_len is None else max_len)
+    return checked[0], checked[1]

@@ -1,0 +1,220 @@
+"""The custom ops ``torch.ops.varlen_compile.varlen_attn`` and ``varlen_attn_backward``.
+
+Layout of this module: the forward op and its fake, the backward op and its fake, autograd
+(``setup_context`` / ``backward``), then FLOP formulas. The public, validated entry point is
+:func:`varlen_compile.varlen_attn`; these ops trust their inputs.
+
+Both ops take ``max_q``/``max_k`` as optional hints (``SymInt?``): the Triton kernels never need
+them, aten flash does (eager reads them off ``cu_seq`` when missing). ``scale`` is resolved by
+the public API; ``is_causal`` means ``window_right = 0`` (see :func:`reference.effective_window`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from . import backends
+from .reference import effective_window
+
+__all__ = ["varlen_attn_op", "varlen_attn_backward_op", "attention_flops"]
+
+
+@torch.library.custom_op("varlen_compile::varlen_attn", mutates_args=())
+def varlen_attn_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int | None,
+    max_k: int | None,
+    is_causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: out ``(T_q, H_q, D)`` in the input dtype, lse float32 ``(H_q, T_q)``."""
+    return backends.forward(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+        is_causal, scale, window_left, window_right,
+    )
+
+
+@varlen_attn_op.register_fake
+def _varlen_attn_fake(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale, window_left, window_right
+):
+    total_q, num_heads, head_dim = query.shape
+    out = query.new_empty((total_q, num_heads, head_dim))
+    lse = query.new_empty((num_heads, total_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("varlen_compile::varlen_attn_backward", mutates_args=())
+def varlen_attn_backward_op(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int | None,
+    max_k: int | None,
+    is_causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    grad_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``.
+
+    ``grad_lse`` (float32 ``(H_q, T_q)``) is the gradient flowing into ``lse``, or None.
+    """
+    return backends.backward(
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
+        is_causal, scale, window_left, window_right, grad_lse,
+    )
+
+
+@varlen_attn_backward_op.register_fake
+def _varlen_attn_backward_fake(
+    grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
+    is_causal, scale, window_left, window_right, grad_lse=None,
+):
+    return (
+        query.new_empty(query.shape),
+        key.new_empty(key.shape),
+        value.new_empty(value.shape),
+    )
+
+
+# ---------------------------------------------------------------------------- autograd
+
+_FORWARD_PARAMS = tuple(arg.name for arg in torch.ops.varlen_compile.varlen_attn.default._schema.arguments)
+_DIFFERENTIABLE = ("query", "key", "value")
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    args = dict(zip(_FORWARD_PARAMS, inputs))
+    out, lse = output
+    ctx.save_for_backward(
+        args["query"], args["key"], args["value"], out, lse, args["cu_seq_q"], args["cu_seq_k"]
+    )
+    ctx.attn_args = {
+        name: args[name]
+        for name in ("max_q", "max_k", "is_causal", "scale", "window_left", "window_right")
+    }
+    # Unused outputs get None instead of zeros: an unused lse keeps the aten flash backward.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(
+    ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    query, key, value, out, lse, cu_seq_q, cu_seq_k = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv = varlen_attn_backward_op(
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k,
+        **ctx.attn_args, grad_lse=grad_lse,
+    )
+    no_grads = (None,) * (len(_FORWARD_PARAMS) - len(_DIFFERENTIABLE))
+    return dq, dk, dv, *no_grads
+
+
+varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_double_backward(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    pass
+
+
+def _double_backward(ctx: Any, *grads: Any) -> None:
+    raise RuntimeError(
+        "varlen_attn does not support double backward (gradients of gradients). "
+        "Differentiate through varlen_compile.reference.attention_forward instead if you need it."
+    )
+
+
+varlen_attn_backward_op.register_autograd(_double_backward, setup_context=_setup_double_backward)
+
+
+# ---------------------------------------------------------------------------- FLOP counting
+
+
+def _attended_pairs(len_q: int, len_k: int, window_left: int, window_right: int) -> int:
+    """Number of (query, key) pairs one sequence attends under the window (closed form per row)."""
+    if len_q <= 0 or len_k <= 0:
+        return 0
+    diagonal = torch.arange(len_q, dtype=torch.int64) + (len_k - len_q)
+    first = (diagonal - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(diagonal)
+    last = (diagonal + window_right).clamp(max=len_k - 1) if window_right >= 0 else torch.full_like(diagonal, len_k - 1)
+    return int((last - first + 1).clamp(min=0).sum())
+
+
+def _sequence_lengths(
+    cu_seq: torch.Tensor, max_len: int | None, total: int
+) -> list[int]:
+    """Real lengths when ``cu_seq`` is readable; else ``max_len`` per sequence (an upper bound),
+    or, without a hint, the whole batch as one sequence (also an upper bound)."""
+    from ._compat import is_traced
+
+    if not is_traced(cu_seq):
+        return (cu_seq[1:] - cu_seq[:-1]).tolist()
+    if max_len is not None:
+        return [int(max_len)] * (cu_seq.shape[0] - 1)
+    return [int(total)]
+
+
+def attention_flops(
+    query_shape: torch.Size,
+    key_shape: torch.Size,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int | None,
+    max_k: int | None,
+    is_causal: bool,
+    window_left: int,
+    window_right: int,
+) -> int:
+    """Forward FLOPs actually attended: ``4 * D * H_q * sum(attended pairs)`` (two matmuls).
+
+    Unlike aten's count, causal and window masks are taken into account. The backward does
+    2.5x this (five matmuls including the recomputation of ``Q @ K^T``).
+    """
+    _, num_heads, head_dim = query_shape
+    window = effective_window(is_causal, window_left, window_right)
+    lengths_q = _sequence_lengths(cu_seq_q, max_q, query_shape[0])
+    lengths_k = _sequence_lengths(cu_seq_k, max_k, key_shape[0])
+    pairs = sum(_attended_pairs(lq, lk, *window) for lq, lk in zip(lengths_q, lengths_k))
+    return 4 * head_dim * num_heads * pairs
+
+
+@register_flop_formula(torch.ops.varlen_compile.varlen_attn, get_raw=True)
+def _varlen_attn_flop(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale,
+    window_left, window_right, *args, out_val=None, **kwargs,
+) -> int:
+    return attention_flops(
+        query.shape, key.shape, cu_seq_q, cu_seq_k, max_q, max_k,
+        is_causal, window_left, window_right,
+    )
+
+
+@register_flop_formula(torch.ops.varlen_compile.varlen_attn_backward, get_raw=True)
+def _varlen_attn_backward_flop(
+    grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale,
+    window_left, window_right, *args, out_val=None, **kwargs,
+) -> int:
+    forward = attention_flops(
+        query.shape, key.shape, cu_seq_q, cu_seq_k, max_q, max_k,
+        is_causal, window_left, window_right,
+    )
+    return forward * 5 // 2
