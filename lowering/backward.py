@@ -1,0 +1,173 @@
+"""Inductor lowering of ``varlen_compile::varlen_attn_backward`` to the backward Triton template.
+
+Steps: decide (template or fallback) -> prepare inputs -> ``delta = rowsum(dO * O) - grad_lse``
+as plain Inductor ops -> dK layout and the dQ/dV buffers -> configs -> choices (template
+configs, plus aten flash under max-autotune) -> ``autotune_select_algorithm``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import ir
+from torch._inductor.lowering import empty_strided, lowerings, register_lowering, to_dtype
+from torch._inductor.select_algorithm import (
+    ExternKernelChoice,
+    SymbolicGridFn,
+    autotune_select_algorithm,
+)
+
+from varlen_compile import _extern_ops
+from varlen_compile.reference import effective_window
+
+from .common import (
+    cu_seq_generator,
+    fallback,
+    kernel_constants,
+    make_template,
+    prepare_attention_input,
+    size_hint,
+    use_template,
+)
+from .configs import BackwardConfig, backward_autotune_configs, default_backward_config
+from .forward import _offer_aten
+
+__all__ = ["varlen_attn_backward_lowering"]
+
+_OP = torch.ops.varlen_compile.varlen_attn_backward.default
+aten = torch.ops.aten
+
+
+@SymbolicGridFn
+def varlen_bwd_grid(total_q, total_k, heads_kv, num_seqs, meta, *, cdiv):
+    """How is the backward parallelized? One launch, two kinds of programs per kv head:
+    ``cdiv(T_k, BLOCK_N1) + N`` key-tile programs (dK, dV summed over the GQA group), then
+    ``GQA_GROUP * (cdiv(T_q, BLOCK_M2) + N)`` query-tile programs (dQ of one query head)."""
+    kv_slots = cdiv(total_k, meta["BLOCK_N1"]) + num_seqs
+    q_slots = cdiv(total_q, meta["BLOCK_M2"]) + num_seqs
+    return (kv_slots + meta["GQA_GROUP"] * q_slots, heads_kv, 1)
+
+
+varlen_bwd_template = make_template("varlen_attn_bwd", varlen_bwd_grid, "varlen_bwd")
+
+
+def _aten_backward_node(
+    grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value,
+    **kwargs: Any,
+) -> ir.IRNode:
+    """Output node when the aten choice wins: aten flash writing dQ/dV into our buffers."""
+    return ir.FallbackKernel.create(
+        torch.ops.varlen_compile._flash_backward_into.default,
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, grad_query, grad_value,
+        kwargs["max_q"], kwargs["max_k"], kwargs["is_causal"], kwargs["scale"],
+        kwargs["window_left"], kwargs["window_right"],
+    )
+
+
+def _aten_backward_for_autotune(
+    grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value,
+    **kwargs: Any,
+) -> torch.Tensor:
+    return _extern_ops.flash_backward_for_autotune(
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, grad_query, grad_value, **kwargs
+    )
+
+
+aten_flash_backward_choice = ExternKernelChoice(
+    _aten_backward_for_autotune,
+    name="varlen_compile_aten_flash_backward",
+    has_out_variant=False,
+    kernel_creator=_aten_backward_node,
+)
+
+
+def _configs(head_dim: int, dtype: torch.dtype, masked: bool) -> list[BackwardConfig]:
+    if inductor_config.max_autotune:
+        return backward_autotune_configs(head_dim, dtype, masked)
+    return [default_backward_config(head_dim, dtype, masked)]
+
+
+def _delta(grad_out: ir.IRNode, out: ir.IRNode, grad_lse: ir.IRNode | None) -> ir.IRNode:
+    """``rowsum(dO * O) - grad_lse``, float32 ``(H_q, T_q)``: a fused Inductor reduction."""
+    product = lowerings[aten.mul](to_dtype(grad_out, torch.float32), to_dtype(out, torch.float32))
+    delta = lowerings[aten.sum](lowerings[aten.permute](product, [1, 0, 2]), [2])
+    if grad_lse is not None:
+        delta = lowerings[aten.sub](delta, to_dtype(grad_lse, torch.float32))
+    return ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(delta))
+
+
+@register_lowering(_OP, type_promotion_kind=None)
+def varlen_attn_backward_lowering(
+    grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
+    is_causal, scale, window_left, window_right, grad_lse=None,
+):
+    if not use_template(query):
+        return fallback(
+            _OP, grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
+            is_causal, scale, window_left, window_right, grad_lse,
+        )
+    delta = _delta(grad_out, out, grad_lse)
+    grad_out, query, key, value, out = (
+        prepare_attention_input(x) for x in (grad_out, query, key, value, out)
+    )
+    cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (cu_seq_q, cu_seq_k))
+    lse = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(lse))
+    left, right = effective_window(is_causal, window_left, window_right)
+
+    total_q, heads_q, head_dim = query.get_size()
+    total_k, heads_kv, _ = key.get_size()
+    device = query.get_device()
+    layout_dk = ir.FixedLayout(
+        device, key.get_dtype(), [total_k, heads_kv, head_dim],
+        ir.FlexibleLayout.contiguous_strides([total_k, heads_kv, head_dim]),
+    )
+    # dK goes through store_output (fusable); dQ and dV are buffers the template mutates.
+    grad_query = empty_strided(query.get_size(), None, dtype=query.get_dtype(), device=device)
+    grad_value = empty_strided(value.get_size(), None, dtype=value.get_dtype(), device=device)
+    input_nodes = [
+        grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value,
+    ]
+    num_seqs = cu_seq_q.get_size()[0] - 1
+
+    constants = kernel_constants(query, key, scale, left, right)
+    choices: list[Any] = []
+    for config in _configs(int(head_dim), query.get_dtype(), left >= 0 or right >= 0):
+        varlen_bwd_template.maybe_append_choice(
+            choices,
+            input_nodes=input_nodes,
+            layout=layout_dk,
+            mutated_inputs=[grad_query, grad_value],
+            call_sizes=[total_q, total_k, heads_kv, num_seqs],
+            num_stages=config.num_stages,
+            num_warps=config.num_warps,
+            BLOCK_M1=config.block_m1,
+            BLOCK_N1=config.block_n1,
+            BLOCK_M2=config.block_m2,
+            BLOCK_N2=config.block_n2,
+            **constants,
+        )
+    if grad_lse is None and _offer_aten(query, max_q, max_k):
+        aten_flash_backward_choice.maybe_append_choice(
+            choices,
+            input_nodes=input_nodes,
+            layout=layout_dk,
+            max_q=max_q,
+            max_k=max_k,
+            is_causal=bool(is_causal),
+            scale=float(scale),
+            window_left=int(window_left),
+            window_right=int(window_right),
+        )
+    grad_key = autotune_select_algorithm(
+        "varlen_attn_bwd",
+        choices,
+        input_nodes,
+        layout_dk,
+        input_gen_fns={
+            7: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
+            8: cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(total_k)),
+        },
+    )
+    return grad_query, grad_key, grad_value

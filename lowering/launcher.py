@@ -99,9 +99,18 @@ def attention_delta(
     grad_out: torch.Tensor, out: torch.Tensor, grad_lse: torch.Tensor | None
 ) -> torch.Tensor:
     """``rowsum(dO * O) - grad_lse`` as float32 ``(H_q, T_q)``, the backward's row term."""
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
+    total_q, heads_q, head_dim = out.shape
+    delta = torch.empty((heads_q, total_q), dtype=torch.float32, device=out.device)
+    block_t = 64
+    grid = (_cdiv(total_q, block_t), heads_q)
+    if grid[0] * grid[1] == 0:
+        return delta
+    _kernels(_interpreting()).varlen_bwd_preprocess_kernel[grid](
+        out, grad_out, grad_lse if grad_lse is not None else delta, delta, total_q, heads_q,
+        out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        HAS_GRAD_LSE=grad_lse is not None, BLOCK_T=block_t,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim),
+    )
     return delta
 
 
@@ -126,9 +135,9 @@ def backward(
     total_k, heads_kv, _ = key.shape
     num_seqs = cu_seq_q.shape[0] - 1
     group = heads_q // heads_kv
-    config = config or default_backward_config(head_dim, query.dtype)
+    config = config or default_backward_config(head_dim, query.dtype, is_causal or window_left >= 0 or window_right >= 0)
     left, right = effective_window(is_causal, window_left, window_right)
-    delta = attention_delta(grad_out, out, grad_lse)
+    delta = attention_delta(grad_out, out, grad_lse.contiguous() if grad_lse is not None else None)
     lse = lse.contiguous()
     dq = query.new_empty((total_q, heads_q, head_dim))
     dk = key.new_empty((total_k, heads_kv, head_dim))

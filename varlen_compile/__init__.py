@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from . import ops  # noqa: F401  (registers torch.ops.varlen_compile.*)
+from . import _extern_ops, ops  # noqa: F401  (register torch.ops.varlen_compile.*)
 from ._compat import has_inductor, has_triton
 from .api import AuxRequest, varlen_attn
 

@@ -63,6 +63,53 @@ def _use_aten(query: torch.Tensor, key: torch.Tensor, max_q: int | None, max_k: 
     return not (needs_sync and _compat.stream_is_capturing(query.device))
 
 
+def aten_flash_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    is_causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``aten._flash_attention_forward`` (dropout off): ``(out, lse)`` as aten returns them."""
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, is_causal, False,
+        scale=scale, window_size_left=window_left, window_size_right=window_right,
+    )
+    return out, lse
+
+
+def aten_flash_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    is_causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``aten._flash_attention_backward`` (dropout off): ``(dq, dk, dv)``."""
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=query.device)  # dropout is off
+    unused = torch.empty(0, device=query.device)
+    return torch.ops.aten._flash_attention_backward(
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, 0.0,
+        is_causal, rng_state, unused,
+        scale=scale, window_size_left=window_left, window_size_right=window_right,
+    )
+
+
 def forward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -78,20 +125,10 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse float32 contiguous ``(H_q, T_q)``."""
     if _use_aten(query, key, max_q, max_k):
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            query,
-            key,
-            value,
-            cu_seq_q,
-            cu_seq_k,
-            host_max_len(cu_seq_q, max_q),
-            host_max_len(cu_seq_k, max_k),
-            0.0,
-            is_causal,
-            False,
-            scale=scale,
-            window_size_left=window_left,
-            window_size_right=window_right,
+        out, lse = aten_flash_forward(
+            query, key, value, cu_seq_q, cu_seq_k,
+            host_max_len(cu_seq_q, max_q), host_max_len(cu_seq_k, max_k),
+            is_causal, scale, window_left, window_right,
         )
         return out.contiguous(), lse.contiguous()
     if triton_supports(query):
@@ -133,26 +170,10 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``."""
     if grad_lse is None and _use_aten(query, key, max_q, max_k):
-        rng_state = torch.zeros(2, dtype=torch.uint64, device=query.device)  # dropout is off
-        unused = torch.empty(0, device=query.device)
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out,
-            query,
-            key,
-            value,
-            out,
-            lse,
-            cu_seq_q,
-            cu_seq_k,
-            host_max_len(cu_seq_q, max_q),
-            host_max_len(cu_seq_k, max_k),
-            0.0,
-            is_causal,
-            rng_state,
-            unused,
-            scale=scale,
-            window_size_left=window_left,
-            window_size_right=window_right,
+        dq, dk, dv = aten_flash_backward(
+            grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k,
+            host_max_len(cu_seq_q, max_q), host_max_len(cu_seq_k, max_k),
+            is_causal, scale, window_left, window_right,
         )
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
     if triton_supports(query):

@@ -1,0 +1,358 @@
+"""Side-by-side speed of varlen attention implementations on one GPU, in one process.
+
+    python benchmarks/bench.py                      # every case, every implementation
+    python benchmarks/bench.py --cases headline-causal,d128 --impls ours,aten --no-backward
+
+Implementations (all on the same packed random bf16 inputs):
+    ours        torch.compile(varlen_compile.varlen_attn, fullgraph=True): our Inductor templates
+    ours-eager  our standalone Triton kernels (same @triton.jit math, no Inductor)
+    aten        torch.nn.attention.varlen.varlen_attn: aten flash attention (FlashAttention 2)
+    sdpa        scaled_dot_product_attention on a padded batch with a boolean mask
+    flex        compiled flex_attention with a document block mask built once, outside the
+                timing (its build time is reported separately)
+
+Times are medians of ``triton.testing.do_bench`` after warm-up; TFLOP/s count the attended
+(query, key) pairs only (causal counts half), the same for every implementation. Writes
+``results/<tag>.md``, ``results/<tag>.json`` and ``results/<tag>.png`` (with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    lengths: tuple[int, ...]
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    causal: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+
+def _random_multiples(count: int, upper: int, seed: int, step: int = 64) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple((torch.randint(1, upper // step + 1, (count,), generator=generator) * step).tolist())
+
+
+def _random_lengths(count: int, upper: int, seed: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(1, upper + 1, (count,), generator=generator).tolist())
+
+
+def all_cases() -> dict[str, Case]:
+    headline = _random_multiples(8, 2048, seed=0)
+    d128 = _random_multiples(16, 4096, seed=1)
+    gqa = _random_multiples(8, 4096, seed=2)
+    cases = [
+        Case("headline", headline, 16, 16, 64, False),
+        Case("headline-causal", headline, 16, 16, 64, True),
+        Case("d128", d128, 16, 16, 128, False),
+        Case("d128-causal", d128, 16, 16, 128, True),
+        Case("gqa-causal", gqa, 32, 8, 128, True),
+        Case("many-short-causal", _random_lengths(128, 512, seed=3), 16, 16, 64, True),
+        Case("skewed-causal", (8192,) + (64,) * 64, 16, 16, 128, True),
+        Case("long-causal", (16384,) * 4, 16, 16, 128, True),
+    ]
+    return {case.name: case for case in cases}
+
+
+def attended_pairs(case: Case) -> int:
+    if not case.causal:
+        return sum(length * length for length in case.lengths)
+    return sum(length * (length + 1) // 2 for length in case.lengths)
+
+
+def forward_flops(case: Case) -> float:
+    return 4.0 * case.head_dim * case.heads_q * attended_pairs(case)
+
+
+@dataclasses.dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad_out: torch.Tensor
+    cu_seq: torch.Tensor
+    max_len: int
+
+
+def make_inputs(case: Case, device: str = "cuda") -> Inputs:
+    torch.manual_seed(0)
+
+    def randn(heads: int) -> torch.Tensor:
+        return torch.randn(case.total, heads, case.head_dim, device=device, dtype=torch.bfloat16)
+
+    offsets = torch.tensor((0,) + case.lengths, device=device).cumsum(0).to(torch.int32)
+    return Inputs(
+        randn(case.heads_q).requires_grad_(), randn(case.heads_kv).requires_grad_(),
+        randn(case.heads_kv).requires_grad_(), randn(case.heads_q), offsets, max(case.lengths),
+    )
+
+
+# ----------------------------------------------------------------------------- implementations
+# Each builder returns a forward function of (q, k, v) and an optional note (e.g. build time).
+
+
+def build_ours(case: Case, inputs: Inputs):
+    from varlen_compile import varlen_attn
+
+    compiled = torch.compile(
+        lambda q, k, v: varlen_attn(
+            q, k, v, inputs.cu_seq, inputs.cu_seq, is_causal=case.causal,
+            enable_gqa=case.heads_q != case.heads_kv,
+        ),
+        fullgraph=True,
+    )
+    return compiled, {}
+
+
+def build_ours_eager(case: Case, inputs: Inputs):
+    from varlen_compile.lowering import launcher
+
+    scale = 1.0 / math.sqrt(case.head_dim)
+
+    class StandaloneAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = launcher.forward(q, k, v, inputs.cu_seq, inputs.cu_seq, case.causal, scale, -1, -1)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, out, lse = ctx.saved_tensors
+            return launcher.backward(
+                grad_out, q, k, v, out, lse, inputs.cu_seq, inputs.cu_seq, case.causal, scale, -1, -1
+            )
+
+    return StandaloneAttention.apply, {}
+
+
+def build_aten(case: Case, inputs: Inputs):
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+
+    window = (-1, 0) if case.causal else (-1, -1)
+    extra = {"enable_gqa": True} if case.heads_q != case.heads_kv else {}
+
+    def attention(q, k, v):
+        return torch_varlen_attn(
+            q, k, v, inputs.cu_seq, inputs.cu_seq, inputs.max_len, inputs.max_len,
+            window_size=window, **extra,
+        )
+
+    return attention, {}
+
+
+def build_sdpa(case: Case, inputs: Inputs):
+    batch, max_len = len(case.lengths), inputs.max_len
+    lengths = torch.tensor(case.lengths, device=inputs.q.device)
+    positions = torch.arange(max_len, device=inputs.q.device)
+    valid = positions[None, :] < lengths[:, None]  # (B, L)
+    mask = valid[:, None, None, :].expand(batch, 1, max_len, max_len)
+    if case.causal:
+        mask = mask & torch.ones(max_len, max_len, dtype=torch.bool, device=valid.device).tril()
+    batch_index = torch.repeat_interleave(torch.arange(batch, device=valid.device), lengths)
+    token_index = torch.cat([torch.arange(n, device=valid.device) for n in case.lengths])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(batch, max_len, x.shape[1], x.shape[2])
+        padded[batch_index, token_index] = x
+        return padded.transpose(1, 2)  # (B, H, L, D)
+
+    padded = [pad(x.detach()).requires_grad_() for x in (inputs.q, inputs.k, inputs.v)]
+    enable_gqa = case.heads_q != case.heads_kv
+
+    def attention(q, k, v):  # times the padded attention only, on pre-padded inputs
+        return F.scaled_dot_product_attention(*padded, attn_mask=mask, enable_gqa=enable_gqa)
+
+    return attention, {"inputs": padded}
+
+
+def build_flex(case: Case, inputs: Inputs):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    device = inputs.q.device
+    lengths = torch.tensor(case.lengths, device=device)
+    document = torch.repeat_interleave(torch.arange(len(case.lengths), device=device), lengths)
+
+    def document_mask(b, h, q_idx, kv_idx):
+        same = document[q_idx] == document[kv_idx]
+        return same & (q_idx >= kv_idx) if case.causal else same
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    block_mask = create_block_mask(document_mask, 1, 1, case.total, case.total, device=device)
+    torch.cuda.synchronize()
+    build_ms = (time.perf_counter() - start) * 1e3
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    layout = [x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (inputs.q, inputs.k, inputs.v)]
+    enable_gqa = case.heads_q != case.heads_kv
+
+    def attention(q, k, v):
+        return compiled(*layout, block_mask=block_mask, enable_gqa=enable_gqa)
+
+    return attention, {"inputs": layout, "mask_build_ms": build_ms}
+
+
+BUILDERS: dict[str, Callable] = {
+    "ours": build_ours,
+    "ours-eager": build_ours_eager,
+    "aten": build_aten,
+    "sdpa": build_sdpa,
+    "flex": build_flex,
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_forward(attention, inputs: Inputs) -> float:
+    from triton.testing import do_bench
+
+    with torch.no_grad():
+        return do_bench(lambda: attention(inputs.q, inputs.k, inputs.v), warmup=50, rep=300, return_mode="median")
+
+
+def time_forward_backward(attention, inputs: Inputs, leaves: list[torch.Tensor]) -> float:
+    from triton.testing import do_bench
+
+    grad = torch.randn_like(attention(inputs.q, inputs.k, inputs.v))
+
+    def step():
+        attention(inputs.q, inputs.k, inputs.v).backward(grad)
+
+    step()  # compile the backward before do_bench estimates its repetitions
+    return do_bench(step, warmup=50, rep=300, grad_to_none=leaves, return_mode="median")
+
+
+def run(cases: list[Case], impls: list[str], backward: bool, log) -> list[dict]:
+    rows = []
+    for case in cases:
+        # A fresh compile per case, as a model with fixed heads and head dim gets (otherwise
+        # Dynamo would mark H and D dynamic across cases and the strides would turn symbolic).
+        torch._dynamo.reset()
+        inputs = make_inputs(case)
+        for impl in impls:
+            row = {"case": case.name, "impl": impl, "tokens": case.total, "seqs": len(case.lengths)}
+            try:
+                start = time.perf_counter()
+                attention, notes = BUILDERS[impl](case, inputs)
+                leaves = notes.pop("inputs", [inputs.q, inputs.k, inputs.v])
+                attention(inputs.q, inputs.k, inputs.v)  # compile / warm up
+                torch.cuda.synchronize()
+                row["setup_s"] = round(time.perf_counter() - start, 2)
+                row.update(notes)
+                row["fwd_ms"] = time_forward(attention, inputs)
+                row["fwd_tflops"] = forward_flops(case) / row["fwd_ms"] / 1e9
+                if backward:
+                    row["fwdbwd_ms"] = time_forward_backward(attention, inputs, leaves)
+                    row["fwdbwd_tflops"] = 3.5 * forward_flops(case) / row["fwdbwd_ms"] / 1e9
+            except Exception as error:  # report and go on: one failing impl must not hide the rest
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            log(json.dumps(row))
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def speedups(rows: list[dict], metric: str, baseline: str = "aten") -> dict[str, float]:
+    """ours / baseline speed per case (time ratio baseline_ms / ours_ms)."""
+    by_case: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["impl"]] = row
+    ratios = {}
+    for case, impls in by_case.items():
+        ours, base = impls.get("ours", {}), impls.get(baseline, {})
+        if metric in ours and metric in base:
+            ratios[case] = base[metric] / ours[metric]
+    return ratios
+
+
+def markdown(rows: list[dict], impls: list[str], backward: bool) -> str:
+    device = torch.cuda.get_device_name()
+    lines = [
+        f"Device: {device}; torch {torch.__version__}; bf16; median ms (TFLOP/s) of do_bench.",
+        "",
+    ]
+    metrics = [("fwd_ms", "fwd_tflops", "forward")] + ([("fwdbwd_ms", "fwdbwd_tflops", "forward+backward")] if backward else [])
+    for metric, rate, title in metrics:
+        lines += [f"### {title}", "", "| case | " + " | ".join(impls) + " | ours vs aten |", "|---" * (len(impls) + 2) + "|"]
+        ratios = speedups(rows, metric)
+        for case in dict.fromkeys(row["case"] for row in rows):
+            cells = []
+            for impl in impls:
+                row = next((r for r in rows if r["case"] == case and r["impl"] == impl), {})
+                cells.append(f"{row[metric]:.3f} ({row[rate]:.0f})" if metric in row else row.get("error", "-")[:40])
+            ratio = ratios.get(case)
+            lines.append(f"| {case} | " + " | ".join(cells) + f" | {ratio:.2f}x |" if ratio else f"| {case} | " + " | ".join(cells) + " | - |")
+        if ratios:
+            geomean = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+            lines += ["", f"Geometric mean ours vs aten ({title}): {geomean:.2f}x; min {min(ratios.values()):.2f}x", ""]
+    builds = [r for r in rows if "mask_build_ms" in r]
+    if builds:
+        lines += ["FlexAttention block-mask build (not in the timings): " + ", ".join(f"{r['case']} {r['mask_build_ms']:.1f} ms" for r in builds), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], impls: list[str], path: Path, metric: str = "fwd_tflops") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(row["case"] for row in rows))
+    figure, axes = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 4.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        values = [next((r.get(metric, 0) for r in rows if r["case"] == c and r["impl"] == impl), 0) for c in cases]
+        axes.bar([x + i * width for x in range(len(cases))], values, width, label=impl)
+    axes.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, rotation=30, ha="right")
+    axes.set_ylabel(metric.replace("_", " ").replace("tflops", "TFLOP/s"))
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(all_cases()))
+    parser.add_argument("--impls", default=",".join(BUILDERS))
+    parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--tag", default="bench")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--plot", action="store_true")
+    args = parser.parse_args()
+    cases = [all_cases()[name] for name in args.cases.split(",")]
+    impls = args.impls.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run(cases, impls, not args.no_backward, log=lambda line: print(line, flush=True))
+    table = markdown(rows, impls, not args.no_backward)
+    (out / f"{args.tag}.md").write_text(table + "\n")
+    (out / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, impls, out / f"{args.tag}.png")
+        if not args.no_backward:
+            plot(rows, impls, out / f"{args.tag}-fwdbwd.png", metric="fwdbwd_tflops")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

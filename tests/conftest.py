@@ -1,0 +1,47 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Triton reads TRITON_INTERPRET when it is imported: triton.language's own @jit helpers (tl.sum,
+# tl.max, ...) are decorated then, and a kernel built in interpreter mode later fails inside
+# them ("Cannot call @triton.jit'd outside of the scope of a kernel"). So the mode is chosen
+# here, before anything imports triton (`import varlen_compile` does, through Inductor). Without
+# a GPU no real Triton kernel can run anyway, so the whole session interprets; on a GPU machine
+# run the interpreter tests apart: `TRITON_INTERPRET=1 python -m pytest -m interpreter tests/`.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def interpret():
+    """Run Triton kernels on the CPU through the interpreter (tiny sizes only)."""
+    triton = pytest.importorskip("triton")
+    if not (os.environ.get("TRITON_INTERPRET") == "1" and triton.knobs.runtime.interpret):
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (automatic without a GPU)")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison_empty():
+    """Uninitialized memory (``torch.empty``, ``new_empty``) comes back NaN-filled, so an output
+    element a kernel never writes shows up as NaN instead of passing by luck. Uses deterministic
+    mode's fill; CPU tests only (deterministic mode rejects some CUDA ops)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = previous_fill
