@@ -14,6 +14,7 @@ for step in ${STEPS:-tests}; do
     tests) timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -q -m gpu tests/ -rfE --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
     inspect) (cd benchmarks && timeout 120 python3 inspect_template.py ${INSPECT_CASES:-d128}) 2>&1 | tee "$OUT/inspect.log" | grep -v DEBUG | tail -5 ;;
+    compile) timeout 120 python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile_time.log" | grep -v DEBUG | tail -3 ;;
     bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"

@@ -83,10 +83,10 @@ aten_flash_backward_choice = ExternKernelChoice(
 )
 
 
-def _configs(head_dim: int, dtype: torch.dtype, masked: bool) -> list[BackwardConfig]:
+def _configs(head_dim: int, dtype: torch.dtype, gqa_group: int) -> list[BackwardConfig]:
     if inductor_config.max_autotune:
-        return backward_autotune_configs(head_dim, dtype, masked)
-    return [default_backward_config(head_dim, dtype, masked)]
+        return backward_autotune_configs(head_dim, dtype, gqa_group)
+    return [default_backward_config(head_dim, dtype, gqa_group)]
 
 
 def _delta(grad_out: ir.IRNode, out: ir.IRNode, grad_lse: ir.IRNode | None) -> ir.IRNode:
@@ -133,7 +133,7 @@ def varlen_attn_backward_lowering(
 
     constants = kernel_constants(query, key, scale, left, right)
     choices: list[Any] = []
-    for config in _configs(int(head_dim), query.get_dtype(), left >= 0 or right >= 0):
+    for config in _configs(int(head_dim), query.get_dtype(), constants["GQA_GROUP"]):
         varlen_bwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,

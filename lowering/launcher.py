@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import linecache
-import os
 import types
 
 import torch
@@ -34,15 +33,12 @@ __all__ = ["backward", "forward"]
 _PRELUDE = "import triton\nimport triton.language as tl\n"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.cache
-def _kernels(interpret: bool) -> types.ModuleType:
-    """Build the kernel module once per mode. ``triton.jit`` reads the source through
-    ``inspect``, so the text is registered with ``linecache`` under a stable name."""
-    del interpret  # part of the cache key: triton.jit picks interpreter or compiler at decoration
+def _kernels() -> types.ModuleType:
+    """Build the kernel module once. ``triton.jit`` reads the source through ``inspect``, so the
+    text is registered with ``linecache`` under a stable name. (Triton fixes interpreter mode
+    when it is imported: set ``TRITON_INTERPRET=1`` before the process starts to run these on
+    the CPU.)"""
     source = _PRELUDE + load_template("standalone") + load_template("varlen_common")
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     filename = f"<varlen_compile-kernels-{digest}>"
@@ -82,7 +78,7 @@ def forward(
     grid = (_cdiv(total_q, config.block_m) + num_seqs, heads_q)
     if grid[0] * grid[1] == 0:
         return out, lse
-    _kernels(_interpreting()).varlen_fwd_kernel[grid](
+    _kernels().varlen_fwd_kernel[grid](
         query, key, value, cu_seq_q, cu_seq_k, out, lse, num_seqs, total_q,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), out.stride(0), out.stride(1), scale,
@@ -105,7 +101,7 @@ def attention_delta(
     grid = (_cdiv(total_q, block_t), heads_q)
     if grid[0] * grid[1] == 0:
         return delta
-    _kernels(_interpreting()).varlen_bwd_preprocess_kernel[grid](
+    _kernels().varlen_bwd_preprocess_kernel[grid](
         out, grad_out, grad_lse if grad_lse is not None else delta, delta, total_q, heads_q,
         out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         HAS_GRAD_LSE=grad_lse is not None, BLOCK_T=block_t,
@@ -135,7 +131,7 @@ def backward(
     total_k, heads_kv, _ = key.shape
     num_seqs = cu_seq_q.shape[0] - 1
     group = heads_q // heads_kv
-    config = config or default_backward_config(head_dim, query.dtype, is_causal or window_left >= 0 or window_right >= 0)
+    config = config or default_backward_config(head_dim, query.dtype, group)
     left, right = effective_window(is_causal, window_left, window_right)
     delta = attention_delta(grad_out, out, grad_lse.contiguous() if grad_lse is not None else None)
     lse = lse.contiguous()
@@ -147,7 +143,7 @@ def backward(
     grid = (kv_slots + group * q_slots, heads_kv)
     if grid[0] * grid[1] == 0:
         return dq, dk, dv
-    _kernels(_interpreting()).varlen_bwd_kernel[grid](
+    _kernels().varlen_bwd_kernel[grid](
         query, key, value, grad_out, lse, delta, cu_seq_q, cu_seq_k, dq, dk, dv,
         num_seqs, total_q, total_k,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),

@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import varlen_compile
 from varlen_compile import AuxRequest, varlen_attn
@@ -18,6 +17,7 @@ from varlen_compile.lowering import launcher
 
 from conftest import requires_cuda
 from factory import VarlenCase, assert_meets_error_rule, make_cu_seq, reference_outputs
+from modules import AttentionBlock, CompiledOpLoggingMode
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -31,22 +31,6 @@ ATTN_OPS = (
     "aten._flash_attention_forward.default",
     "aten._flash_attention_backward.default",
 )
-
-
-class RuntimeOpLog(TorchDispatchMode):
-    """Records the ops that reach the dispatcher at run time, letting Dynamo compile."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def gpu_case(
@@ -184,7 +168,7 @@ def test_compiled_matches_reference_and_runs_templates(params):
         return varlen_attn(q, k, v, cu_q, cu_k, is_causal=causal, enable_gqa=gqa, **kwargs)
 
     compiled = torch.compile(attention, fullgraph=True)
-    log = RuntimeOpLog()
+    log = CompiledOpLoggingMode()
     (out, lse, grads), codes = run_and_get_code(run_attention, compiled, case, grad_out)
     source = "\n".join(codes)
     assert FWD_KERNEL in source and BWD_KERNEL in source
@@ -270,23 +254,6 @@ def test_aten_extern_choice_output_path(monkeypatch):
 # ----------------------------------------------------------------------------- training
 
 
-class AttentionBlock(torch.nn.Module):
-    """Fused qkv projection -> varlen attention -> output projection."""
-
-    def __init__(self, heads: int, head_dim: int):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        width = heads * head_dim
-        self.qkv = torch.nn.Linear(width, 3 * width)
-        self.proj = torch.nn.Linear(width, width)
-
-    def forward(self, x, cu_seq, max_len=None):
-        total = x.shape[0]
-        q, k, v = (t.view(total, self.heads, self.head_dim) for t in self.qkv(x).chunk(3, -1))
-        out = varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, True)
-        return self.proj(out.reshape(total, -1))
-
-
 def _train(model, batches, steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -308,10 +275,10 @@ def test_compiled_training_matches_eager_aten():
         lengths = torch.randint(1, 400, (int(torch.randint(2, 9, ())),)).tolist()
         x = torch.randn(sum(lengths), width, device=DEVICE, dtype=torch.bfloat16)
         batches.append((x, torch.randn_like(x), make_cu_seq(lengths, DEVICE)))
-    eager_model = AttentionBlock(heads, head_dim).to(DEVICE, torch.bfloat16)
+    eager_model = AttentionBlock(heads, head_dim, is_causal=True).to(DEVICE, torch.bfloat16)
     compiled_model = copy.deepcopy(eager_model)
     eager_losses = _train(eager_model, batches, 20)
-    log = RuntimeOpLog()
+    log = CompiledOpLoggingMode()
     with log:
         compiled_losses = _train(torch.compile(compiled_model, fullgraph=True), batches, 20)
     assert not set(log.ops) & set(ATTN_OPS), "compiled training ran attention ops, not templates"

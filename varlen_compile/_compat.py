@@ -12,6 +12,7 @@ import torch
 from packaging.version import Version
 
 __all__ = [
+    "AUX_REQUEST_TYPES",
     "TORCH_VERSION",
     "has_triton",
     "has_inductor",
@@ -23,6 +24,18 @@ __all__ = [
 
 TORCH_VERSION = Version(torch.__version__.split("+")[0])
 MIN_TORCH_VERSION = Version("2.11")
+
+
+def _torch_aux_request_types() -> tuple[type, ...]:
+    """torch's own ``AuxRequest`` (torch.nn.attention.varlen), so callers can switch over."""
+    try:
+        from torch.nn.attention.varlen import AuxRequest
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return ()
+    return (AuxRequest,)
+
+
+AUX_REQUEST_TYPES = _torch_aux_request_types()
 
 
 @functools.cache

@@ -64,7 +64,8 @@ def varlen_attn(
             unbounded. ``is_causal=True`` sets ``right = 0``.
         enable_gqa: allow ``H_q != H_kv`` (grouped-query / multi-query attention); ``H_q`` must
             be a multiple of ``H_kv``, and query head ``h`` uses kv head ``h // (H_q // H_kv)``.
-        return_aux: ``AuxRequest(lse=True)`` also returns the log-sum-exp.
+        return_aux: ``AuxRequest(lse=True)`` also returns the log-sum-exp (torch's own
+            ``torch.nn.attention.varlen.AuxRequest`` is accepted too).
 
     Returns:
         ``out`` ``(T_q, H_q, D)`` in the input dtype, or ``(out, lse)`` with ``lse`` float32
@@ -87,13 +88,13 @@ def varlen_attn(
     """
     window_left, window_right = _check_window(window_size)
     _check_tensors(query, key, value, cu_seq_q, cu_seq_k, enable_gqa)
-    if return_aux is not None and not isinstance(return_aux, AuxRequest):
+    if return_aux is not None and not isinstance(return_aux, _compat.AUX_REQUEST_TYPES + (AuxRequest,)):
         raise TypeError(
             f"varlen_attn: return_aux must be None or AuxRequest(lse=...), got {type(return_aux)}"
         )
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    elif not isinstance(scale, (numbers.Real, torch.SymFloat)):
+    elif isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"varlen_attn: scale must be a float or None, got {type(scale)}")
     cu_seq_q, cu_seq_k = cu_seq_q.contiguous(), cu_seq_k.contiguous()
     if not (_compat.is_traced(cu_seq_q) or _compat.stream_is_capturing(cu_seq_q.device)):
@@ -111,7 +112,7 @@ def _check_window(window_size: tuple[int, int]) -> tuple[int, int]:
     if (
         not isinstance(window_size, (tuple, list))
         or len(window_size) != 2
-        or not all(isinstance(w, (int, torch.SymInt)) for w in window_size)
+        or not all(isinstance(w, (int, torch.SymInt)) and not isinstance(w, bool) for w in window_size)
     ):
         raise ValueError(
             f"varlen_attn: window_size must be a pair of ints (left, right), got {window_size!r}; "

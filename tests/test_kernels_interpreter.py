@@ -1,0 +1,122 @@
+"""The shared Triton kernels (forward and backward) under TRITON_INTERPRET=1 on the CPU.
+
+The standalone launcher runs the same ``@triton.jit`` math the Inductor templates append, so
+this is CI's check of the kernel math. Tiny sizes: each interpreted launch takes about a second.
+Outputs are allocated NaN-filled (``poison_empty``), so an element a kernel never writes fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factory import AttnSpec, assert_matches_reference, make_case, spec_id
+from varlen_compile.lowering import launcher
+from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.usefixtures("interpret", "poison_empty"),
+    # Triton 3.6's interpreter converts size-1 arrays with int(): numpy >= 1.25 warns each time.
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
+]
+
+FORWARD_CONFIG = ForwardConfig(16, 16, 4, 1)
+BACKWARD_CONFIG = BackwardConfig(16, 16, 16, 16, 4, 1)
+
+# Per sequence q > k, q < k, queries without keys and keys without queries, length 1, and
+# sequences longer than one 16-row tile, so that tiles are partial, full, masked and unmasked.
+MIXED_Q, MIXED_K = (5, 20, 0, 1, 33, 3), (17, 3, 4, 1, 40, 0)
+
+SPECS = [
+    AttnSpec(MIXED_Q, MIXED_K, heads_q=4, heads_kv=2, is_causal=True),
+    AttnSpec(MIXED_Q, MIXED_K, heads_q=4, heads_kv=2),
+    AttnSpec((23, 9, 1), (30, 9, 1), heads_q=4, heads_kv=2, window_size=(5, -1)),
+    AttnSpec((23, 9, 1), (30, 9, 1), heads_q=4, heads_kv=2, window_size=(-1, 3)),
+    AttnSpec((30, 9, 1), (23, 9, 1), heads_q=4, heads_kv=2, window_size=(4, 2)),
+    AttnSpec((34, 2), (34, 5), heads_q=4, heads_kv=2, is_causal=True, window_size=(6, -1), scale=0.3),
+    # Window (0, 0) with q > k: rows without any key inside a tile.
+    AttnSpec((20,), (6,), heads_q=4, heads_kv=2, window_size=(0, 0)),
+    # Head dim 24, padded to 32 inside the kernel.
+    AttnSpec((19, 1, 26), (19, 1, 26), heads_q=4, heads_kv=2, head_dim=24, is_causal=True),
+]
+
+
+def _scale(spec: AttnSpec) -> float:
+    return spec.scale if spec.scale is not None else spec.head_dim**-0.5
+
+
+def _run_and_check(
+    spec: AttnSpec,
+    case,
+    *,
+    with_grad_lse: bool = False,
+    forward_config: ForwardConfig | None = FORWARD_CONFIG,
+    backward_config: BackwardConfig | None = BACKWARD_CONFIG,
+) -> None:
+    """Forward and backward through the launcher, checked against the float64 reference.
+
+    The error rule's ``max_error`` also checks that lse is +inf exactly where the reference's
+    is (rows that attend no key) and that nothing is NaN (no unwritten output element)."""
+    window_left, window_right = spec.window_size
+    attn = (spec.is_causal, _scale(spec), window_left, window_right)
+    inputs = (case.q.detach(), case.k.detach(), case.v.detach(), case.cu_seq_q, case.cu_seq_k)
+    out, lse = launcher.forward(*inputs, *attn, config=forward_config)
+    grad_out = torch.randn(out.shape)
+    grad_lse = torch.randn(lse.shape) if with_grad_lse else None
+    grads = launcher.backward(
+        grad_out, *inputs[:3], out, lse, *inputs[3:], *attn, grad_lse=grad_lse, config=backward_config
+    )
+    assert_matches_reference(
+        case, out, lse, grads, grad_out=grad_out, grad_lse=grad_lse, plain_dtype=torch.float32,
+        **spec.ref_kwargs,
+    )
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_forward_backward(spec):
+    _run_and_check(spec, spec.make())
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[4]], ids=spec_id)
+def test_gradient_through_lse(spec):
+    _run_and_check(spec, spec.make(), with_grad_lse=True)
+
+
+def test_strided_fused_qkv():
+    spec = AttnSpec((17, 0, 30, 1), heads_q=4, is_causal=True)
+    case = spec.make(fused_qkv=True)
+    assert not case.q.is_contiguous() and case.q.stride(0) == 3 * 4 * 16
+    _run_and_check(spec, case)
+
+
+def test_more_sequences_than_one_search_step():
+    """150 sequences > SEARCH_WIDTH (128): the tile -> sequence search takes several steps."""
+    lengths_q = torch.randint(0, 3, (150,)).tolist()
+    lengths_k = torch.randint(0, 3, (150,)).tolist()
+    spec = AttnSpec(tuple(lengths_q), tuple(lengths_k), heads_q=1, is_causal=True)
+    _run_and_check(spec, spec.make())
+
+
+@pytest.mark.parametrize(
+    "forward_config, backward_config",
+    [
+        (ForwardConfig(32, 16, 4, 1), BackwardConfig(16, 32, 32, 16, 4, 1)),
+        (None, None),  # the launcher's defaults for float32
+    ],
+    ids=["asymmetric-blocks", "default-configs"],
+)
+def test_other_configs(forward_config, backward_config):
+    spec = SPECS[0]
+    _run_and_check(spec, spec.make(), forward_config=forward_config, backward_config=backward_config)
+
+
+def test_poison_fixture_catches_unwritten_outputs():
+    """The check can fail: an lse row the kernel never writes (here: a token outside every
+    sequence, which validated inputs never have) stays NaN and is rejected."""
+    case = make_case([4, 5], heads_q=2)
+    cu_seq_short = torch.tensor([0, 4, 8], dtype=torch.int32)  # token 8 belongs to no sequence
+    _, lse = launcher.forward(
+        case.q, case.k, case.v, cu_seq_short, cu_seq_short, False, 0.25, -1, -1, config=FORWARD_CONFIG
+    )
+    assert torch.isnan(lse[:, 8]).all() and not torch.isnan(lse[:, :8]).any()
