@@ -232,23 +232,33 @@ BUILDERS: dict[str, Callable] = {
 # ----------------------------------------------------------------------------- timing
 
 
-def time_forward(attention, inputs: Inputs) -> float:
-    from triton.testing import do_bench
+# --cuda-graph: replay the timed step from a CUDA graph, which removes host launch overhead
+# and leaves GPU time (small cases are otherwise bound by Python/launch cost per call).
+CUDA_GRAPH = False
 
+
+def _bench(fn, grad_to_none=None) -> float:
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if CUDA_GRAPH:
+        return do_bench_cudagraph(fn, rep=300, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+
+
+def time_forward(attention, inputs: Inputs) -> float:
     with torch.no_grad():
-        return do_bench(lambda: attention(inputs.q, inputs.k, inputs.v), warmup=50, rep=300, return_mode="median")
+        attention(inputs.q, inputs.k, inputs.v)  # compile the inference graph before timing
+        return _bench(lambda: attention(inputs.q, inputs.k, inputs.v))
 
 
 def time_forward_backward(attention, inputs: Inputs, leaves: list[torch.Tensor]) -> float:
-    from triton.testing import do_bench
-
     grad = torch.randn_like(attention(inputs.q, inputs.k, inputs.v))
 
     def step():
         attention(inputs.q, inputs.k, inputs.v).backward(grad)
 
     step()  # compile the backward before do_bench estimates its repetitions
-    return do_bench(step, warmup=50, rep=300, grad_to_none=leaves, return_mode="median")
+    return _bench(step, grad_to_none=leaves)
 
 
 def run(cases: list[Case], impls: list[str], backward: bool, log) -> list[dict]:
@@ -297,7 +307,8 @@ def speedups(rows: list[dict], metric: str, baseline: str = "aten") -> dict[str,
 def markdown(rows: list[dict], impls: list[str], backward: bool) -> str:
     device = torch.cuda.get_device_name()
     lines = [
-        f"Device: {device}; torch {torch.__version__}; bf16; median ms (TFLOP/s) of do_bench.",
+        f"Device: {device}; torch {torch.__version__}; bf16; median ms (TFLOP/s) of "
+        + ("do_bench_cudagraph (CUDA-graph replays: GPU time, no launch overhead)." if CUDA_GRAPH else "do_bench."),
         "",
     ]
     metrics = [("fwd_ms", "fwd_tflops", "forward")] + ([("fwdbwd_ms", "fwdbwd_tflops", "forward+backward")] if backward else [])
@@ -347,7 +358,10 @@ def main() -> None:
     parser.add_argument("--tag", default="bench")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (GPU time only)")
     args = parser.parse_args()
+    global CUDA_GRAPH
+    CUDA_GRAPH = args.cuda_graph
     cases = [all_cases()[name] for name in args.cases.split(",")]
     impls = args.impls.split(",")
     out = Path(args.out)

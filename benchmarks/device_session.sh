@@ -15,6 +15,7 @@ for step in ${STEPS:-tests}; do
     sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
     inspect) (cd benchmarks && timeout 120 python3 inspect_template.py ${INSPECT_CASES:-d128}) 2>&1 | tee "$OUT/inspect.log" | grep -v DEBUG | tail -5 ;;
     compile) timeout 120 python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile_time.log" | grep -v DEBUG | tail -3 ;;
+    profile) (cd benchmarks && timeout 120 python3 profile_step.py ${PROFILE_CASES:-headline headline-causal}) 2>&1 | tee "$OUT/profile.log" | grep -v DEBUG | grep -E "ms\/step|tottime|\.py|\{" | grep -v "^ *Name" | head -40 ;;
     bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"
