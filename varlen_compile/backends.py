@@ -38,7 +38,7 @@ def aten_flash_supports(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 
 def triton_supports(query: torch.Tensor) -> bool:
-    """Whether our Triton kernels accept these tensors (see ``lowering.configs.HEAD_DIMS``)."""
+    """Whether our Triton kernels accept these tensors (see ``lowering.configs.supported_head_dim``)."""
     if query.device.type != "cuda" or query.dtype not in TRITON_DTYPES or not _compat.has_triton():
         return False
     from varlen_compile.lowering.configs import supported_head_dim
