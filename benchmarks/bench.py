@@ -11,6 +11,10 @@ Implementations (all on the same packed random bf16 inputs):
     sdpa        scaled_dot_product_attention on a padded batch with a boolean mask
     flex        compiled flex_attention with a document block mask built once, outside the
                 timing (its build time is reported separately)
+    floor       not attention: torch.compile of one pointwise op on the same q, k, v. Its time is
+                torch.compile's own per-call cost (Dynamo guards, AOTAutograd wrappers, the
+                autograd engine, a launch each way), which any compiled implementation pays;
+                where it is near aten's time, a one-op compiled graph cannot beat aten
 
 Times are medians of ``triton.testing.do_bench`` after warm-up; TFLOP/s count the attended
 (query, key) pairs only (causal counts half), the same for every implementation. Writes
@@ -220,12 +224,21 @@ def build_flex(case: Case, inputs: Inputs):
     return attention, {"inputs": layout, "mask_build_ms": build_ms}
 
 
+def build_floor(case: Case, inputs: Inputs):
+    group = case.heads_q // case.heads_kv
+    compiled = torch.compile(
+        lambda q, k, v: q * 2.0 + (k + v).repeat_interleave(group, dim=1), fullgraph=True
+    )
+    return compiled, {}
+
+
 BUILDERS: dict[str, Callable] = {
     "ours": build_ours,
     "ours-eager": build_ours_eager,
     "aten": build_aten,
     "sdpa": build_sdpa,
     "flex": build_flex,
+    "floor": build_floor,
 }
 
 
@@ -319,7 +332,10 @@ def markdown(rows: list[dict], impls: list[str], backward: bool) -> str:
             cells = []
             for impl in impls:
                 row = next((r for r in rows if r["case"] == case and r["impl"] == impl), {})
-                cells.append(f"{row[metric]:.3f} ({row[rate]:.0f})" if metric in row else row.get("error", "-")[:40])
+                if impl == "floor" and metric in row:  # no attention work: time only
+                    cells.append(f"{row[metric]:.3f}")
+                else:
+                    cells.append(f"{row[metric]:.3f} ({row[rate]:.0f})" if metric in row else row.get("error", "-")[:40])
             ratio = ratios.get(case)
             lines.append(f"| {case} | " + " | ".join(cells) + f" | {ratio:.2f}x |" if ratio else f"| {case} | " + " | ".join(cells) + " | - |")
         if ratios:
@@ -339,6 +355,7 @@ def plot(rows: list[dict], impls: list[str], path: Path, metric: str = "fwd_tflo
 
     cases = list(dict.fromkeys(row["case"] for row in rows))
     figure, axes = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 4.5))
+    impls = [impl for impl in impls if impl != "floor"]
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
         values = [next((r.get(metric, 0) for r in rows if r["case"] == c and r["impl"] == impl), 0) for c in cases]

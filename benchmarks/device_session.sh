@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: install, then the steps named in $STEPS, each time-boxed, logs
 # under $OUT (the device tool's folder that comes back). Usage:
-#   STEPS="tests sweep bench" bash benchmarks/device_session.sh
+#   STEPS="tests sweep bench" bash benchmarks/device_session.sh   # steps: tests sweep inspect compile host model bench
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -15,7 +15,8 @@ for step in ${STEPS:-tests}; do
     sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
     inspect) (cd benchmarks && timeout 120 python3 inspect_template.py ${INSPECT_CASES:-d128}) 2>&1 | tee "$OUT/inspect.log" | grep -v DEBUG | tail -5 ;;
     compile) timeout 120 python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile_time.log" | grep -v DEBUG | tail -3 ;;
-    profile) (cd benchmarks && timeout 120 python3 profile_step.py ${PROFILE_CASES:-headline headline-causal}) 2>&1 | tee "$OUT/profile.log" | grep -v DEBUG | grep -E "ms\/step|tottime|\.py|\{" | grep -v "^ *Name" | head -40 ;;
+    host) (cd benchmarks && timeout "${HOST_TIMEOUT:-400}" python3 host_overhead.py ${HOST_CASES:-headline-causal headline}) 2>&1 | tee "$OUT/host.log" | grep -v DEBUG | tail -${HOST_TAIL:-20} ;;
+    model) (cd benchmarks && timeout "${MODEL_TIMEOUT:-300}" python3 bench_model.py --out "$OUT" ${MODEL_ARGS:-}) 2>&1 | tee "$OUT/model.log" | grep -v '^{' | grep -v DEBUG | tail -12 ;;
     bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"

@@ -1,0 +1,67 @@
+"""Diagnostic: does our lowering work with Inductor's C++ wrapper and AOTInductor (CUDA)?
+
+    TORCHDYNAMO_VERBOSE=1 python benchmarks/probe_cpp_wrapper.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch
+
+from varlen_compile import varlen_attn
+
+torch.manual_seed(0)
+lengths = [37, 0, 128, 1, 300]
+cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+q, k, v = (torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+
+def attention(q, k, v):
+    return varlen_attn(q, k, v, cu, cu, is_causal=True)
+
+
+with torch.no_grad():
+    expected = attention(q, k, v)
+
+
+def report(label, fn):
+    try:
+        got = fn()
+        print(f"{label}: OK, max abs diff vs eager {(got.float() - expected.float()).abs().max().item():.3e}", flush=True)
+    except Exception:
+        print(f"{label}: FAILED\n" + traceback.format_exc()[-3000:], flush=True)
+
+
+def cpp_forward():
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(attention, fullgraph=True, options={"cpp_wrapper": True})(q, k, v)
+
+
+def cpp_training():
+    torch._dynamo.reset()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.compile(attention, fullgraph=True, options={"cpp_wrapper": True})(*leaves)
+    out.backward(torch.ones_like(out))
+    return out.detach()
+
+
+class Module(torch.nn.Module):
+    def forward(self, q, k, v, cu_seq):
+        return varlen_attn(q, k, v, cu_seq, cu_seq, is_causal=True)
+
+
+def aoti():
+    program = torch.export.export(Module(), (q, k, v, cu))
+    path = os.path.join(tempfile.mkdtemp(), "varlen.pt2")
+    torch._inductor.aoti_compile_and_package(program, package_path=path)
+    loaded = torch._inductor.aoti_load_package(path)
+    return loaded(q, k, v, cu)
+
+
+report("cpp_wrapper forward", cpp_forward)
+report("cpp_wrapper forward+backward", cpp_training)
+report("AOTInductor package", aoti)
