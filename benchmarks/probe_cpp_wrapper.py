@@ -1,6 +1,6 @@
 """Diagnostic: does our lowering work with Inductor's C++ wrapper and AOTInductor (CUDA)?
 
-    TORCHDYNAMO_VERBOSE=1 python benchmarks/probe_cpp_wrapper.py
+    TORCHDYNAMO_VERBOSE=1 python benchmarks/probe_cpp_wrapper.py [forward] [training] [aoti]
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ def aoti():
     return loaded(q, k, v, cu)
 
 
-report("cpp_wrapper forward", cpp_forward)
-report("cpp_wrapper forward+backward", cpp_training)
-report("AOTInductor package", aoti)
+if __name__ == "__main__":
+    import sys
+
+    probes = {"forward": ("cpp_wrapper forward", cpp_forward),
+              "training": ("cpp_wrapper forward+backward", cpp_training),
+              "aoti": ("AOTInductor package", aoti)}
+    for name in sys.argv[1:] or list(probes):
+        report(*probes[name])
