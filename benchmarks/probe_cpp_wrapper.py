@@ -1,6 +1,11 @@
 """Diagnostic: does our lowering work with Inductor's C++ wrapper and AOTInductor (CUDA)?
 
     TORCHDYNAMO_VERBOSE=1 python benchmarks/probe_cpp_wrapper.py [forward] [training] [aoti]
+        [plain-training] [plain-aoti]
+
+On the H100 (torch 2.11): forward OK; training and plain-training fail alike ("CudaKernelParamCache
+not populated": the backward graph is compiled without store_cubin); aoti and plain-aoti both
+crash the process (segmentation fault) when the package is loaded and run. Neither is ours.
 """
 
 from __future__ import annotations
@@ -62,11 +67,40 @@ def aoti():
     return loaded(q, k, v, cu)
 
 
+def plain(t):
+    """A graph without our ops (softmax: a reduction forward and backward), for triage."""
+    return torch.softmax(t.float(), -1).to(t.dtype) * 2
+
+
+def plain_training():
+    torch._dynamo.reset()
+    leaf = q.clone().requires_grad_()
+    out = torch.compile(plain, fullgraph=True, options={"cpp_wrapper": True})(leaf)
+    out.backward(torch.ones_like(out))
+    with torch.no_grad():
+        return expected + (out - plain(q)).abs().max()
+
+
+class PlainModule(torch.nn.Module):
+    def forward(self, t):
+        return plain(t)
+
+
+def plain_aoti():
+    path = os.path.join(tempfile.mkdtemp(), "plain.pt2")
+    torch._inductor.aoti_compile_and_package(torch.export.export(PlainModule(), (q,)), package_path=path)
+    got = torch._inductor.aoti_load_package(path)(q)
+    return expected + (got - plain(q)).abs().max()
+
+
 if __name__ == "__main__":
     import sys
 
     probes = {"forward": ("cpp_wrapper forward", cpp_forward),
               "training": ("cpp_wrapper forward+backward", cpp_training),
-              "aoti": ("AOTInductor package", aoti)}
+              "aoti": ("AOTInductor package", aoti),
+              # the same without our ops: is a failure ours or torch's?
+              "plain-training": ("cpp_wrapper forward+backward, softmax only", plain_training),
+              "plain-aoti": ("AOTInductor package, softmax only", plain_aoti)}
     for name in sys.argv[1:] or list(probes):
         report(*probes[name])
