@@ -130,22 +130,21 @@ def build_ours(case: Case, inputs: Inputs):
 
 def build_ours_eager(case: Case, inputs: Inputs):
     from varlen_compile.lowering import launcher
+    from varlen_compile.params import AttnOptions, BatchLayout
 
-    scale = 1.0 / math.sqrt(case.head_dim)
+    layout, options = BatchLayout(inputs.cu_seq, inputs.cu_seq), AttnOptions(case.causal)
 
     class StandaloneAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out, lse = launcher.forward(q, k, v, inputs.cu_seq, inputs.cu_seq, case.causal, scale, -1, -1)
+            out, lse = launcher.forward(q, k, v, layout, options)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
             q, k, v, out, lse = ctx.saved_tensors
-            return launcher.backward(
-                grad_out, q, k, v, out, lse, inputs.cu_seq, inputs.cu_seq, case.causal, scale, -1, -1
-            )
+            return launcher.backward(grad_out, q, k, v, out, lse, layout, options)
 
     return StandaloneAttention.apply, {}
 
@@ -154,9 +153,9 @@ def build_aten(case: Case, inputs: Inputs):
     """aten flash attention (FlashAttention 2) called directly, forward and backward; GQA is
     native there (torch 2.11's varlen_attn wrapper has no enable_gqa)."""
     from varlen_compile.backends import aten_flash_backward, aten_flash_forward
+    from varlen_compile.params import AttnOptions, BatchLayout
 
-    scale = 1.0 / math.sqrt(case.head_dim)
-    args = (inputs.cu_seq, inputs.cu_seq, inputs.max_len, inputs.max_len, case.causal, scale, -1, -1)
+    args = (BatchLayout(inputs.cu_seq, inputs.cu_seq, inputs.max_len, inputs.max_len), AttnOptions(case.causal))
 
     class AtenFlash(torch.autograd.Function):
         @staticmethod

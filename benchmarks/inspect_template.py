@@ -6,7 +6,6 @@ Writes the generated Inductor code to $OUT/compiled_<case>.py and prints both ti
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -17,6 +16,7 @@ from triton.testing import do_bench
 from bench import all_cases, make_inputs
 from varlen_compile import varlen_attn
 from varlen_compile.lowering import launcher
+from varlen_compile.params import AttnOptions, BatchLayout
 
 for name in sys.argv[1:]:
     case = all_cases()[name]
@@ -29,6 +29,6 @@ for name in sys.argv[1:]:
     path = os.path.join(os.environ.get("OUT", "/tmp"), f"compiled_{name}.py")
     with open(path, "w") as f:
         f.write("\n\n# ======== next module ========\n\n".join(codes))
-    scale = 1 / math.sqrt(case.head_dim)
-    standalone = do_bench(lambda: launcher.forward(q, k, v, x.cu_seq, x.cu_seq, case.causal, scale, -1, -1), warmup=50, rep=300, return_mode="median")
+    layout, options = BatchLayout(x.cu_seq, x.cu_seq), AttnOptions(case.causal)
+    standalone = do_bench(lambda: launcher.forward(q, k, v, layout, options), warmup=50, rep=300, return_mode="median")
     print(f"{name}: compiled {ours:.3f} ms, standalone {standalone:.3f} ms")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 from triton.testing import do_bench
 
 from bench import all_cases, forward_flops, make_inputs
 from varlen_compile.lowering import launcher
+from varlen_compile.params import AttnOptions, BatchLayout
 from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig
 
 FORWARD_CANDIDATES = {
@@ -50,7 +50,7 @@ def main() -> None:
             head_dim, causal = case.head_dim, case.causal
             x = make_inputs(case)
             q, k, v = (t.detach() for t in (x.q, x.k, x.v))
-            scale = 1 / math.sqrt(head_dim)
+            layout, options = BatchLayout(x.cu_seq, x.cu_seq), AttnOptions(causal)
             window = (-1, 0) if causal else (-1, -1)
             aten_out = aten_varlen(q, k, v, x.cu_seq, x.cu_seq, x.max_len, x.max_len, window_size=window)
             torch.cuda.empty_cache()
@@ -59,7 +59,7 @@ def main() -> None:
                 warmup=25, rep=200, return_mode="median",
             )
             if args.backward:
-                out, lse = launcher.forward(q, k, v, x.cu_seq, x.cu_seq, causal, scale, -1, -1)
+                out, lse = launcher.forward(q, k, v, layout, options)
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                 aten_bwd = lambda: torch.autograd.grad(  # noqa: E731
                     aten_varlen(*leaves, x.cu_seq, x.cu_seq, x.max_len, x.max_len, window_size=window), leaves, x.grad_out
@@ -71,7 +71,7 @@ def main() -> None:
                     if args.backward:
                         config = BackwardConfig(*cfg)
                         run = lambda: launcher.backward(  # noqa: E731
-                            x.grad_out, q, k, v, out, lse, x.cu_seq, x.cu_seq, causal, scale, -1, -1, config=config
+                            x.grad_out, q, k, v, out, lse, layout, options, config=config
                         )
                         dq, dk, dv = run()
                         ref = torch.autograd.grad(
@@ -79,13 +79,13 @@ def main() -> None:
                             leaves, x.grad_out,
                         )
                         row["max_diff_vs_aten"] = max((a - b).abs().max().item() for a, b in zip((dq, dk, dv), ref))
-                        fwd_ms = do_bench(lambda: launcher.forward(q, k, v, x.cu_seq, x.cu_seq, causal, scale, -1, -1),
+                        fwd_ms = do_bench(lambda: launcher.forward(q, k, v, layout, options),
                                           warmup=25, rep=100, return_mode="median")
                         row["ms"] = do_bench(run, warmup=25, rep=200, return_mode="median") + fwd_ms
                         row["vs_aten_fwdbwd"] = aten_fb_ms / row["ms"]
                     else:
                         config = ForwardConfig(*cfg)
-                        run = lambda: launcher.forward(q, k, v, x.cu_seq, x.cu_seq, causal, scale, -1, -1, config=config)  # noqa: E731
+                        run = lambda: launcher.forward(q, k, v, layout, options, config=config)  # noqa: E731
                         row["max_diff_vs_aten"] = (run()[0] - aten_out).abs().max().item()
                         row["ms"] = do_bench(run, warmup=25, rep=200, return_mode="median")
                         row["tflops"] = forward_flops(case) / row["ms"] / 1e9

@@ -1,8 +1,9 @@
 """Inductor lowering of ``varlen_compile::varlen_attn_backward`` to the backward Triton template.
 
-Steps: decide (template or fallback) -> prepare inputs -> ``delta = rowsum(dO * O) - grad_lse``
-as plain Inductor ops -> dK layout and the dQ/dV buffers -> configs -> choices (template
-configs, plus aten flash under max-autotune) -> ``autotune_select_algorithm``.
+Steps: bind the arguments into objects -> decide (template or fallback) -> prepare inputs ->
+``delta = rowsum(dO * O) - grad_lse`` as plain Inductor ops -> dK layout and the dQ/dV buffers
+-> configs -> choices (template configs, plus aten flash under max-autotune) ->
+``autotune_select_algorithm``.
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ from torch._inductor.select_algorithm import (
 )
 
 from varlen_compile import _extern_ops
-from varlen_compile.reference import effective_window
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args, unflatten
 
 from .common import (
     cu_seq_generator,
     fallback,
-    kernel_constants,
+    gqa_group,
     make_template,
     prepare_attention_input,
     size_hint,
-    use_template,
+    template_constants,
+    template_head_dim,
 )
 from .configs import BackwardConfig, backward_autotune_configs, default_backward_config
-from .forward import _offer_aten
+from .forward import offer_aten
 
 __all__ = ["varlen_attn_backward_lowering"]
 
@@ -41,13 +43,14 @@ aten = torch.ops.aten
 
 
 @SymbolicGridFn
-def varlen_bwd_grid(total_q, total_k, heads_kv, num_seqs, meta, *, cdiv):
+def varlen_bwd_grid(total_q, total_k, heads_kv, num_seqs, group, meta, *, cdiv):
     """How is the backward parallelized? One launch, two kinds of programs per kv head:
     ``cdiv(T_k, BLOCK_N1) + N`` key-tile programs (dK, dV summed over the GQA group), then
-    ``GQA_GROUP * (cdiv(T_q, BLOCK_M2) + N)`` query-tile programs (dQ of one query head)."""
+    ``group * (cdiv(T_q, BLOCK_M2) + N)`` query-tile programs (dQ of one query head), where
+    ``group = H_q // H_kv``."""
     kv_slots = cdiv(total_k, meta["BLOCK_N1"]) + num_seqs
     q_slots = cdiv(total_q, meta["BLOCK_M2"]) + num_seqs
-    return (kv_slots + meta["GQA_GROUP"] * q_slots, heads_kv, 1)
+    return (kv_slots + group * q_slots, heads_kv, 1)
 
 
 varlen_bwd_template = make_template("varlen_attn_bwd", varlen_bwd_grid, "varlen_bwd")
@@ -55,23 +58,23 @@ varlen_bwd_template = make_template("varlen_attn_bwd", varlen_bwd_grid, "varlen_
 
 def _aten_backward_node(
     grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value,
-    **kwargs: Any,
+    *, options: AttnOptions, hints: tuple[Any, Any],
 ) -> ir.IRNode:
     """Output node when the aten choice wins: aten flash writing dQ/dV into our buffers."""
+    layout = BatchLayout(cu_seq_q, cu_seq_k, *hints)
     return ir.FallbackKernel.create(
         torch.ops.varlen_compile._flash_backward_into.default,
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, grad_query, grad_value,
-        kwargs["max_q"], kwargs["max_k"], kwargs["is_causal"], kwargs["scale"],
-        kwargs["window_left"], kwargs["window_right"],
+        grad_out, query, key, value, out, lse, grad_query, grad_value,
+        *flat_args(layout, options).values(),
     )
 
 
 def _aten_backward_for_autotune(
     grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value,
-    **kwargs: Any,
+    *, options: AttnOptions, hints: tuple[Any, Any],
 ) -> torch.Tensor:
     return _extern_ops.flash_backward_for_autotune(
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, grad_query, grad_value, **kwargs
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, options=options, hints=hints
     )
 
 
@@ -83,10 +86,10 @@ aten_flash_backward_choice = ExternKernelChoice(
 )
 
 
-def _configs(head_dim: int, dtype: torch.dtype, gqa_group: int) -> list[BackwardConfig]:
+def _configs(head_dim: int, dtype: torch.dtype, group: int) -> list[BackwardConfig]:
     if inductor_config.max_autotune:
-        return backward_autotune_configs(head_dim, dtype, gqa_group)
-    return [default_backward_config(head_dim, dtype, gqa_group)]
+        return backward_autotune_configs(head_dim, dtype, group)
+    return [default_backward_config(head_dim, dtype, group)]
 
 
 def _delta(grad_out: ir.IRNode, out: ir.IRNode, grad_lse: ir.IRNode | None) -> ir.IRNode:
@@ -99,25 +102,23 @@ def _delta(grad_out: ir.IRNode, out: ir.IRNode, grad_lse: ir.IRNode | None) -> i
 
 
 @register_lowering(_OP, type_promotion_kind=None)
-def varlen_attn_backward_lowering(
-    grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
-    is_causal, scale, window_left, window_right, grad_lse=None,
-):
-    if not use_template(query):
-        return fallback(
-            _OP, grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
-            is_causal, scale, window_left, window_right, grad_lse,
-        )
-    delta = _delta(grad_out, out, grad_lse)
+def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
+    bound = bind_op_args(_OP, args, kwargs)
+    head_dim, reason = template_head_dim(bound["query"])
+    if head_dim is None:
+        return fallback(_OP, reason, args, kwargs)
+    grad_lse = bound["grad_lse"]
+    delta = _delta(bound["grad_out"], bound["out"], grad_lse)
     grad_out, query, key, value, out = (
-        prepare_attention_input(x) for x in (grad_out, query, key, value, out)
+        prepare_attention_input(bound[name]) for name in ("grad_out", "query", "key", "value", "out")
     )
-    cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (cu_seq_q, cu_seq_k))
-    lse = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(lse))
-    left, right = effective_window(is_causal, window_left, window_right)
+    layout, options = unflatten(bound)
+    cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (layout.cu_seq_q, layout.cu_seq_k))
+    lse = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(bound["lse"]))
 
-    total_q, heads_q, head_dim = query.get_size()
+    total_q = query.get_size()[0]
     total_k, heads_kv, _ = key.get_size()
+    group = gqa_group(query, key)
     device = query.get_device()
     layout_dk = ir.FixedLayout(
         device, key.get_dtype(), [total_k, heads_kv, head_dim],
@@ -131,15 +132,15 @@ def varlen_attn_backward_lowering(
     ]
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    constants = kernel_constants(query, key, scale, left, right)
+    constants = template_constants(options, head_dim, query.get_dtype())
     choices: list[Any] = []
-    for config in _configs(int(head_dim), query.get_dtype(), constants["GQA_GROUP"]):
+    for config in _configs(head_dim, query.get_dtype(), size_hint(group)):
         varlen_bwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,
             layout=layout_dk,
             mutated_inputs=[grad_query, grad_value],
-            call_sizes=[total_q, total_k, heads_kv, num_seqs],
+            call_sizes=[total_q, total_k, heads_kv, num_seqs, group],
             num_stages=config.num_stages,
             num_warps=config.num_warps,
             BLOCK_M1=config.block_m1,
@@ -148,17 +149,10 @@ def varlen_attn_backward_lowering(
             BLOCK_N2=config.block_n2,
             **constants,
         )
-    if grad_lse is None and _offer_aten(query, max_q, max_k):
+    if grad_lse is None and offer_aten(query, head_dim, layout):
         aten_flash_backward_choice.maybe_append_choice(
-            choices,
-            input_nodes=input_nodes,
-            layout=layout_dk,
-            max_q=max_q,
-            max_k=max_k,
-            is_causal=bool(is_causal),
-            scale=float(scale),
-            window_left=int(window_left),
-            window_right=int(window_right),
+            choices, input_nodes=input_nodes, layout=layout_dk,
+            options=options, hints=(layout.max_q, layout.max_k),
         )
     grad_key = autotune_select_algorithm(
         "varlen_attn_bwd",

@@ -1,7 +1,9 @@
-"""Pieces both lowerings use: template construction, input preparation, autotune inputs."""
+"""Pieces both lowerings use: the template-or-fallback decision, template construction, input
+preparation, kernel constants and autotune inputs."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,21 +14,27 @@ from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler
 from torch._inductor.select_algorithm import TritonTemplate, realize_inputs
 from torch._inductor.virtualized import V
+from torch.utils._sympy.functions import FloorDiv
 
 from varlen_compile import backends
+from varlen_compile.params import AttnOptions
 
 from ._sources import load_template
-from .configs import SEARCH_WIDTH, dot_precision, padded_head_dim
+from .configs import kernel_constexprs, supported_head_dim
 
 __all__ = [
     "cu_seq_generator",
     "fallback",
-    "kernel_constants",
+    "gqa_group",
     "make_template",
     "prepare_attention_input",
     "size_hint",
-    "use_template",
+    "template_constants",
+    "template_head_dim",
 ]
+
+log = logging.getLogger(__name__)
+_logged_fallbacks: set[tuple[str, str]] = set()
 
 
 def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
@@ -36,20 +44,43 @@ def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
     )
 
 
-def use_template(query: ir.IRNode) -> bool:
-    """Our templates serve CUDA fp16/bf16/fp32 with head dims 1..256; anything else falls back."""
+def template_head_dim(query: ir.IRNode) -> tuple[int | None, str]:
+    """``(head_dim, "")`` when our templates serve ``query``, else ``(None, why not)``.
+
+    Templates serve CUDA fp16/bf16/fp32 with head dims 1..256. The head dim sizes the kernel's
+    tiles, so a symbolic head dim (``dynamic=True``) is specialized here: a guard on its value,
+    as Inductor's flex attention does. Token counts, sequence counts, head counts and the
+    ``max_q``/``max_k`` hints are never guarded on. (A head dim the user marked dynamic with
+    ``torch._dynamo.mark_dynamic`` makes Dynamo refuse this guard with a ConstraintViolationError:
+    leave the head dim static.)
+    """
     device = query.get_device()
-    if device is None or device.type != "cuda" or torch.version.hip is not None:
-        return False
+    if device is None or device.type != "cuda":
+        return None, f"the Triton templates are CUDA-only (device: {device})"
+    if torch.version.hip is not None:
+        return None, "the Triton templates are not built for ROCm yet"
+    if query.get_dtype() not in backends.TRITON_DTYPES:
+        return None, f"dtype {query.get_dtype()} (the templates serve float16, bfloat16, float32)"
     head_dim = query.get_size()[-1]
     if not isinstance(head_dim, (int, sympy.Integer)):
-        return False
-    return query.get_dtype() in backends.TRITON_DTYPES and 1 <= int(head_dim) <= 256
+        head_dim = V.graph.sizevars.guard_int(head_dim)
+    if not supported_head_dim(int(head_dim)):
+        return None, f"head dim {int(head_dim)} (the templates serve 1..256)"
+    return int(head_dim), ""
 
 
-def fallback(op: torch._ops.OpOverload, *args: Any) -> Any:
-    """Run the op's eager implementation from compiled code (other devices, unsupported cases)."""
-    return fallback_handler(op, add_to_fallback_set=False)(*args)
+def fallback(op: torch._ops.OpOverload, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run the op's eager implementation from compiled code (other devices, unsupported cases),
+    logging why once per (op, reason): a warning on CUDA, where it costs speed, else info.
+
+    On CUDA the eager implementation never syncs: without ``max_q``/``max_k`` hints it runs our
+    standalone Triton kernels, not aten flash (``backends``)."""
+    if (str(op), reason) not in _logged_fallbacks:
+        _logged_fallbacks.add((str(op), reason))
+        device = args[0].get_device() if isinstance(args[0], ir.IRNode) else None
+        level = logging.WARNING if device is not None and device.type == "cuda" else logging.INFO
+        log.log(level, "%s runs its eager implementation inside the compiled graph: %s", op, reason)
+    return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
 
 
 def prepare_attention_input(x: ir.IRNode) -> ir.IRNode:
@@ -65,14 +96,20 @@ def prepare_attention_input(x: ir.IRNode) -> ir.IRNode:
 
 
 def size_hint(expr: Any) -> int:
-    """A concrete value for a (possibly symbolic) size, for autotuning inputs."""
+    """A concrete value for a (possibly symbolic) size, for autotuning inputs and heuristics;
+    never a guard."""
     return int(V.graph.sizevars.optimization_hint(expr, fallback=inductor_config.unbacked_symint_fallback))
+
+
+def gqa_group(query: ir.IRNode, key: ir.IRNode) -> sympy.Expr:
+    """``H_q // H_kv``: an integer for static head counts, an expression under dynamic shapes."""
+    return sympy.sympify(FloorDiv(query.get_size()[1], key.get_size()[1]))
 
 
 def cu_seq_generator(num_offsets: int, total: int) -> Callable[[ir.Buffer], torch.Tensor]:
     """Autotuning input for a ``cu_seq`` buffer: ``N`` near-equal sequences covering ``total``.
 
-    Random int32 data would index out of bounds; equal lengths are a fair middle case.
+    Random int32 data would make the benchmark meaningless; equal lengths are a fair middle case.
     """
 
     def generate(buffer: ir.Buffer) -> torch.Tensor:
@@ -83,24 +120,10 @@ def cu_seq_generator(num_offsets: int, total: int) -> Callable[[ir.Buffer], torc
     return generate
 
 
-def kernel_constants(
-    query: ir.IRNode,
-    key: ir.IRNode,
-    scale: float,
-    window_left: int,
-    window_right: int,
-) -> dict[str, Any]:
-    """Constexprs every choice of both templates shares (see the template headers)."""
-    head_dim = int(query.get_size()[-1])
-    heads_q = V.graph.sizevars.guard_int(query.get_size()[1])
-    heads_kv = V.graph.sizevars.guard_int(key.get_size()[1])
-    return {
-        "HEAD_DIM": head_dim,
-        "HEAD_DIM_PAD": padded_head_dim(head_dim),
-        "WINDOW_LEFT": int(window_left),
-        "WINDOW_RIGHT": int(window_right),
-        "GQA_GROUP": heads_q // heads_kv,
-        "SCALE": float(scale),
-        "SEARCH_WIDTH": SEARCH_WIDTH,
-        "DOT_PRECISION": repr(dot_precision(query.get_dtype())),
-    }
+def template_constants(options: AttnOptions, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Constexprs every choice of both templates shares: ``configs.kernel_constexprs`` plus the
+    softmax scale, rendered as template literals."""
+    constants = kernel_constexprs(options, head_dim, dtype)
+    constants["DOT_PRECISION"] = repr(constants["DOT_PRECISION"])
+    constants["SCALE"] = options.scale_for(head_dim)
+    return constants

@@ -9,8 +9,11 @@ dataclass docstrings and checked in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
+
+from varlen_compile.params import AttnOptions
 
 __all__ = [
     "BackwardConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "default_forward_config",
     "dot_precision",
     "forward_autotune_configs",
+    "kernel_constexprs",
     "padded_head_dim",
     "supported_head_dim",
 ]
@@ -44,6 +48,24 @@ def padded_head_dim(head_dim: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 dots ('ieee'), never silent tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kernel_constexprs(options: AttnOptions, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The constexprs of both kernels (template and standalone) that follow from the attention
+    options, the head dim and the dtype: the one place options become kernel constants.
+
+    The softmax scale is not among them: the standalone kernel takes it as an argument (no
+    recompile per scale in eager mode), the templates add it as ``SCALE``.
+    """
+    window_left, window_right = options.window()
+    return {
+        "WINDOW_LEFT": int(window_left),
+        "WINDOW_RIGHT": int(window_right),
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": padded_head_dim(head_dim),
+        "SEARCH_WIDTH": SEARCH_WIDTH,
+        "DOT_PRECISION": dot_precision(dtype),
+    }
 
 
 def _is_pow2(x: int) -> bool:

@@ -1,8 +1,8 @@
 """Inductor lowering of ``varlen_compile::varlen_attn`` to the forward Triton template.
 
-Steps: decide (template or fallback) -> prepare inputs -> output layout and the lse buffer ->
-configs -> choices (template configs, plus aten flash under max-autotune) ->
-``autotune_select_algorithm``.
+Steps: bind the arguments into objects -> decide (template or fallback) -> prepare inputs ->
+output layout and the lse buffer -> configs -> choices (template configs, plus aten flash under
+max-autotune) -> ``autotune_select_algorithm``.
 """
 
 from __future__ import annotations
@@ -20,20 +20,20 @@ from torch._inductor.select_algorithm import (
 )
 
 from varlen_compile import _extern_ops, backends
-from varlen_compile.reference import effective_window
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args, unflatten
 
 from .common import (
     cu_seq_generator,
     fallback,
-    kernel_constants,
     make_template,
     prepare_attention_input,
     size_hint,
-    use_template,
+    template_constants,
+    template_head_dim,
 )
 from .configs import ForwardConfig, default_forward_config, forward_autotune_configs
 
-__all__ = ["varlen_attn_lowering"]
+__all__ = ["offer_aten", "varlen_attn_lowering"]
 
 _OP = torch.ops.varlen_compile.varlen_attn.default
 
@@ -51,13 +51,14 @@ def varlen_fwd_grid(total_q, heads_q, num_seqs, meta, *, cdiv):
 varlen_fwd_template = make_template("varlen_attn_fwd", varlen_fwd_grid, "varlen_fwd")
 
 
-def _aten_forward_node(query, key, value, cu_seq_q, cu_seq_k, lse, **kwargs: Any) -> ir.IRNode:
+def _aten_forward_node(
+    query, key, value, cu_seq_q, cu_seq_k, lse, *, options: AttnOptions, hints: tuple[Any, Any]
+) -> ir.IRNode:
     """Output node when the aten choice wins: aten flash writing into our lse buffer."""
+    layout = BatchLayout(cu_seq_q, cu_seq_k, *hints)
     return ir.FallbackKernel.create(
         torch.ops.varlen_compile._flash_forward_into.default,
-        query, key, value, cu_seq_q, cu_seq_k, lse,
-        kwargs["max_q"], kwargs["max_k"], kwargs["is_causal"], kwargs["scale"],
-        kwargs["window_left"], kwargs["window_right"],
+        query, key, value, lse, *flat_args(layout, options).values(),
     )
 
 
@@ -75,22 +76,32 @@ def _configs(head_dim: int, dtype: torch.dtype) -> list[ForwardConfig]:
     return [default_forward_config(head_dim, dtype)]
 
 
-@register_lowering(_OP, type_promotion_kind=None)
-def varlen_attn_lowering(
-    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale, window_left, window_right
-):
-    if not use_template(query):
-        return fallback(
-            _OP, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-            is_causal, scale, window_left, window_right,
-        )
-    query, key, value = (prepare_attention_input(x) for x in (query, key, value))
-    cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (cu_seq_q, cu_seq_k))
-    left, right = effective_window(is_causal, window_left, window_right)
+def offer_aten(query: ir.IRNode, head_dim: int, layout: BatchLayout) -> bool:
+    """aten flash competes under max-autotune when it can run without a host sync (the user
+    gave ``max_q``/``max_k``) and supports the dtype and head dim."""
+    return (
+        inductor_config.max_autotune
+        and layout.max_q is not None
+        and layout.max_k is not None
+        and query.get_dtype() in backends.ATEN_FLASH_DTYPES
+        and head_dim % 8 == 0
+        and head_dim <= backends.ATEN_FLASH_MAX_HEAD_DIM
+    )
 
-    total_q, heads_q, head_dim = query.get_size()
+
+@register_lowering(_OP, type_promotion_kind=None)
+def varlen_attn_lowering(*args: Any, **kwargs: Any):
+    bound = bind_op_args(_OP, args, kwargs)
+    head_dim, reason = template_head_dim(bound["query"])
+    if head_dim is None:
+        return fallback(_OP, reason, args, kwargs)
+    query, key, value = (prepare_attention_input(bound[name]) for name in ("query", "key", "value"))
+    layout, options = unflatten(bound)
+    cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (layout.cu_seq_q, layout.cu_seq_k))
+
+    total_q, heads_q, _ = query.get_size()
     device = query.get_device()
-    layout = ir.FixedLayout(
+    out_layout = ir.FixedLayout(
         device, query.get_dtype(), [total_q, heads_q, head_dim],
         ir.FlexibleLayout.contiguous_strides([total_q, heads_q, head_dim]),
     )
@@ -99,13 +110,13 @@ def varlen_attn_lowering(
     input_nodes = [query, key, value, cu_seq_q, cu_seq_k, lse]
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    constants = kernel_constants(query, key, scale, left, right)
+    constants = template_constants(options, head_dim, query.get_dtype())
     choices: list[Any] = []
-    for config in _configs(int(head_dim), query.get_dtype()):
+    for config in _configs(head_dim, query.get_dtype()):
         varlen_fwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,
-            layout=layout,
+            layout=out_layout,
             mutated_inputs=[lse],
             call_sizes=[total_q, heads_q, num_seqs],
             num_stages=config.num_stages,
@@ -114,38 +125,19 @@ def varlen_attn_lowering(
             BLOCK_N=config.block_n,
             **constants,
         )
-    if _offer_aten(query, max_q, max_k):
+    if offer_aten(query, head_dim, layout):
         aten_flash_forward_choice.maybe_append_choice(
-            choices,
-            input_nodes=input_nodes,
-            layout=layout,
-            max_q=max_q,
-            max_k=max_k,
-            is_causal=bool(is_causal),
-            scale=float(scale),
-            window_left=int(window_left),
-            window_right=int(window_right),
+            choices, input_nodes=input_nodes, layout=out_layout,
+            options=options, hints=(layout.max_q, layout.max_k),
         )
     out = autotune_select_algorithm(
         "varlen_attn_fwd",
         choices,
         input_nodes,
-        layout,
+        out_layout,
         input_gen_fns={
             3: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
             4: cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(key.get_size()[0])),
         },
     )
     return out, lse
-
-
-def _offer_aten(query: ir.IRNode, max_q: Any, max_k: Any) -> bool:
-    """aten flash competes under max-autotune when it can run without a host sync."""
-    return (
-        inductor_config.max_autotune
-        and max_q is not None
-        and max_k is not None
-        and query.get_dtype() in backends.ATEN_FLASH_DTYPES
-        and int(query.get_size()[-1]) % 8 == 0
-        and int(query.get_size()[-1]) <= backends.ATEN_FLASH_MAX_HEAD_DIM
-    )

@@ -1,8 +1,9 @@
 """Standalone launcher: runs the shared Triton kernels eagerly, without Inductor.
 
 Eager mode uses it on CUDA where aten flash attention cannot serve a call (fp32, head dims
-aten rejects, gradients through ``lse``, CUDA-graph capture without max lengths). Tests run it
-on the CPU under ``TRITON_INTERPRET=1``. The kernels are ``standalone.py.jinja`` on top of
+aten rejects, gradients through ``lse``, no max hints: CUDA-graph capture or a compiled graph
+that falls back to the op). It never reads ``cu_seq`` on the host. Tests run it on the CPU under
+``TRITON_INTERPRET=1``. The kernels are ``standalone.py.jinja`` on top of
 ``varlen_common.py.jinja``: the very ``@triton.jit`` code the Inductor templates append.
 """
 
@@ -15,20 +16,19 @@ import types
 
 import torch
 
-from varlen_compile.reference import effective_window
+from varlen_compile.params import AttnOptions, BatchLayout
 
 from ._sources import load_template
 from .configs import (
-    SEARCH_WIDTH,
     BackwardConfig,
     ForwardConfig,
     default_backward_config,
     default_forward_config,
-    dot_precision,
+    kernel_constexprs,
     padded_head_dim,
 )
 
-__all__ = ["backward", "forward"]
+__all__ = ["attention_delta", "backward", "forward"]
 
 _PRELUDE = "import triton\nimport triton.language as tl\n"
 
@@ -57,35 +57,31 @@ def forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seq_q: torch.Tensor,
-    cu_seq_k: torch.Tensor,
-    is_causal: bool,
-    scale: float,
-    window_left: int,
-    window_right: int,
+    layout: BatchLayout,
+    options: AttnOptions,
     config: ForwardConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse float32 ``(H_q, T_q)``.
 
     Inputs as in :func:`varlen_compile.varlen_attn` (any strides with a contiguous last dim).
+    Grid ``(cdiv(T_q, BLOCK_M) + N, H_q)``: one program per query tile slot and head.
     """
     total_q, heads_q, head_dim = query.shape
-    num_seqs = cu_seq_q.shape[0] - 1
+    total_k, heads_kv, _ = key.shape
+    num_seqs = layout.cu_seq_q.shape[0] - 1
     config = config or default_forward_config(head_dim, query.dtype)
-    left, right = effective_window(is_causal, window_left, window_right)
     out = query.new_empty((total_q, heads_q, head_dim))
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
     grid = (_cdiv(total_q, config.block_m) + num_seqs, heads_q)
     if grid[0] * grid[1] == 0:
         return out, lse
     _kernels().varlen_fwd_kernel[grid](
-        query, key, value, cu_seq_q, cu_seq_k, out, lse, num_seqs, total_q,
+        query, key, value, layout.cu_seq_q, layout.cu_seq_k, out, lse,
+        num_seqs, total_q, total_k, heads_q // heads_kv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1), out.stride(0), out.stride(1), scale,
-        WINDOW_LEFT=left, WINDOW_RIGHT=right, GQA_GROUP=heads_q // key.shape[1],
+        value.stride(0), value.stride(1), out.stride(0), out.stride(1), options.scale_for(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim),
-        SEARCH_WIDTH=SEARCH_WIDTH, DOT_PRECISION=dot_precision(query.dtype),
+        **kernel_constexprs(options, head_dim, query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
@@ -117,22 +113,21 @@ def backward(
     value: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    cu_seq_q: torch.Tensor,
-    cu_seq_k: torch.Tensor,
-    is_causal: bool,
-    scale: float,
-    window_left: int,
-    window_right: int,
+    layout: BatchLayout,
+    options: AttnOptions,
     grad_lse: torch.Tensor | None = None,
     config: BackwardConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``."""
+    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``.
+
+    Grid ``(cdiv(T_k, BLOCK_N1) + N + group * (cdiv(T_q, BLOCK_M2) + N), H_kv)``: key-tile
+    programs (dK, dV over the GQA group), then query-tile programs (dQ), in one launch.
+    """
     total_q, heads_q, head_dim = query.shape
     total_k, heads_kv, _ = key.shape
-    num_seqs = cu_seq_q.shape[0] - 1
+    num_seqs = layout.cu_seq_q.shape[0] - 1
     group = heads_q // heads_kv
     config = config or default_backward_config(head_dim, query.dtype, group)
-    left, right = effective_window(is_causal, window_left, window_right)
     delta = attention_delta(grad_out, out, grad_lse.contiguous() if grad_lse is not None else None)
     lse = lse.contiguous()
     dq = query.new_empty((total_q, heads_q, head_dim))
@@ -144,16 +139,15 @@ def backward(
     if grid[0] * grid[1] == 0:
         return dq, dk, dv
     _kernels().varlen_bwd_kernel[grid](
-        query, key, value, grad_out, lse, delta, cu_seq_q, cu_seq_k, dq, dk, dv,
-        num_seqs, total_q, total_k,
+        query, key, value, grad_out, lse, delta, layout.cu_seq_q, layout.cu_seq_k, dq, dk, dv,
+        num_seqs, total_q, total_k, group,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), grad_out.stride(0), grad_out.stride(1),
-        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale,
-        WINDOW_LEFT=left, WINDOW_RIGHT=right, GQA_GROUP=group,
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        options.scale_for(head_dim),
         BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
         BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim),
-        SEARCH_WIDTH=SEARCH_WIDTH, DOT_PRECISION=dot_precision(query.dtype),
+        **kernel_constexprs(options, head_dim, query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return dq, dk, dv

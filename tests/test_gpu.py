@@ -15,6 +15,7 @@ from torch._inductor.utils import run_and_get_code
 import varlen_compile
 from varlen_compile import AuxRequest, varlen_attn
 from varlen_compile.lowering import launcher
+from varlen_compile.params import AttnOptions, BatchLayout
 
 from conftest import requires_cuda
 from factory import VarlenCase, assert_meets_error_rule, make_cu_seq, reference_outputs
@@ -104,15 +105,10 @@ def test_eager_triton_launcher_matches_reference(dtype, head_dim, window):
     grad_out = torch.randn_like(case.q)
     scale = 0.7 / head_dim**0.5
 
-    def triton_only(q, k, v, cu_q, cu_k, return_aux, **kw):
-        out, lse = launcher.forward(q, k, v, cu_q, cu_k, False, scale, *window)
-        return out, lse
-
-    out, lse = triton_only(case.q.detach(), case.k.detach(), case.v.detach(), case.cu_seq_q, case.cu_seq_k, None)
-    dq, dk, dv = launcher.backward(
-        grad_out, case.q.detach(), case.k.detach(), case.v.detach(), out, lse,
-        case.cu_seq_q, case.cu_seq_k, False, scale, *window,
-    )
+    layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(False, scale, *window)
+    qkv = (case.q.detach(), case.k.detach(), case.v.detach())
+    out, lse = launcher.forward(*qkv, layout, options)
+    dq, dk, dv = launcher.backward(grad_out, *qkv, out, lse, layout, options)
     check_forward_backward(case, out, lse, (dq, dk, dv), grad_out, scale=scale, window_size=window)
 
 

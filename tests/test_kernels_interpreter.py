@@ -13,6 +13,7 @@ import torch
 from factory import AttnSpec, assert_matches_reference, make_case, spec_id
 from varlen_compile.lowering import launcher
 from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig
+from varlen_compile.params import AttnOptions, BatchLayout
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -42,10 +43,6 @@ SPECS = [
 ]
 
 
-def _scale(spec: AttnSpec) -> float:
-    return spec.scale if spec.scale is not None else spec.head_dim**-0.5
-
-
 def _run_and_check(
     spec: AttnSpec,
     case,
@@ -58,14 +55,14 @@ def _run_and_check(
 
     The error rule's ``max_error`` also checks that lse is +inf exactly where the reference's
     is (rows that attend no key) and that nothing is NaN (no unwritten output element)."""
-    window_left, window_right = spec.window_size
-    attn = (spec.is_causal, _scale(spec), window_left, window_right)
-    inputs = (case.q.detach(), case.k.detach(), case.v.detach(), case.cu_seq_q, case.cu_seq_k)
-    out, lse = launcher.forward(*inputs, *attn, config=forward_config)
+    options = AttnOptions(spec.is_causal, spec.scale, *spec.window_size)
+    layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
+    qkv = (case.q.detach(), case.k.detach(), case.v.detach())
+    out, lse = launcher.forward(*qkv, layout, options, config=forward_config)
     grad_out = torch.randn(out.shape)
     grad_lse = torch.randn(lse.shape) if with_grad_lse else None
     grads = launcher.backward(
-        grad_out, *inputs[:3], out, lse, *inputs[3:], *attn, grad_lse=grad_lse, config=backward_config
+        grad_out, *qkv, out, lse, layout, options, grad_lse=grad_lse, config=backward_config
     )
     assert_matches_reference(
         case, out, lse, grads, grad_out=grad_out, grad_lse=grad_lse, plain_dtype=torch.float32,
@@ -117,6 +114,7 @@ def test_poison_fixture_catches_unwritten_outputs():
     case = make_case([4, 5], heads_q=2)
     cu_seq_short = torch.tensor([0, 4, 8], dtype=torch.int32)  # token 8 belongs to no sequence
     _, lse = launcher.forward(
-        case.q, case.k, case.v, cu_seq_short, cu_seq_short, False, 0.25, -1, -1, config=FORWARD_CONFIG
+        case.q, case.k, case.v, BatchLayout(cu_seq_short, cu_seq_short), AttnOptions(),
+        config=FORWARD_CONFIG,
     )
     assert torch.isnan(lse[:, 8]).all() and not torch.isnan(lse[:, :8]).any()

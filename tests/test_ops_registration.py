@@ -28,11 +28,10 @@ OPCHECK_SPECS = [
 
 
 def _forward_args(spec: AttnSpec, case, hint_max_q: bool) -> tuple:
-    """Positional arguments of the forward op (the public API resolves scale and window)."""
-    scale = spec.scale if spec.scale is not None else spec.head_dim**-0.5
+    """Positional arguments of the forward op (``scale=None`` is the op's 1/sqrt(D) default)."""
     max_q = case.max_q if hint_max_q else None
     return (
-        *case.inputs(), max_q, case.max_k, spec.is_causal, scale, *spec.window_size,
+        *case.inputs(), max_q, case.max_k, spec.is_causal, spec.scale, *spec.window_size,
     )
 
 

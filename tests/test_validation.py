@@ -40,6 +40,14 @@ def _qkv(dtype: torch.dtype) -> dict:
     }
 
 
+def _qkv_shaped(head_dim: int) -> dict:
+    return {
+        "query": torch.randn(8, 4, head_dim),
+        "key": torch.randn(8, 2, head_dim),
+        "value": torch.randn(8, 2, head_dim),
+    }
+
+
 # (id, overrides of the base call, exception type, message pattern)
 METADATA_ERRORS = [
     ("query-not-tensor", lambda b: {"query": b["query"].tolist()}, TypeError,
@@ -47,14 +55,36 @@ METADATA_ERRORS = [
     ("query-rank-2", lambda b: {"query": b["query"][0]}, ValueError,
      r"query must be 3-D \(total_tokens, heads, head_dim\), got shape \(4, 16\); pack sequences along dim 0"),
     ("key-rank-4", lambda b: {"key": b["key"][None]}, ValueError, r"key must be 3-D"),
-    ("key-value-shape", lambda b: {"value": b["value"][:, :1]}, ValueError,
-     r"key and value must have the same shape, got \(8, 2, 16\) and \(8, 1, 16\)"),
+    ("key-value-heads", lambda b: {"value": b["value"][:, :1]}, ValueError,
+     r"key and value must have the same number of heads, got shapes \(8, 2, 16\) and \(8, 1, 16\)"),
+    ("key-value-tokens", lambda b: {"value": b["value"][:5]}, ValueError,
+     r"key and value must have the same number of tokens, got shapes \(8, 2, 16\) and \(5, 2, 16\)"),
     ("head-dim-mismatch", lambda b: _kv(head_dim=8), ValueError,
      r"query and key must have the same head_dim, got 16 and 8"),
+    ("value-head-dim", lambda b: {"value": torch.randn(8, 2, 8)}, ValueError,
+     r"value head_dim \(8\) differs from the query/key head_dim \(16\); a value head dim different "
+     r"from the key head dim is not supported yet"),
     ("heads-not-divisible", lambda b: _kv(heads=3), ValueError,
      r"the number of query heads \(4\) must be a multiple of the number of key/value heads \(3\)"),
     ("zero-kv-heads", lambda b: _kv(heads=0), ValueError,
-     r"the number of query heads \(4\) must be a multiple of the number of key/value heads \(0\)"),
+     r"key must have at least one head, got shape \(8, 0, 16\)"),
+    ("zero-query-heads", lambda b: {"query": torch.randn(8, 0, 16)}, ValueError,
+     r"query must have at least one head, got shape \(8, 0, 16\)"),
+    ("head-dim-zero", lambda b: {**_qkv_shaped(0), "enable_gqa": True}, ValueError,
+     r"query must have head_dim >= 1, got shape \(8, 4, 0\)"),
+    ("head-dim-zero-with-scale", lambda b: {**_qkv_shaped(0), "scale": 0.5}, ValueError,
+     r"query must have head_dim >= 1, got shape \(8, 4, 0\)"),
+    ("is-causal-string", lambda b: {"is_causal": "no"}, TypeError,
+     r"is_causal must be a bool \(True or False\), got 'no' of type str"),
+    ("is-causal-int", lambda b: {"is_causal": 1}, TypeError,
+     r"is_causal must be a bool \(True or False\), got 1 of type int"),
+    ("is-causal-tensor", lambda b: {"is_causal": torch.tensor(True)}, TypeError,
+     r"is_causal must be a bool \(True or False\), got tensor\(True\) of type Tensor"),
+    ("enable-gqa-none", lambda b: {"enable_gqa": None}, TypeError,
+     r"enable_gqa must be a bool \(True or False\), got None of type NoneType"),
+    ("max-q-tensor", lambda b: {"max_q": torch.tensor(5)}, TypeError,
+     r"max_q must be an int or None, got Tensor; it is only a hint"),
+    ("max-k-float", lambda b: {"max_k": 5.0}, TypeError, r"max_k must be an int or None, got float"),
     ("gqa-without-enable-gqa", lambda b: {"enable_gqa": False}, ValueError,
      r"query has 4 heads but key/value have 2; pass enable_gqa=True"),
     ("cu-seq-q-int64", lambda b: {"cu_seq_q": b["cu_seq_q"].long()}, ValueError,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .backends import aten_flash_backward, aten_flash_forward, host_max_len
+from .backends import aten_flash_backward, aten_flash_forward
+from .params import AttnOptions, BatchLayout, unflatten
 
-__all__ = ["flash_backward_into", "flash_forward_into"]
+__all__ = ["flash_backward_for_autotune", "flash_backward_into", "flash_forward_for_autotune", "flash_forward_into"]
 
 
 @torch.library.custom_op("varlen_compile::_flash_forward_into", mutates_args=("lse_out",))
@@ -20,28 +21,33 @@ def flash_forward_into(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    lse_out: torch.Tensor,
     cu_seq_q: torch.Tensor,
     cu_seq_k: torch.Tensor,
-    lse_out: torch.Tensor,
     max_q: int,
     max_k: int,
     is_causal: bool,
-    scale: float,
+    scale: float | None,
     window_left: int,
     window_right: int,
 ) -> torch.Tensor:
     """``out`` ``(T_q, H_q, D)``; writes the float32 ``(H_q, T_q)`` log-sum-exp into ``lse_out``."""
-    out, lse = aten_flash_forward(
-        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-        is_causal, scale, window_left, window_right,
-    )
+    out, lse = aten_flash_forward(query, key, value, *unflatten(locals()))
     lse_out.copy_(lse)
     return out.contiguous()
 
 
 @flash_forward_into.register_fake
-def _flash_forward_into_fake(query, key, value, cu_seq_q, cu_seq_k, lse_out, max_q, max_k, *args):
+def _flash_forward_into_fake(query, *args):
     return query.new_empty(query.shape)
+
+
+def _host_maxima(layout: BatchLayout) -> BatchLayout:
+    """``layout`` with the real maxima read off ``cu_seq`` (a host sync: autotuning only)."""
+    def longest(cu_seq: torch.Tensor) -> int:
+        return int((cu_seq[1:] - cu_seq[:-1]).max()) if cu_seq.numel() > 1 else 0
+
+    return BatchLayout(layout.cu_seq_q, layout.cu_seq_k, longest(layout.cu_seq_q), longest(layout.cu_seq_k))
 
 
 def flash_forward_for_autotune(
@@ -52,19 +58,13 @@ def flash_forward_for_autotune(
     cu_seq_k: torch.Tensor,
     lse_out: torch.Tensor,
     *,
-    is_causal: bool,
-    scale: float,
-    window_left: int,
-    window_right: int,
-    **unused_hints: object,
+    options: AttnOptions,
+    hints: tuple[object, object],
 ) -> torch.Tensor:
-    """What the autotuner times for the aten choice: the aten call alone (no copies)."""
-    out, _ = aten_flash_forward(
-        query, key, value, cu_seq_q, cu_seq_k,
-        host_max_len(cu_seq_q, None), host_max_len(cu_seq_k, None),
-        is_causal, scale, window_left, window_right,
-    )
-    return out
+    """What the autotuner times for the aten choice: the aten call alone (no copies), on the
+    autotuner's own ``cu_seq`` inputs (their maxima, not the graph's ``hints``)."""
+    layout = _host_maxima(BatchLayout(cu_seq_q, cu_seq_k))
+    return aten_flash_forward(query, key, value, layout, options)[0]
 
 
 @torch.library.custom_op(
@@ -77,22 +77,19 @@ def flash_backward_into(
     value: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    cu_seq_q: torch.Tensor,
-    cu_seq_k: torch.Tensor,
     grad_query_out: torch.Tensor,
     grad_value_out: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
     max_q: int,
     max_k: int,
     is_causal: bool,
-    scale: float,
+    scale: float | None,
     window_left: int,
     window_right: int,
 ) -> torch.Tensor:
     """``dk``; writes ``dq`` and ``dv`` into the given buffers."""
-    dq, dk, dv = aten_flash_backward(
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
-        is_causal, scale, window_left, window_right,
-    )
+    dq, dk, dv = aten_flash_backward(grad_out, query, key, value, out, lse, *unflatten(locals()))
     grad_query_out.copy_(dq)
     grad_value_out.copy_(dv)
     return dk.contiguous()
@@ -112,19 +109,10 @@ def flash_backward_for_autotune(
     lse: torch.Tensor,
     cu_seq_q: torch.Tensor,
     cu_seq_k: torch.Tensor,
-    grad_query_out: torch.Tensor,
-    grad_value_out: torch.Tensor,
     *,
-    is_causal: bool,
-    scale: float,
-    window_left: int,
-    window_right: int,
-    **unused_hints: object,
+    options: AttnOptions,
+    hints: tuple[object, object],
 ) -> torch.Tensor:
     """What the autotuner times for the aten backward choice: the aten call alone."""
-    _, dk, _ = aten_flash_backward(
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k,
-        host_max_len(cu_seq_q, None), host_max_len(cu_seq_k, None),
-        is_causal, scale, window_left, window_right,
-    )
-    return dk
+    layout = _host_maxima(BatchLayout(cu_seq_q, cu_seq_k))
+    return aten_flash_backward(grad_out, query, key, value, out, lse, layout, options)[1]

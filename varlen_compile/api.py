@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import numbers
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from . import _compat
-from .ops import varlen_attn_op
+from .ops import call_forward
+from .params import AttnOptions, BatchLayout
 
 __all__ = ["AuxRequest", "varlen_attn"]
 
@@ -86,26 +87,57 @@ def varlen_attn(
         >>> q = k = v = torch.randn(8, 4, 64)
         >>> out = varlen_attn(q, k, v, cu, cu, is_causal=True)
     """
+    _check_flag("is_causal", is_causal)
+    _check_flag("enable_gqa", enable_gqa)
     window_left, window_right = _check_window(window_size)
     _check_tensors(query, key, value, cu_seq_q, cu_seq_k, enable_gqa)
+    _check_hint("max_q", max_q)
+    _check_hint("max_k", max_k)
     if return_aux is not None and not isinstance(return_aux, _compat.AUX_REQUEST_TYPES + (AuxRequest,)):
         raise TypeError(
             f"varlen_attn: return_aux must be None or AuxRequest(lse=...), got {type(return_aux)}"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)):
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat))
+    ):
         raise TypeError(f"varlen_attn: scale must be a float or None, got {type(scale)}")
+    if scale is not None and not _compat.is_symbolic(scale):
+        scale = float(scale)
     cu_seq_q, cu_seq_k = cu_seq_q.contiguous(), cu_seq_k.contiguous()
     if not (_compat.is_traced(cu_seq_q) or _compat.stream_is_capturing(cu_seq_q.device)):
         max_q, max_k = _check_offsets(cu_seq_q, cu_seq_k, query.shape[0], key.shape[0], max_q, max_k)
-    out, lse = varlen_attn_op(
-        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-        bool(is_causal), float(scale), window_left, window_right,
-    )
+    layout = BatchLayout(cu_seq_q, cu_seq_k, max_q, max_k)
+    options = AttnOptions(is_causal, scale, window_left, window_right)
+    out, lse = call_forward(query, key, value, layout, options)
     if return_aux is not None and return_aux.lse:
         return out, lse
     return out
+
+
+def _check_flag(name: str, flag: object) -> None:
+    """Flags must be real bools: a truthy string such as "no" would silently mean True."""
+    if not isinstance(flag, bool):
+        raise TypeError(f"varlen_attn: {name} must be a bool (True or False), got {flag!r} of type {type(flag).__name__}")
+
+
+def _check_hint(name: str, hint: object) -> None:
+    if hint is None or (isinstance(hint, (int, torch.SymInt)) and not isinstance(hint, bool)):
+        return
+    raise TypeError(
+        f"varlen_attn: {name} must be an int or None, got {type(hint).__name__}; it is only a hint "
+        "(the longest sequence): pass None rather than reading it off a tensor with .item()"
+    )
+
+
+def _require(condition: bool | torch.SymBool, message: Callable[[], str], generic_message: str) -> None:
+    """Raise ``ValueError(message())`` unless ``condition``. Under dynamic shapes the condition can
+    be a SymBool: then ``torch._check_with`` decides it (a guard, or a runtime assert for unbacked
+    sizes) and reports ``generic_message``, which names no sizes (Dynamo needs a constant one)."""
+    if isinstance(condition, bool):
+        if not condition:
+            raise ValueError(message())
+        return
+    torch._check_with(ValueError, condition, lambda: generic_message)
 
 
 def _check_window(window_size: tuple[int, int]) -> tuple[int, int]:
@@ -145,22 +177,44 @@ def _check_tensors(
                 f"varlen_attn: {name} must be 3-D (total_tokens, heads, head_dim), got shape "
                 f"{tuple(named[name].shape)}; pack sequences along dim 0 instead of padding a batch dim"
             )
-    if key.shape != value.shape:
-        raise ValueError(
-            f"varlen_attn: key and value must have the same shape, got {tuple(key.shape)} and "
-            f"{tuple(value.shape)}"
-        )
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(
-            f"varlen_attn: query and key must have the same head_dim, got {query.shape[-1]} and "
-            f"{key.shape[-1]}"
-        )
     heads_q, heads_kv = query.shape[1], key.shape[1]
-    if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(
-            f"varlen_attn: the number of query heads ({heads_q}) must be a multiple of the number "
-            f"of key/value heads ({heads_kv})"
+    for name, heads in (("query", heads_q), ("key", heads_kv), ("value", value.shape[1])):
+        _require(
+            heads >= 1,
+            lambda: f"varlen_attn: {name} must have at least one head, got shape {tuple(named[name].shape)}",
+            f"varlen_attn: {name} must have at least one head",
         )
+    for name in ("query", "key", "value"):
+        _require(
+            named[name].shape[-1] >= 1,
+            lambda: f"varlen_attn: {name} must have head_dim >= 1, got shape {tuple(named[name].shape)}",
+            f"varlen_attn: {name} must have head_dim >= 1",
+        )
+    for dim, what in ((0, "tokens"), (1, "heads")):
+        _require(
+            key.shape[dim] == value.shape[dim],
+            lambda: f"varlen_attn: key and value must have the same number of {what}, got shapes "
+            f"{tuple(key.shape)} and {tuple(value.shape)}",
+            f"varlen_attn: key and value must have the same number of {what}",
+        )
+    _require(
+        query.shape[-1] == key.shape[-1],
+        lambda: f"varlen_attn: query and key must have the same head_dim, got {query.shape[-1]} and "
+        f"{key.shape[-1]}",
+        "varlen_attn: query and key must have the same head_dim",
+    )
+    _require(
+        value.shape[-1] == key.shape[-1],
+        lambda: f"varlen_attn: value head_dim ({value.shape[-1]}) differs from the query/key head_dim "
+        f"({key.shape[-1]}); a value head dim different from the key head dim is not supported yet",
+        "varlen_attn: value head_dim differs from the query/key head_dim, which is not supported yet",
+    )
+    _require(
+        heads_q % heads_kv == 0,
+        lambda: f"varlen_attn: the number of query heads ({heads_q}) must be a multiple of the number "
+        f"of key/value heads ({heads_kv})",
+        "varlen_attn: the number of query heads must be a multiple of the number of key/value heads",
+    )
     if heads_q != heads_kv and not enable_gqa:
         raise ValueError(
             f"varlen_attn: query has {heads_q} heads but key/value have {heads_kv}; pass "

@@ -4,9 +4,10 @@ Layout of this module: the forward op and its fake, the backward op and its fake
 (``setup_context`` / ``backward``), then FLOP formulas. The public, validated entry point is
 :func:`varlen_compile.varlen_attn`; these ops trust their inputs.
 
-Both ops take ``max_q``/``max_k`` as optional hints (``SymInt?``): the Triton kernels never need
-them, aten flash does (eager reads them off ``cu_seq`` when missing). ``scale`` is resolved by
-the public API; ``is_causal`` means ``window_right = 0`` (see :func:`reference.effective_window`).
+The schemas are the flat form of :class:`~varlen_compile.params.BatchLayout` and
+:class:`~varlen_compile.params.AttnOptions`: each op body binds its arguments by name and hands
+the objects on. ``max_q``/``max_k`` are optional hints (``SymInt?``): the Triton kernels never
+need them, aten flash does. ``scale=None`` means ``1 / sqrt(head_dim)``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends
-from .reference import effective_window
+from .params import AttnOptions, BatchLayout, bind_op_args, flat_args, unflatten
 
-__all__ = ["varlen_attn_op", "varlen_attn_backward_op", "attention_flops"]
+__all__ = ["attention_flops", "call_backward", "call_forward", "varlen_attn_backward_op", "varlen_attn_op"]
 
 
 @torch.library.custom_op("varlen_compile::varlen_attn", mutates_args=())
@@ -32,21 +33,17 @@ def varlen_attn_op(
     max_q: int | None,
     max_k: int | None,
     is_causal: bool,
-    scale: float,
+    scale: float | None,
     window_left: int,
     window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: out ``(T_q, H_q, D)`` in the input dtype, lse float32 ``(H_q, T_q)``."""
-    return backends.forward(
-        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-        is_causal, scale, window_left, window_right,
-    )
+    layout, options = unflatten(locals())
+    return backends.forward(query, key, value, layout, options)
 
 
 @varlen_attn_op.register_fake
-def _varlen_attn_fake(
-    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale, window_left, window_right
-):
+def _varlen_attn_fake(query, key, value, *flat_params):
     total_q, num_heads, head_dim = query.shape
     out = query.new_empty((total_q, num_heads, head_dim))
     lse = query.new_empty((num_heads, total_q), dtype=torch.float32)
@@ -66,7 +63,7 @@ def varlen_attn_backward_op(
     max_q: int | None,
     max_k: int | None,
     is_causal: bool,
-    scale: float,
+    scale: float | None,
     window_left: int,
     window_right: int,
     grad_lse: torch.Tensor | None = None,
@@ -75,17 +72,12 @@ def varlen_attn_backward_op(
 
     ``grad_lse`` (float32 ``(H_q, T_q)``) is the gradient flowing into ``lse``, or None.
     """
-    return backends.backward(
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
-        is_causal, scale, window_left, window_right, grad_lse,
-    )
+    layout, options = unflatten(locals())
+    return backends.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)
 
 
 @varlen_attn_backward_op.register_fake
-def _varlen_attn_backward_fake(
-    grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
-    is_causal, scale, window_left, window_right, grad_lse=None,
-):
+def _varlen_attn_backward_fake(grad_out, query, key, value, *flat_params, **kwargs):
     return (
         query.new_empty(query.shape),
         key.new_empty(key.shape),
@@ -93,22 +85,43 @@ def _varlen_attn_backward_fake(
     )
 
 
+def call_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op on objects: ``(out, lse)``."""
+    return varlen_attn_op(query, key, value, **flat_args(layout, options))
+
+
+def call_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layout: BatchLayout,
+    options: AttnOptions,
+    grad_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op on objects: ``(dq, dk, dv)``."""
+    return varlen_attn_backward_op(
+        grad_out, query, key, value, out, lse, **flat_args(layout, options), grad_lse=grad_lse
+    )
+
+
 # ---------------------------------------------------------------------------- autograd
 
-_FORWARD_PARAMS = tuple(arg.name for arg in torch.ops.varlen_compile.varlen_attn.default._schema.arguments)
+_FORWARD = torch.ops.varlen_compile.varlen_attn.default
 _DIFFERENTIABLE = ("query", "key", "value")
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    args = dict(zip(_FORWARD_PARAMS, inputs))
+    args = bind_op_args(_FORWARD, inputs, {})
+    layout, options = unflatten(args)
     out, lse = output
-    ctx.save_for_backward(
-        args["query"], args["key"], args["value"], out, lse, args["cu_seq_q"], args["cu_seq_k"]
-    )
-    ctx.attn_args = {
-        name: args[name]
-        for name in ("max_q", "max_k", "is_causal", "scale", "window_left", "window_right")
-    }
+    ctx.save_for_backward(args["query"], args["key"], args["value"], out, lse, layout.cu_seq_q, layout.cu_seq_k)
+    ctx.hints = (layout.max_q, layout.max_k)
+    ctx.options = options
     # Unused outputs get None instead of zeros: an unused lse keeps the aten flash backward.
     ctx.set_materialize_grads(False)
 
@@ -121,11 +134,9 @@ def _backward(
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = varlen_attn_backward_op(
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k,
-        **ctx.attn_args, grad_lse=grad_lse,
-    )
-    no_grads = (None,) * (len(_FORWARD_PARAMS) - len(_DIFFERENTIABLE))
+    layout = BatchLayout(cu_seq_q, cu_seq_k, *ctx.hints)
+    dq, dk, dv = call_backward(grad_out, query, key, value, out, lse, layout, ctx.options, grad_lse)
+    no_grads = (None,) * (len(_FORWARD._schema.arguments) - len(_DIFFERENTIABLE))
     return dq, dk, dv, *no_grads
 
 
@@ -174,15 +185,7 @@ def _sequence_lengths(
 
 
 def attention_flops(
-    query_shape: torch.Size,
-    key_shape: torch.Size,
-    cu_seq_q: torch.Tensor,
-    cu_seq_k: torch.Tensor,
-    max_q: int | None,
-    max_k: int | None,
-    is_causal: bool,
-    window_left: int,
-    window_right: int,
+    query_shape: torch.Size, key_shape: torch.Size, layout: BatchLayout, options: AttnOptions
 ) -> int:
     """Forward FLOPs actually attended: ``4 * D * H_q * sum(attended pairs)`` (two matmuls).
 
@@ -190,31 +193,20 @@ def attention_flops(
     2.5x this (five matmuls including the recomputation of ``Q @ K^T``).
     """
     _, num_heads, head_dim = query_shape
-    window = effective_window(is_causal, window_left, window_right)
-    lengths_q = _sequence_lengths(cu_seq_q, max_q, query_shape[0])
-    lengths_k = _sequence_lengths(cu_seq_k, max_k, key_shape[0])
-    pairs = sum(_attended_pairs(lq, lk, *window) for lq, lk in zip(lengths_q, lengths_k))
+    lengths_q = _sequence_lengths(layout.cu_seq_q, layout.max_q, query_shape[0])
+    lengths_k = _sequence_lengths(layout.cu_seq_k, layout.max_k, key_shape[0])
+    pairs = sum(_attended_pairs(lq, lk, *options.window()) for lq, lk in zip(lengths_q, lengths_k))
     return 4 * head_dim * num_heads * pairs
 
 
 @register_flop_formula(torch.ops.varlen_compile.varlen_attn, get_raw=True)
-def _varlen_attn_flop(
-    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale,
-    window_left, window_right, *args, out_val=None, **kwargs,
-) -> int:
-    return attention_flops(
-        query.shape, key.shape, cu_seq_q, cu_seq_k, max_q, max_k,
-        is_causal, window_left, window_right,
-    )
+def _varlen_attn_flop(*args, out_val=None, **kwargs) -> int:
+    bound = bind_op_args(_FORWARD, args, kwargs)
+    return attention_flops(bound["query"].shape, bound["key"].shape, *unflatten(bound))
 
 
 @register_flop_formula(torch.ops.varlen_compile.varlen_attn_backward, get_raw=True)
-def _varlen_attn_backward_flop(
-    grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale,
-    window_left, window_right, *args, out_val=None, **kwargs,
-) -> int:
-    forward = attention_flops(
-        query.shape, key.shape, cu_seq_q, cu_seq_k, max_q, max_k,
-        is_causal, window_left, window_right,
-    )
+def _varlen_attn_backward_flop(*args, out_val=None, **kwargs) -> int:
+    bound = bind_op_args(torch.ops.varlen_compile.varlen_attn_backward.default, args, kwargs)
+    forward = attention_flops(bound["query"].shape, bound["key"].shape, *unflatten(bound))
     return forward * 5 // 2

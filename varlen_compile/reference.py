@@ -19,21 +19,26 @@ dtype). Tests call it twice: in float64 (the oracle) and in the input dtype (the
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .params import AttnOptions
 
 __all__ = [
     "attention_backward",
     "attention_forward",
-    "effective_window",
     "sequence_mask",
 ]
 
 
-def effective_window(is_causal: bool, window_left: int, window_right: int) -> tuple[int, int]:
-    """``(left, right)`` actually applied: causal attention means ``right = 0``."""
-    return window_left, (0 if is_causal else window_right)
+def _options(
+    options: AttnOptions | None, is_causal: bool, scale: float | None, window_size: tuple[int, int]
+) -> AttnOptions:
+    """The options of a call: ``options`` itself, or the keyword arguments as an object."""
+    if options is None:
+        return AttnOptions(is_causal, scale, *window_size)
+    if (is_causal, scale, tuple(window_size)) != (False, None, (-1, -1)):
+        raise TypeError("pass either options= or the is_causal/scale/window_size keywords, not both")
+    return options
 
 
 def sequence_mask(
@@ -95,6 +100,7 @@ def attention_forward(
     v: torch.Tensor,
     cu_seq_q: torch.Tensor,
     cu_seq_k: torch.Tensor,
+    options: AttnOptions | None = None,
     *,
     is_causal: bool = False,
     scale: float | None = None,
@@ -103,11 +109,14 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``: ``out`` ``(T_q, H_q, D)`` in ``q.dtype``, ``lse`` ``(H_q, T_q)``.
 
-    Differentiable with autograd (tests use float64 autograd through it as the gradient oracle).
+    The attention options come as ``options`` or as the keywords ``is_causal``, ``scale``
+    (default ``1 / sqrt(D)``) and ``window_size``. Differentiable with autograd (tests use
+    float64 autograd through it as the gradient oracle).
     """
     compute_dtype = compute_dtype or _default_compute_dtype(q.dtype)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    window = effective_window(is_causal, *window_size)
+    options = _options(options, is_causal, scale, window_size)
+    scale = options.scale_for(q.shape[-1])
+    window = options.window()
     num_heads = q.shape[1]
     out_rows, lse_cols = [], []
     for start_q, end_q, start_k, end_k in _spans(cu_seq_q, cu_seq_k):
@@ -149,6 +158,7 @@ def attention_backward(
     lse: torch.Tensor,
     cu_seq_q: torch.Tensor,
     cu_seq_k: torch.Tensor,
+    options: AttnOptions | None = None,
     *,
     is_causal: bool = False,
     scale: float | None = None,
@@ -162,8 +172,9 @@ def attention_backward(
     ``grad_lse`` (``(H_q, T_q)``), when given, enters as ``delta - grad_lse``.
     """
     compute_dtype = compute_dtype or _default_compute_dtype(q.dtype)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    window = effective_window(is_causal, *window_size)
+    options = _options(options, is_causal, scale, window_size)
+    scale = options.scale_for(q.shape[-1])
+    window = options.window()
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     delta = (grad_out.to(compute_dtype) * out.to(compute_dtype)).sum(-1).transpose(0, 1)
     if grad_lse is not None:
