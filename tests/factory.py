@@ -61,8 +61,8 @@ def make_case(
     generator: torch.Generator | None = None,
 ) -> VarlenCase:
     """Fresh random inputs. ``fused_qkv=True`` makes q/k/v strided views of one
-    ``(T, 3 * H * D)`` tensor (``chunk(3, -1)`` then ``view``), as a fused projection gives;
-    that needs equal query/key lengths and head counts."""
+    ``(T, (H_q + 2 H_kv) D)`` projection (split along the last dim, then ``view``), as a fused
+    projection gives (GQA included); that needs equal query/key lengths."""
     lengths_k = lengths_q if lengths_k is None else lengths_k
     heads_kv = heads_q if heads_kv is None else heads_kv
     total_q, total_k = sum(lengths_q), sum(lengths_k)
@@ -71,9 +71,11 @@ def make_case(
         return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
     if fused_qkv:
-        assert lengths_q == lengths_k and heads_q == heads_kv, "fused qkv needs self-attention shapes"
-        qkv = randn(total_q, 3 * heads_q * head_dim).requires_grad_(requires_grad)
-        q, k, v = (x.view(total_q, heads_q, head_dim) for x in qkv.chunk(3, -1))
+        assert list(lengths_q) == list(lengths_k), "fused qkv needs self-attention lengths"
+        qkv = randn(total_q, (heads_q + 2 * heads_kv) * head_dim).requires_grad_(requires_grad)
+        q, k, v = qkv.split([heads_q * head_dim, heads_kv * head_dim, heads_kv * head_dim], -1)
+        q = q.view(total_q, heads_q, head_dim)
+        k, v = (x.view(total_k, heads_kv, head_dim) for x in (k, v))
     else:
         q = randn(total_q, heads_q, head_dim).requires_grad_(requires_grad)
         k = randn(total_k, heads_kv, head_dim).requires_grad_(requires_grad)

@@ -7,6 +7,7 @@ results equal eager ones up to the compiled code around the op.
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -143,3 +144,69 @@ def test_varying_batches_compile_at_most_twice(hints):
         for name, a, e in zip(("dq", "dk", "dv"), actual_grads, expected_grads):
             _assert_same(a, e, f"{name} {lengths}")
     assert 1 <= counter.frame_count <= 2, f"{counter.frame_count} compiles for {len(BATCHES)} batches"
+
+
+def test_fallback_logs_why_once(caplog):
+    """On the CPU the lowering runs the op's eager implementation and says so once per op and
+    reason (logger varlen_compile.lowering.common; TORCH_LOGS="+varlen_compile" shows it)."""
+    from varlen_compile.lowering import common
+
+    common._logged_fallbacks.clear()
+    caplog.set_level(logging.INFO, logger="varlen_compile")
+    compiled = torch.compile(lambda *args: varlen_attn(*args, is_causal=True), backend="inductor", fullgraph=True)
+    for lengths in ([3, 5], [4, 9, 1], [2, 2, 7]):  # a static, then a dynamic recompile
+        case = make_case(lengths, requires_grad=True)
+        compiled(*case.inputs()).sum().backward()
+    messages = [record.getMessage() for record in caplog.records if "eager implementation" in record.getMessage()]
+    assert len(messages) == 2, messages  # forward op and backward op, once each
+    assert all("the Triton templates are CUDA-only (device: cpu)" in message for message in messages)
+    assert {message.split(" runs ")[0] for message in messages} == {FORWARD_OP, BACKWARD_OP}
+
+
+MALFORMED_OFFSETS = {
+    "starts-at-2": [2, 5, 14],
+    "negative": [-7, 5, 14],
+    "decreasing": [0, 9, 4, 14],
+    "ends-past-T": [0, 5, 30],
+    "ends-before-T": [0, 5, 9],
+    "far-out": [0, 2_000_000_000, 14],
+}
+
+
+@pytest.mark.parametrize("offsets", MALFORMED_OFFSETS.values(), ids=MALFORMED_OFFSETS.keys())
+def test_malformed_offsets_under_compile_run_within_bounds(offsets):
+    """Compiled code cannot validate cu_seq (it is data). Whatever it holds, forward and backward
+    run with every offset clamped into the tensors, and rows no sequence covers get out = 0 on
+    the CPU (the GPU memcheck test covers the kernels)."""
+    total = 14
+    q, k, v = (torch.randn(total, 2, 16, requires_grad=True) for _ in range(3))
+    cu_seq = torch.tensor(offsets, dtype=torch.int32)
+    compiled = torch.compile(lambda *args: varlen_attn(*args, is_causal=True), backend="inductor", fullgraph=True)
+    out = compiled(q, k, v, cu_seq, cu_seq)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out.shape == q.shape and all(g.shape == x.shape for g, x in zip(grads, (q, k, v)))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_check_offsets_switch_asserts_on_device(monkeypatch):
+    """config.check_offsets adds device-side assertions (no host sync) to traced calls; off by
+    default, where the graph has none."""
+    from varlen_compile import config
+
+    def attention(query, key, value, cu_seq, max_len):
+        return varlen_attn(query, key, value, cu_seq, cu_seq, max_len, max_len)
+
+    case = make_case([3, 5])
+    bad = torch.tensor([0, 3, 9], dtype=torch.int32)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(attention, backend=backend, fullgraph=True)
+    compiled(case.q, case.k, case.v, bad, None)  # off: runs, clamped
+    assert not any("_assert_async" in str(node.target) for node in backend.graphs[0].graph.nodes)
+
+    monkeypatch.setattr(config, "check_offsets", True)
+    compiled(case.q, case.k, case.v, case.cu_seq_q, 5)
+    assert backend.frame_count == 2, "the switch is guarded on: flipping it recompiles"
+    with pytest.raises(RuntimeError, match="cu_seq_q must start at 0, never decrease and end at the token count"):
+        compiled(case.q, case.k, case.v, bad, 5)
+    with pytest.raises(RuntimeError, match="max_q is smaller than the longest sequence"):
+        compiled(case.q, case.k, case.v, case.cu_seq_q, 4)

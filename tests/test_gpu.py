@@ -18,7 +18,7 @@ from varlen_compile.lowering import launcher
 from varlen_compile.params import AttnOptions, BatchLayout
 
 from conftest import requires_cuda
-from factory import VarlenCase, assert_meets_error_rule, make_cu_seq, reference_outputs
+from factory import VarlenCase, assert_meets_error_rule, make_case, make_cu_seq, reference_outputs
 from modules import AttentionBlock, CompiledOpLoggingMode
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -39,25 +39,11 @@ def gpu_case(
     lengths_q, lengths_k=None, *, heads_q=4, heads_kv=None, head_dim=64,
     dtype=torch.bfloat16, fused_qkv=False, requires_grad=True,
 ) -> VarlenCase:
-    """Random packed inputs on the GPU. ``fused_qkv``: q/k/v are strided views of one
-    ``(T, (H_q + 2 H_kv) D)`` projection (split, then view), GQA included."""
-    lengths_k = lengths_q if lengths_k is None else lengths_k
-    heads_kv = heads_q if heads_kv is None else heads_kv
-    total_q, total_k = sum(lengths_q), sum(lengths_k)
-    if fused_qkv:
-        assert lengths_q == lengths_k
-        qkv = torch.randn(total_q, (heads_q + 2 * heads_kv) * head_dim, device=DEVICE, dtype=dtype)
-        qkv.requires_grad_(requires_grad)
-        q, k, v = qkv.split([heads_q * head_dim, heads_kv * head_dim, heads_kv * head_dim], -1)
-        q = q.view(total_q, heads_q, head_dim)
-        k, v = (x.view(total_k, heads_kv, head_dim) for x in (k, v))
-    else:
-        q = torch.randn(total_q, heads_q, head_dim, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
-        k = torch.randn(total_k, heads_kv, head_dim, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
-        v = torch.randn(total_k, heads_kv, head_dim, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
-    return VarlenCase(
-        q, k, v, make_cu_seq(lengths_q, DEVICE), make_cu_seq(lengths_k, DEVICE),
-        list(lengths_q), list(lengths_k),
+    """Random packed inputs on the GPU (``factory.make_case``; ``fused_qkv``: strided views of
+    one projection, GQA included)."""
+    return make_case(
+        lengths_q, lengths_k, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
+        device=DEVICE, fused_qkv=fused_qkv, requires_grad=requires_grad,
     )
 
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _compat
+from . import _compat, config
 from .ops import call_forward
 from .params import AttnOptions, BatchLayout
 
@@ -106,6 +106,9 @@ def varlen_attn(
     cu_seq_q, cu_seq_k = cu_seq_q.contiguous(), cu_seq_k.contiguous()
     if not (_compat.is_traced(cu_seq_q) or _compat.stream_is_capturing(cu_seq_q.device)):
         max_q, max_k = _check_offsets(cu_seq_q, cu_seq_k, query.shape[0], key.shape[0], max_q, max_k)
+    elif config.check_offsets:
+        _assert_offsets_on_device(cu_seq_q, query.shape[0], max_q, "cu_seq_q", "max_q")
+        _assert_offsets_on_device(cu_seq_k, key.shape[0], max_k, "cu_seq_k", "max_k")
     layout = BatchLayout(cu_seq_q, cu_seq_k, max_q, max_k)
     options = AttnOptions(is_causal, scale, window_left, window_right)
     out, lse = call_forward(query, key, value, layout, options)
@@ -297,3 +300,17 @@ def _check_offsets(
             )
         checked.append(longest if max_len is None else max_len)
     return checked[0], checked[1]
+
+
+def _assert_offsets_on_device(
+    cu_seq: torch.Tensor, total: int, max_len: int | None, name: str, max_name: str
+) -> None:
+    """What ``_check_offsets`` checks, as a device-side assertion (no host sync): for traced and
+    captured calls when ``config.check_offsets`` is on."""
+    lengths = cu_seq[1:] - cu_seq[:-1]
+    valid = (cu_seq[0] == 0) & (cu_seq[-1] == total) & (lengths >= 0).all()
+    torch._assert_async(valid, f"varlen_attn: {name} must start at 0, never decrease and end at the token count")
+    if max_len is not None:
+        torch._assert_async(
+            (lengths <= max_len).all(), f"varlen_attn: {max_name} is smaller than the longest sequence"
+        )

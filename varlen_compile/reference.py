@@ -64,13 +64,22 @@ def _lse_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
-def _spans(cu_seq_q: torch.Tensor, cu_seq_k: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    starts_q = cu_seq_q.tolist()
-    starts_k = cu_seq_k.tolist()
-    return [
-        (starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1])
-        for i in range(len(starts_q) - 1)
-    ]
+def _spans(
+    cu_seq_q: torch.Tensor, cu_seq_k: torch.Tensor, total_q: int, total_k: int
+) -> list[tuple[int, int, int, int]]:
+    """``(start_q, end_q, start_k, end_k)`` per sequence, clamped as the kernels clamp
+    (``0 <= start <= end <= T``), so that a malformed ``cu_seq`` (possible in compiled code,
+    which cannot validate it) never indexes outside the tensors."""
+
+    def clamp(offsets: list[int], total: int) -> list[tuple[int, int]]:
+        spans = []
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            start = min(max(start, 0), total)
+            spans.append((start, min(max(end, start), total)))
+        return spans
+
+    spans_q, spans_k = clamp(cu_seq_q.tolist(), total_q), clamp(cu_seq_k.tolist(), total_k)
+    return [(*span_q, *span_k) for span_q, span_k in zip(spans_q, spans_k)]
 
 
 def _heads_first(x: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -118,8 +127,10 @@ def attention_forward(
     scale = options.scale_for(q.shape[-1])
     window = options.window()
     num_heads = q.shape[1]
-    out_rows, lse_cols = [], []
-    for start_q, end_q, start_k, end_k in _spans(cu_seq_q, cu_seq_k):
+    # Rows no sequence covers (only with a malformed cu_seq) attend no key: out 0, lse +inf.
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    lse = torch.full((num_heads, q.shape[0]), float("inf"), dtype=compute_dtype, device=q.device)
+    for start_q, end_q, start_k, end_k in _spans(cu_seq_q, cu_seq_k, q.shape[0], k.shape[0]):
         len_q = end_q - start_q
         qs = _heads_first(q[start_q:end_q], num_heads, compute_dtype)
         ks = _heads_first(k[start_k:end_k], num_heads, compute_dtype)
@@ -131,22 +142,9 @@ def attention_forward(
         row_sum = probs.sum(-1, keepdim=True)
         empty_row = row_sum == 0
         safe_sum = torch.where(empty_row, torch.ones_like(row_sum), row_sum)
-        out_rows.append(((probs / safe_sum) @ vs).transpose(0, 1))
-        lse = torch.where(empty_row, float("inf"), row_max + torch.log(safe_sum))
-        lse_cols.append(lse.squeeze(-1))
-    out = torch.cat(out_rows).to(q.dtype) if out_rows else q.new_zeros(q.shape)
-    lse = torch.cat(lse_cols, dim=1) if lse_cols else q.new_zeros(num_heads, 0)
-    return _pad_uncovered(out, q.shape[0]), _pad_uncovered(lse.to(_lse_dtype(compute_dtype)), q.shape[0], dim=1)
-
-
-def _pad_uncovered(x: torch.Tensor, total: int, dim: int = 0) -> torch.Tensor:
-    """Zero rows for tokens after the last sequence (only possible without eager validation)."""
-    missing = total - x.shape[dim]
-    if missing <= 0:
-        return x
-    pad_shape = list(x.shape)
-    pad_shape[dim] = missing
-    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+        out[start_q:end_q] = ((probs / safe_sum) @ vs).transpose(0, 1)
+        lse[:, start_q:end_q] = torch.where(empty_row, float("inf"), row_max + torch.log(safe_sum)).squeeze(-1)
+    return out.to(q.dtype), lse.to(_lse_dtype(compute_dtype))
 
 
 def attention_backward(
@@ -182,7 +180,7 @@ def attention_backward(
     dq = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=compute_dtype, device=v.device)
-    for start_q, end_q, start_k, end_k in _spans(cu_seq_q, cu_seq_k):
+    for start_q, end_q, start_k, end_k in _spans(cu_seq_q, cu_seq_k, q.shape[0], k.shape[0]):
         qs = _heads_first(q[start_q:end_q], num_heads, compute_dtype)
         ks = _heads_first(k[start_k:end_k], num_heads, compute_dtype)
         vs = _heads_first(v[start_k:end_k], num_heads, compute_dtype)
