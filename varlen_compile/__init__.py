@@ -2,6 +2,7 @@
 
 ``varlen_attn`` runs eagerly on aten flash attention (CUDA) or an exact reference (CPU), and
 Inductor lowers it, forward and backward, to templated Triton kernels.
+``scaled_dot_product_attention`` serves jagged nested tensors with SDPA's signature.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import logging
 from . import _extern_ops, ops  # noqa: F401  (register torch.ops.varlen_compile.*)
 from ._compat import has_inductor, has_triton
 from .api import AuxRequest, varlen_attn
+from .nested import scaled_dot_product_attention
 
-__all__ = ["AuxRequest", "varlen_attn"]
+__all__ = ["AuxRequest", "scaled_dot_product_attention", "varlen_attn"]
 __version__ = "0.1.0"
 
 log = logging.getLogger(__name__)

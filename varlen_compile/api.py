@@ -52,18 +52,18 @@ def varlen_attn(
             cu_seq_q[N] = T_q``; sequence ``i`` owns query rows ``cu_seq_q[i]:cu_seq_q[i + 1]``.
         cu_seq_k: int32 ``(N + 1,)``, the same for keys and values. Sequences may be empty, and a
             sequence's query and key lengths may differ.
-        max_q, max_k: optional hints, the longest query / key sequence (int or SymInt). Our
-            Triton kernels never need them; eager aten flash does, and reads them off
-            ``cu_seq`` on the host when they are None. Under ``torch.compile`` they cause no
-            guard and no host sync.
-        is_causal: causal masking, aligned bottom-right when a sequence's query length differs
+        max_q, max_k: optional hints, the longest query / key sequence (int or SymInt, never
+            below the real maxima). Our Triton kernels never need them; eager aten flash does,
+            and eager calls read them off ``cu_seq`` during validation. Under ``torch.compile``
+            they cause no guard and no host sync.
+        is_causal: a bool: causal masking, aligned bottom-right when a sequence's query length differs
             from its key length (FlashAttention's convention): query ``i`` of a sequence with
             ``L_q`` queries and ``L_k`` keys attends keys ``j <= i + L_k - L_q``.
         scale: multiplier of ``Q @ K^T``; default ``1 / sqrt(D)``.
         window_size: ``(left, right)`` sliding window as in FlashAttention: query ``i`` attends
             keys ``j`` with ``i + L_k - L_q - left <= j <= i + L_k - L_q + right``; ``-1`` is
             unbounded. ``is_causal=True`` sets ``right = 0``.
-        enable_gqa: allow ``H_q != H_kv`` (grouped-query / multi-query attention); ``H_q`` must
+        enable_gqa: a bool: allow ``H_q != H_kv`` (grouped-query / multi-query attention); ``H_q`` must
             be a multiple of ``H_kv``, and query head ``h`` uses kv head ``h // (H_q // H_kv)``.
         return_aux: ``AuxRequest(lse=True)`` also returns the log-sum-exp (torch's own
             ``torch.nn.attention.varlen.AuxRequest`` is accepted too).
@@ -73,12 +73,16 @@ def varlen_attn(
         ``(H_q, T_q)`` when ``return_aux.lse``. Query rows that attend no key (an empty key
         sequence, or a window that excludes every key) get ``out = 0`` and ``lse = +inf``.
 
-    Checked on every call (tensor metadata only, so also under ``torch.compile`` where it costs
-    no sync and no graph break): ranks and shapes, head dims, head counts and ``enable_gqa``,
+    Checked on every call (argument types and tensor metadata, so also under ``torch.compile``
+    where it costs no sync and no graph break): bool flags, int hints, ranks and shapes, head
+    counts and head dims of at least 1, matching head dims, head counts and ``enable_gqa``,
     ``cu_seq`` dtype/rank/length, devices, dtypes, a contiguous last dim, ``window_size``.
     Checked in eager mode only (it reads ``cu_seq`` on the host: one sync): offsets start at 0,
     never decrease and end at ``T``, and ``max_q``/``max_k`` are not below the real maxima.
-    Skipped while tracing (compile, export, fake tensors) and during CUDA-graph capture.
+    Skipped while tracing (compile, export, fake tensors) and during CUDA-graph capture, where
+    the kernels clamp every offset into the tensors instead (a malformed ``cu_seq`` gives
+    unspecified values, never an out-of-bounds access) and ``config.check_offsets`` can add
+    device-side assertions.
 
     Example::
 
