@@ -17,7 +17,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 for step in ${STEPS:-tests}; do
   start=$(date +%s)
   case $step in
-    tests) timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz" tests/ -rfE --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
+    tests) timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz" tests/ -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
     fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=short 2>&1 | tee "$OUT/fuzz.log" | tail -25 ;;
     memcheck) PYTORCH_NO_CUDA_MEMORY_CACHING=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${MEMCHECK_TIMEOUT:-300}" \
         compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -q -m gpu \

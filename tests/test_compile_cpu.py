@@ -212,3 +212,28 @@ def test_check_offsets_switch_asserts_on_device(monkeypatch):
         compiled(case.q, case.k, case.v, bad, 5)
     with pytest.raises(RuntimeError, match="max_q is smaller than the longest sequence"):
         compiled(case.q, case.k, case.v, case.cu_seq_q, 4)
+
+
+def test_unbacked_token_counts_compile_in_one_graph():
+    """Token counts marked unbacked (as data-dependent sizes are): the shape checks become
+    runtime assertions instead of guards, and the graph compiles whole, equal to eager."""
+    def attention(query, key, value, cu_seq_q, cu_seq_k):
+        return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, is_causal=True, enable_gqa=True)
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(attention, backend=counter, fullgraph=True)
+    for lengths_q, lengths_k in (([5, 9], [7, 11]), ([7, 2, 3], [1, 2, 9])):
+        case = make_case(lengths_q, lengths_k, heads_q=4, heads_kv=2, requires_grad=True)
+        for tensor in (case.q, case.k, case.v):
+            torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        actual = compiled(*case.inputs())
+        expected = attention(*case.inputs())
+        grad_out = torch.randn_like(expected)
+        inputs = (case.q, case.k, case.v)
+        for name, a, e in zip(
+            ("out", "dq", "dk", "dv"),
+            (actual, *torch.autograd.grad(actual, inputs, grad_out)),
+            (expected, *torch.autograd.grad(expected, inputs, grad_out)),
+        ):
+            _assert_same(a, e, name)
+    assert counter.frame_count <= 2

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from . import _compat, config
 from .ops import call_forward
@@ -137,13 +138,12 @@ def _check_hint(name: str, hint: object) -> None:
 
 
 def _require(condition: bool | torch.SymBool, message: Callable[[], str], generic_message: str) -> None:
-    """Raise ``ValueError(message())`` unless ``condition``. Under dynamic shapes the condition can
-    be a SymBool: then ``torch._check_with`` decides it (a guard, or a runtime assert for unbacked
-    sizes) and reports ``generic_message``, which names no sizes (Dynamo needs a constant one)."""
-    if isinstance(condition, bool):
-        if not condition:
-            raise ValueError(message())
-        return
+    """Raise ``ValueError(message())`` when ``condition`` is known to be false. Under dynamic
+    shapes it can be a SymBool: a guard for backed sizes; for unbacked (data-dependent) sizes,
+    where it cannot be decided while tracing, ``torch._check_with`` turns it into a runtime
+    assertion that reports ``generic_message`` (Dynamo needs a constant one, naming no sizes)."""
+    if not guard_or_true(condition):
+        raise ValueError(message())
     torch._check_with(ValueError, condition, lambda: generic_message)
 
 
