@@ -34,7 +34,7 @@ def test_readme_has_runnable_blocks():
 @pytest.mark.parametrize("line, source", RUNNABLE, ids=[f"README.md:{line}" for line, _ in RUNNABLE])
 def test_readme_block_runs(line, source):
     code = compile(source, f"README.md:{line}", "exec")
-    exec(code, {"__name__": f"readme_block_{line}"})
+    exec(code, {"__name__": "__main__"})  # as when pasted into a script
 
 
 def test_quickstart_passes(capsys):

@@ -18,12 +18,27 @@ __all__ = [
     "has_inductor",
     "is_symbolic",
     "is_traced",
+    "runtime_check",
     "stream_is_capturing",
     "triton_version",
 ]
 
 TORCH_VERSION = Version(torch.__version__.split("+")[0])
 MIN_TORCH_VERSION = Version("2.11")
+
+
+# Dynamo traces a torch._check message closure over constants from torch 2.13; torch 2.11 refuses
+# any closure ("Can't extract message from torch._check()"), so there the check has no message.
+_DYNAMO_TRACES_CHECK_MESSAGES = TORCH_VERSION >= Version("2.13")
+
+
+def runtime_check(condition: bool | torch.SymBool, message: str) -> None:
+    """``torch._check(condition)``: nothing for a true bool, a guard for a backed SymBool, a runtime
+    assertion for an unbacked one; ``message`` goes with it where Dynamo can trace that."""
+    if _DYNAMO_TRACES_CHECK_MESSAGES:
+        torch._check(condition, lambda: message)
+    else:
+        torch._check(condition)
 
 
 def _torch_aux_request_types() -> tuple[type, ...]:

@@ -140,11 +140,11 @@ def _check_hint(name: str, hint: object) -> None:
 def _require(condition: bool | torch.SymBool, message: Callable[[], str], generic_message: str) -> None:
     """Raise ``ValueError(message())`` when ``condition`` is known to be false. Under dynamic
     shapes it can be a SymBool: a guard for backed sizes; for unbacked (data-dependent) sizes,
-    where it cannot be decided while tracing, ``torch._check_with`` turns it into a runtime
-    assertion that reports ``generic_message`` (Dynamo needs a constant one, naming no sizes)."""
+    where it cannot be decided while tracing, a runtime assertion (``_compat.runtime_check``)
+    that reports ``generic_message`` (Dynamo needs a constant message, naming no sizes)."""
     if not guard_or_true(condition):
         raise ValueError(message())
-    torch._check_with(ValueError, condition, lambda: generic_message)
+    _compat.runtime_check(condition, generic_message)
 
 
 def _check_window(window_size: tuple[int, int]) -> tuple[int, int]:
