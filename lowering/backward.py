@@ -21,7 +21,7 @@ from torch._inductor.select_algorithm import (
 )
 
 from varlen_compile import _extern_ops
-from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args, unflatten
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args
 
 from .common import (
     cu_seq_generator,
@@ -30,8 +30,8 @@ from .common import (
     make_template,
     prepare_attention_input,
     size_hint,
+    plan_template,
     template_constants,
-    template_head_dim,
 )
 from .configs import BackwardConfig, backward_autotune_configs, default_backward_config
 from .forward import offer_aten
@@ -104,15 +104,15 @@ def _delta(grad_out: ir.IRNode, out: ir.IRNode, grad_lse: ir.IRNode | None) -> i
 @register_lowering(_OP, type_promotion_kind=None)
 def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     bound = bind_op_args(_OP, args, kwargs)
-    head_dim, reason = template_head_dim(bound["query"])
-    if head_dim is None:
-        return fallback(_OP, reason, args, kwargs)
+    plan = plan_template(bound)
+    if isinstance(plan, str):
+        return fallback(_OP, plan, args, kwargs)
+    head_dim, layout, options = plan
     grad_lse = bound["grad_lse"]
     delta = _delta(bound["grad_out"], bound["out"], grad_lse)
     grad_out, query, key, value, out = (
         prepare_attention_input(bound[name]) for name in ("grad_out", "query", "key", "value", "out")
     )
-    layout, options = unflatten(bound)
     cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (layout.cu_seq_q, layout.cu_seq_k))
     lse = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(bound["lse"]))
 

@@ -3,6 +3,7 @@ preparation, kernel constants and autotune inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import FloorDiv
 
 from varlen_compile import backends
-from varlen_compile.params import AttnOptions
+from varlen_compile.params import AttnOptions, BatchLayout, unflatten
 
 from ._sources import load_template
 from .configs import kernel_constexprs, supported_head_dim
@@ -29,8 +30,8 @@ __all__ = [
     "make_template",
     "prepare_attention_input",
     "size_hint",
+    "plan_template",
     "template_constants",
-    "template_head_dim",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,29 +45,47 @@ def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
     )
 
 
-def template_head_dim(query: ir.IRNode) -> tuple[int | None, str]:
-    """``(head_dim, "")`` when our templates serve ``query``, else ``(None, why not)``.
+def plan_template(bound: dict[str, Any]) -> tuple[int, BatchLayout, AttnOptions] | str:
+    """``(head_dim, layout, options)`` when our templates serve the op call ``bound`` (its
+    arguments by name), else why not.
 
-    Templates serve CUDA fp16/bf16/fp32 with head dims 1..256. The head dim sizes the kernel's
-    tiles, so a symbolic head dim (``dynamic=True``) is specialized here: a guard on its value,
-    as Inductor's flex attention does. Token counts, sequence counts, head counts and the
-    ``max_q``/``max_k`` hints are never guarded on. (A head dim the user marked dynamic with
-    ``torch._dynamo.mark_dynamic`` makes Dynamo refuse this guard with a ConstraintViolationError:
-    leave the head dim static.)
+    Templates serve CUDA fp16/bf16/fp32 with head dims 1..256. What the kernel takes as a
+    constexpr is specialized here when it arrives symbolic: the head dim (``dynamic=True``), as
+    Inductor's flex attention does, and the window sizes (``dynamic=True`` also makes ints
+    captured from closures symbolic), each with a guard on its value. Token counts, sequence
+    counts, head counts and the ``max_q``/``max_k`` hints are never guarded on. (A head dim the
+    user marked dynamic with ``torch._dynamo.mark_dynamic`` makes Dynamo refuse that guard with
+    a ConstraintViolationError: leave the head dim static.)
     """
+    query = bound["query"]
     device = query.get_device()
     if device is None or device.type != "cuda":
-        return None, f"the Triton templates are CUDA-only (device: {device})"
+        return f"the Triton templates are CUDA-only (device: {device})"
     if torch.version.hip is not None:
-        return None, "the Triton templates are not built for ROCm yet"
+        return "the Triton templates are not built for ROCm yet"
     if query.get_dtype() not in backends.TRITON_DTYPES:
-        return None, f"dtype {query.get_dtype()} (the templates serve float16, bfloat16, float32)"
-    head_dim = query.get_size()[-1]
-    if not isinstance(head_dim, (int, sympy.Integer)):
-        head_dim = V.graph.sizevars.guard_int(head_dim)
-    if not supported_head_dim(int(head_dim)):
-        return None, f"head dim {int(head_dim)} (the templates serve 1..256)"
-    return int(head_dim), ""
+        return f"dtype {query.get_dtype()} (the templates serve float16, bfloat16, float32)"
+    head_dim = _static_int(query.get_size()[-1])
+    if not supported_head_dim(head_dim):
+        return f"head dim {head_dim} (the templates serve 1..256)"
+    layout, options = unflatten(bound)
+    scale = options.scale
+    if scale is not None and not isinstance(scale, (int, float, sympy.Number)):
+        return "a symbolic softmax scale (the templates take it as a constant)"
+    options = dataclasses.replace(
+        options,
+        scale=None if scale is None else float(scale),
+        window_left=_static_int(options.window_left),
+        window_right=_static_int(options.window_right),
+    )
+    return head_dim, layout, options
+
+
+def _static_int(value: Any) -> int:
+    """``value`` as an int, guarding on it when it is symbolic."""
+    if isinstance(value, (int, sympy.Integer)):
+        return int(value)
+    return int(V.graph.sizevars.guard_int(value))
 
 
 def fallback(op: torch._ops.OpOverload, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

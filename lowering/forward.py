@@ -20,7 +20,7 @@ from torch._inductor.select_algorithm import (
 )
 
 from varlen_compile import _extern_ops, backends
-from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args, unflatten
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args
 
 from .common import (
     cu_seq_generator,
@@ -28,8 +28,8 @@ from .common import (
     make_template,
     prepare_attention_input,
     size_hint,
+    plan_template,
     template_constants,
-    template_head_dim,
 )
 from .configs import ForwardConfig, default_forward_config, forward_autotune_configs
 
@@ -92,11 +92,11 @@ def offer_aten(query: ir.IRNode, head_dim: int, layout: BatchLayout) -> bool:
 @register_lowering(_OP, type_promotion_kind=None)
 def varlen_attn_lowering(*args: Any, **kwargs: Any):
     bound = bind_op_args(_OP, args, kwargs)
-    head_dim, reason = template_head_dim(bound["query"])
-    if head_dim is None:
-        return fallback(_OP, reason, args, kwargs)
+    plan = plan_template(bound)
+    if isinstance(plan, str):
+        return fallback(_OP, plan, args, kwargs)
+    head_dim, layout, options = plan
     query, key, value = (prepare_attention_input(bound[name]) for name in ("query", "key", "value"))
-    layout, options = unflatten(bound)
     cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (layout.cu_seq_q, layout.cu_seq_k))
 
     total_q, heads_q, _ = query.get_size()

@@ -221,3 +221,28 @@ def test_understated_max_hints_are_ignored_by_compiled_code():
     out = compiled(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k, 16, 16)
     grads = torch.autograd.grad(out, (case.q, case.k, case.v), grad_out)
     _check(case, out, grads, grad_out)
+
+
+def test_dynamic_true_specializes_captured_window_ints():
+    """dynamic=True makes ints captured from a closure symbolic, window sizes included; the
+    lowering specializes them (the kernel takes them as constants) and keeps the template."""
+    window = (48, 16)
+
+    def windowed(query, key, value, cu_seq_q, cu_seq_k):
+        return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, window_size=window, enable_gqa=True)
+
+    compiled = torch.compile(windowed, fullgraph=True, dynamic=True)
+    case = _case([300, 17, 0, 129], [280, 40, 3, 129])
+    grad_out = torch.randn_like(case.q)
+
+    def step():
+        out = compiled(*case.inputs())
+        return out, torch.autograd.grad(out, (case.q, case.k, case.v), grad_out)
+
+    (out, grads), codes = run_and_get_code(step)
+    source = "\n".join(codes)
+    assert FWD_KERNEL in source and BWD_KERNEL in source
+    oracle = reference_outputs(case, torch.float64, grad_out=grad_out, window_size=window)
+    plain = reference_outputs(case, case.q.dtype, grad_out=grad_out, window_size=window)
+    for name, actual, expected, budget in zip(("out", "dq", "dk", "dv"), (out, *grads), (oracle[0], *oracle[2]), (plain[0], *plain[2])):
+        assert_meets_error_rule(actual, expected, budget, name=name)
