@@ -2,7 +2,7 @@
 # One device-machine session: install, then the steps named in $STEPS, each time-boxed, logs
 # under $OUT (the device tool's folder that comes back). Usage:
 #   STEPS="tests sweep bench" bash benchmarks/device_session.sh
-# steps: tests fuzz memcheck sweep inspect compile host model bench. Wheels in .whl/ (carried by
+# steps: tests fuzz memcheck ab sweep inspect compile host model bench. Wheels in .whl/ (carried by
 # the device tool, e.g. expecttest) are installed first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -18,11 +18,12 @@ for step in ${STEPS:-tests}; do
   start=$(date +%s)
   case $step in
     tests) timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz" tests/ -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
-    fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=short 2>&1 | tee "$OUT/fuzz.log" | tail -25 ;;
+    fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=short -n "${FUZZ_WORKERS:-6}" --durations=12 2>&1 | tee "$OUT/fuzz.log" | tail -25 ;;
     memcheck) PYTORCH_NO_CUDA_MEMORY_CACHING=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${MEMCHECK_TIMEOUT:-300}" \
         compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -q -m gpu \
         ${MEMCHECK_TESTS:-tests/test_gpu.py tests/test_gpu_compile.py} -k "${MEMCHECK_K:-not training and not autotune and not cuda_graphs and not 100_batches}" \
         -rfE --tb=short 2>&1 | tee "$OUT/memcheck.log" | tail -15; echo "memcheck exit ${PIPESTATUS[0]}" ;;
+    ab) timeout "${AB_TIMEOUT:-200}" python3 benchmarks/ab_kernels.py ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep -v DEBUG | tail -12 ;;
     sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
     inspect) (cd benchmarks && timeout 120 python3 inspect_template.py ${INSPECT_CASES:-d128}) 2>&1 | tee "$OUT/inspect.log" | grep -v DEBUG | tail -5 ;;
     compile) timeout 120 python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile_time.log" | grep -v DEBUG | tail -3 ;;
