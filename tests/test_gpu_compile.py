@@ -246,3 +246,17 @@ def test_dynamic_true_specializes_captured_window_ints():
     plain = reference_outputs(case, case.q.dtype, grad_out=grad_out, window_size=window)
     for name, actual, expected, budget in zip(("out", "dq", "dk", "dv"), (out, *grads), (oracle[0], *oracle[2]), (plain[0], *plain[2])):
         assert_meets_error_rule(actual, expected, budget, name=name)
+
+
+def test_marking_the_head_dim_dynamic_is_refused():
+    """The head dim sizes the kernel's tiles, so the lowering guards on it; a head dim the user
+    marked dynamic makes Dynamo refuse that guard (documented in the README) rather than the
+    template silently giving way."""
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    case = _case([100, 20], heads_q=4, heads_kv=4)
+    for tensor in (case.q, case.k, case.v):
+        torch._dynamo.mark_dynamic(tensor, 2)
+    compiled = torch.compile(attention, fullgraph=True)
+    with pytest.raises((ConstraintViolationError, torch._dynamo.exc.UserError)):
+        compiled(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k, None, None)
