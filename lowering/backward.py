@@ -147,6 +147,7 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
             BLOCK_N1=config.block_n1,
             BLOCK_M2=config.block_m2,
             BLOCK_N2=config.block_n2,
+            HAS_GRAD_LSE=grad_lse is not None,
             **constants,
         )
     if grad_lse is None and offer_aten(query, head_dim, layout):

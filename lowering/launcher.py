@@ -146,7 +146,7 @@ def backward(
         dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         options.scale_for(head_dim),
         BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
-        BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
+        BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2, HAS_GRAD_LSE=grad_lse is not None,
         **kernel_constexprs(options, head_dim, query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

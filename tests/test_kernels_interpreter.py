@@ -108,6 +108,20 @@ def test_other_configs(forward_config, backward_config):
     _run_and_check(spec, spec.make(), forward_config=forward_config, backward_config=backward_config)
 
 
+def test_single_key_sequences_have_exactly_zero_dq_dk():
+    """Softmax over one key has zero gradient: dQ and dK of such sequences are exactly 0 (the
+    computed dP - delta would leave fp32 noise that dK accumulates over all queries)."""
+    spec = AttnSpec((40, 3, 1), (1, 1, 1), heads_q=4, heads_kv=2, head_dim=24)
+    case = spec.make()
+    layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions()
+    qkv = (case.q, case.k, case.v)
+    out, lse = launcher.forward(*qkv, layout, options, config=FORWARD_CONFIG)
+    dq, dk, dv = launcher.backward(torch.randn(out.shape), *qkv, out, lse, layout, options, config=BACKWARD_CONFIG)
+    assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
+    assert dv.abs().min() > 0
+    _run_and_check(spec, case)
+
+
 def test_poison_fixture_catches_unwritten_outputs():
     """The check can fail: an lse row the kernel never writes (here: a token outside every
     sequence, which validated inputs never have) stays NaN and is rejected."""
