@@ -45,3 +45,21 @@ def poison_empty():
     yield
     torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-part", default=None,
+        help="K/N: run only the fuzz tests whose index modulo N is K (spreads fuzzing over N processes)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    part = config.getoption("--fuzz-part")
+    if not part:
+        return
+    index, count = (int(x) for x in part.split("/"))
+    fuzz = [item for item in items if item.get_closest_marker("fuzz")]
+    dropped = {id(item) for position, item in enumerate(fuzz) if position % count != index}
+    config.hook.pytest_deselected(items=[item for item in items if id(item) in dropped])
+    items[:] = [item for item in items if id(item) not in dropped]
