@@ -18,12 +18,8 @@ for step in ${STEPS:-tests}; do
   start=$(date +%s)
   case $step in
     tests) timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz" tests/ -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
-    fuzz)  # three processes, each a share of the configurations: compiles run in parallel
-      for part in 0 1 2; do
-        timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=line -p no:cacheprovider \
-          -k "${FUZZ_K:-}" --fuzz-part "$part/3" >"$OUT/fuzz$part.log" 2>&1 &
-      done
-      wait; for part in 0 1 2; do grep -v "DEBUG\|torch.__trace" "$OUT/fuzz$part.log" | grep -E "missed|batch|passed|failed" | head -12; done ;;
+    fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=line ${FUZZ_PART:+--fuzz-part "$FUZZ_PART"} \
+        ${FUZZ_K:+-k "$FUZZ_K"} --durations=12 2>&1 | tee "$OUT/fuzz.log" | grep -v "DEBUG\|torch.__trace" | tail -25 ;;
     memcheck) PYTORCH_NO_CUDA_MEMORY_CACHING=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${MEMCHECK_TIMEOUT:-300}" \
         compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -q -m gpu \
         ${MEMCHECK_TESTS:-tests/test_gpu.py tests/test_gpu_compile.py} -k "${MEMCHECK_K:-not training and not autotune and not cuda_graphs and not 100_batches}" \
