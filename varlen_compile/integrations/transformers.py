@@ -1,0 +1,251 @@
+"""Hugging Face transformers integration: ``attn_implementation="varlen_compile"``.
+
+Importing this module registers :func:`varlen_attention_forward` with transformers'
+``AttentionInterface`` and :func:`varlen_attention_mask` with its ``AttentionMaskInterface``
+under the name :data:`ATTN_IMPLEMENTATION`::
+
+    import varlen_compile.integrations.transformers  # noqa: F401  (registers "varlen_compile")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="varlen_compile")
+
+Every batch layout a model sees becomes one packed call of :func:`varlen_compile.varlen_attn`,
+with sequence boundaries computed on the device at fixed shapes (no host sync, no data-dependent
+size, so ``torch.compile(model, fullgraph=True)`` works):
+
+- **packed** (``DataCollatorWithFlattening``): the ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs when
+  the collator returns them (``return_flash_attn_kwargs=True``: the fastest), else boundaries
+  where ``position_ids`` do not increase by one (``(B * L) + 1`` offsets, most of them empty);
+- **padded** (a 2D ``attention_mask``, left or right padding): per row, the valid run and the
+  padding become separate sequences; padding queries attend no key (their output is 0) and
+  padding keys are attended by no query, so padding costs almost nothing;
+- **plain** batches (no mask, no packing) and generation with a KV cache: one sequence per row,
+  the queries aligned with the last keys (causal masking is bottom-right aligned).
+
+Passed through: ``scaling``, ``sliding_window`` (a window of that many tokens, as transformers'
+FlashAttention path), ``is_causal``. Under autocast, float32 q/k/v run in the autocast dtype (as
+transformers' FlashAttention and SDPA paths do). Not supported yet, each with a clear error: ``softcap``,
+``s_aux`` (attention sinks), attention dropout, ``output_attentions``, 4D masks. Masks are
+padding masks, as with FlashAttention in transformers: custom mask functions (``or_mask_function``
+and ``and_mask_function`` overlays) are not applied.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import _compat
+from ..api import varlen_attn
+
+__all__ = ["ATTN_IMPLEMENTATION", "register", "varlen_attention_forward", "varlen_attention_mask"]
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "varlen_compile"
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract on :func:`varlen_compile.varlen_attn`.
+
+    Args:
+        query: ``(B, H_q, L_q, D)``; key, value: ``(B, H_kv, L_k, D)`` (``L_k >= L_q`` with a KV
+            cache: the queries are the last ``L_q`` positions).
+        attention_mask: None, or the 2D padding mask ``(B, L_k)`` from
+            :func:`varlen_attention_mask` (1 = token, 0 = padding; one contiguous run per row).
+        kwargs: ``cu_seq_lens_q``/``cu_seq_lens_k`` and ``position_ids`` of packed batches.
+
+    Returns:
+        ``(out, None)``: ``out`` ``(B, L_q, H_q, D)`` (zeros at padding positions), no weights.
+    """
+    _check_supported(module, dropout, softcap, s_aux, attention_mask, kwargs)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    query, key, value = _autocast(query, key, value)
+    if attention_mask is not None and key.shape[2] > attention_mask.shape[-1]:
+        # A static cache holds more slots than the mask covers: the rest is not written yet.
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
+    batch, heads_q, len_q, head_dim = query.shape
+    len_k = key.shape[2]
+    cu_seq_q, cu_seq_k = _offsets(attention_mask, kwargs, batch, len_q, len_k, query.device)
+    window = (-1, -1)
+    if sliding_window is not None:
+        window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
+    out = varlen_attn(
+        _packed(query), _packed(key), _packed(value), cu_seq_q, cu_seq_k,
+        _packed_hint(kwargs.get("max_length_q"), len_q), _packed_hint(kwargs.get("max_length_k"), len_k),
+        bool(is_causal), scale=scaling, window_size=window, enable_gqa=heads_q != key.shape[1],
+    )
+    return out.view(batch, len_q, heads_q, head_dim), None
+
+
+def varlen_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The mask our attention function takes: the 2D padding mask ``(B, kv_length)`` as is (sliced
+    to the keys, as FlashAttention's), or None. Unlike transformers' FlashAttention mask it never
+    asks whether the mask is all ones (a host sync, and a graph break under compile)."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:]
+
+
+def register() -> str:
+    """Register the attention function and its mask function with transformers (idempotent);
+    returns the ``attn_implementation`` name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, varlen_attention_mask)
+    return ATTN_IMPLEMENTATION
+
+
+def _check_supported(module, dropout, softcap, s_aux, attention_mask, kwargs) -> None:
+    name = type(module).__name__
+    if dropout:
+        raise ValueError(
+            f"attn_implementation='varlen_compile' ({name}): attention dropout ({dropout}) is not "
+            "supported yet; set the config's attention_dropout to 0.0"
+        )
+    if softcap:
+        raise ValueError(
+            f"attn_implementation='varlen_compile' ({name}): softcap (attention logit capping, "
+            "Gemma 2/3) is not supported yet; use attn_implementation='sdpa' or 'eager' for this model"
+        )
+    if s_aux is not None:
+        raise ValueError(
+            f"attn_implementation='varlen_compile' ({name}): attention sinks (s_aux, gpt-oss) are not "
+            "supported yet; use attn_implementation='eager' for this model"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "attn_implementation='varlen_compile' computes no attention weights; pass "
+            "output_attentions=False, or use attn_implementation='eager' to inspect them"
+        )
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attn_implementation='varlen_compile' takes 2D padding masks (batch, keys), got a "
+            f"{attention_mask.dim()}D mask of shape {tuple(attention_mask.shape)}: pass the "
+            "tokenizer's attention_mask and let the model build its mask"
+        )
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, float32 q/k/v (rotary embeddings promote them) run in the autocast dtype,
+    as transformers' FlashAttention and SDPA paths do."""
+    device_type = tensors[0].device.type
+    if tensors[0].dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(tensor.to(dtype) for tensor in tensors)
+    return tensors
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, D)`` -> ``(B * L, H, D)``: a view for transformers' usual layouts (projections
+    viewed as ``(B, L, H, D)`` and transposed), a copy otherwise."""
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch * length, heads, head_dim)
+
+
+def _packed_hint(max_length: object, length: int) -> int:
+    """An int upper bound on every sequence length: the collator's ``max_length_*`` when it is an
+    int, else the row length (a tensor hint would need a host sync to read)."""
+    return max_length if isinstance(max_length, int) and not isinstance(max_length, bool) else length
+
+
+def _offsets(
+    attention_mask: torch.Tensor | None,
+    kwargs: dict,
+    batch: int,
+    len_q: int,
+    len_k: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``cu_seq_q``, ``cu_seq_k`` for the packed ``(B * L, H, D)`` tensors."""
+    cu_seq_q, cu_seq_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_seq_q is not None and cu_seq_k is not None:
+        return cu_seq_q.to(device=device, dtype=torch.int32), cu_seq_k.to(device=device, dtype=torch.int32)
+    if attention_mask is not None:
+        return _padded_offsets(attention_mask.to(device), len_q, len_k)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and len_q == len_k:
+        cu_seq = _position_id_offsets(position_ids.to(device).expand(batch, -1))
+        return cu_seq, cu_seq
+    rows = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    return rows * len_q, rows * len_k
+
+
+def _padded_offsets(mask: torch.Tensor, len_q: int, len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets for a padded batch: five sequences per row, in token order.
+
+    Row ``b`` has keys ``[0, len_k)`` with one valid run ``[first, end)``; its queries are the
+    last ``len_q`` key positions. The sequences (queries, keys) are: (queries before the run, 0),
+    (0, keys before the run), (queries in the run, keys in the run), (queries after the run, 0),
+    (0, keys after the run). Padding queries thus attend no key (output 0, nothing computed), and
+    the run's last query meets its last key, so bottom-right causal masking is right also with a
+    KV cache. All on the device, at fixed shapes.
+    """
+    mask = mask.to(torch.bool)
+    if not _compat.is_traced(mask):
+        _check_one_run_per_row(mask)
+    lengths = mask.sum(-1)
+    first = torch.where(lengths > 0, mask.to(torch.int32).argmax(-1), len_k)
+    end = first + lengths
+    q_start = len_k - len_q
+    before_q = (first - q_start).clamp(0, len_q)
+    after_q = (len_k - end).clamp(0, len_q)
+    zeros = torch.zeros_like(lengths)
+    parts_q = torch.stack([before_q, zeros, len_q - before_q - after_q, after_q, zeros], dim=-1)
+    parts_k = torch.stack([zeros, first, lengths, zeros, len_k - end], dim=-1)
+    return _cumulative(parts_q.flatten()), _cumulative(parts_k.flatten())
+
+
+def _check_one_run_per_row(mask: torch.Tensor) -> None:
+    """Eager only (one host sync): each row's valid tokens must be one contiguous run."""
+    starts = mask[:, :1].sum(-1) + (mask[:, 1:] & ~mask[:, :-1]).sum(-1)
+    if bool((starts > 1).any()):
+        rows = torch.nonzero(starts > 1).flatten().tolist()
+        raise ValueError(
+            "attn_implementation='varlen_compile': each row of attention_mask must hold one "
+            f"contiguous run of tokens (left or right padding); rows {rows} have gaps. Pack such "
+            "rows as separate sequences (DataCollatorWithFlattening) instead"
+        )
+
+
+def _position_id_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+    """Offsets of packed sequences from ``position_ids`` ``(B, L)``: a sequence starts at each row
+    start and wherever the position does not grow by one (as transformers'
+    ``find_packed_sequence_indices``). Fixed size ``B * L + 1`` (the number of sequences is data):
+    the starts sorted first, then empty sequences at the end."""
+    previous = torch.cat([position_ids[:, :1], position_ids[:, :-1]], dim=-1)  # row starts: p != p + 1
+    starts = (position_ids != previous + 1).flatten()
+    total = starts.shape[0]
+    index = torch.arange(total, device=starts.device)
+    boundaries = torch.where(starts, index, total).sort().values
+    return torch.cat([boundaries, boundaries.new_full((1,), total)]).to(torch.int32)
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+register()
