@@ -13,6 +13,7 @@ from packaging.version import Version
 
 __all__ = [
     "AUX_REQUEST_TYPES",
+    "all_gather_autograd",
     "TORCH_VERSION",
     "has_triton",
     "has_inductor",
@@ -101,3 +102,13 @@ def is_traced(t: torch.Tensor) -> bool:
 def stream_is_capturing(device: torch.device) -> bool:
     """True while a CUDA graph is being captured on the current stream of ``device``."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def all_gather_autograd(tensor: torch.Tensor, gather_dim: int, group: object) -> torch.Tensor:
+    """torch.distributed's functional all-gather along ``gather_dim`` whose backward
+    reduce-scatters the gradient: ``all_gather_single_autograd`` from torch 2.13 (the older name,
+    ``all_gather_tensor_autograd``, is deprecated there and the only one in torch 2.11)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+    return gather(tensor, gather_dim, group)
