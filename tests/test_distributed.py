@@ -161,3 +161,29 @@ def test_fsdp_example_two_gpus_match_one_gpu(tmp_path):
     relative = [abs(a - b) / b for a, b in zip(two, one)]
     assert max(relative) < 0.02, (two, one)  # bf16 end to end; the curves drift slowly apart
     assert sum(two[-4:]) < sum(two[:4]), f"loss did not go down: {two}"
+
+
+def test_single_rank_equals_varlen_attn_and_errors():
+    """One rank (two zig-zag chunks): equal to varlen_attn; misuse gets clear errors."""
+    from varlen_compile import varlen_attn
+    from varlen_compile.distributed import context_parallel_varlen_attn, zigzag_shard, zigzag_unshard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        spec = CASES["causal-spanning"]
+        case = spec.make(requires_grad=True)
+        local = [zigzag_shard(x) for x in (case.q, case.k, case.v)]
+        out = zigzag_unshard(context_parallel_varlen_attn(*local, case.cu_seq_q, None, True))
+        expected = varlen_attn(*case.inputs(), is_causal=True)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        grads = torch.autograd.grad(out.sum(), (case.q, case.k, case.v))
+        expected_grads = torch.autograd.grad(expected.sum(), (case.q, case.k, case.v))
+        for grad, wanted in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, wanted, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match=r"window_size=\(4, 4\) without causal masking is not supported"):
+            context_parallel_varlen_attn(*local, case.cu_seq_q, window_size=(4, 4))
+        odd = [x[:63] for x in (case.q, case.k, case.v)]
+        with pytest.raises(ValueError, match=r"token count \(63\) to be a multiple of 2 \* world_size \(2\)"):
+            context_parallel_varlen_attn(*odd, torch.tensor([0, 63], dtype=torch.int32), is_causal=True)
+    finally:
+        dist.destroy_process_group()

@@ -13,12 +13,14 @@ from packaging.version import Version
 
 __all__ = [
     "AUX_REQUEST_TYPES",
+    "all_gather",
     "all_gather_autograd",
     "TORCH_VERSION",
     "has_triton",
     "has_inductor",
     "is_symbolic",
     "is_traced",
+    "reduce_scatter_sum",
     "runtime_check",
     "stream_is_capturing",
     "triton_version",
@@ -112,3 +114,21 @@ def all_gather_autograd(tensor: torch.Tensor, gather_dim: int, group: object) ->
 
     gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
     return gather(tensor, gather_dim, group)
+
+
+def all_gather(tensor: torch.Tensor, gather_dim: int, group: object) -> torch.Tensor:
+    """Functional all-gather (no autograd): ``all_gather_single`` from torch 2.13,
+    ``all_gather_tensor`` before (deprecated from 2.13)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    gather = getattr(collectives, "all_gather_single", None) or collectives.all_gather_tensor
+    return gather(tensor, gather_dim, group)
+
+
+def reduce_scatter_sum(tensor: torch.Tensor, scatter_dim: int, group: object) -> torch.Tensor:
+    """Functional reduce-scatter with a sum (no autograd): ``reduce_scatter_single`` from torch
+    2.13, ``reduce_scatter_tensor`` before (deprecated from 2.13)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    scatter = getattr(collectives, "reduce_scatter_single", None) or collectives.reduce_scatter_tensor
+    return scatter(tensor, "sum", scatter_dim, group)

@@ -3,8 +3,8 @@
 For batches too long for one GPU, the packed token dimension ``T`` is sharded across the ``W``
 ranks of a ``torch.distributed`` group; documents may span ranks. Each rank computes attention
 for its own queries against every key of their documents, using torch.distributed's functional
-collectives (all-gather of K and V in the forward, reduce-scatter of their gradients in the
-backward, through autograd) and our op for the math. No communication layer of our own.
+collectives (all-gather of K and V, reduce-scatter of their gradients) and our ops for the math.
+No communication layer of our own.
 
 **Sharding: zig-zag.** With causal attention a rank holding the end of a long document does
 most of the work when ``T`` is split in order. So ``T`` is cut into ``2W`` equal chunks and rank
@@ -15,13 +15,15 @@ of the batch (input ids, labels, position ids, hidden states) is sharded with
 :func:`zigzag_unshard` where the global order matters. ``T`` must be a multiple of ``2W`` (pad
 the packed batch with one extra document). ``cu_seq`` stays global, the same on every rank.
 
-**Exchange: all-gather.** Each rank gathers K and V of the whole batch once per layer (one
-collective each way) and runs one varlen call per local chunk, with keys clamped to what that
-chunk's queries can see: the chunk's own prefix for causal attention. Only local outputs are
-written; activation memory per rank holds the local q, out and lse and, transiently and saved
-for the backward, the gathered K and V. A ring exchange (P2P, overlapped with compute) would keep
-only two K/V chunks in flight; this module starts with the all-gather, which is one graph-friendly
-collective and no merging of partial results.
+**Exchange: all-gather, explicit backward.** Each rank gathers K and V of the whole batch (one
+collective each) and runs one varlen call per local chunk, with keys clamped to what that chunk's
+queries can see: the prefix up to the chunk's end for causal attention. Between forward and
+backward it keeps only its own tensors (q, k, v, out, lse: ``1/W`` of the batch each); the
+backward gathers K and V again, runs our backward op per chunk and reduce-scatters dK and dV to
+their ranks. So attention's saved activations per rank are ``1/W`` of one GPU's, for one extra
+all-gather per backward. A ring exchange (P2P, overlapped with compute) would also hide the
+communication; this module starts with the collectives, which are graph-friendly and need no
+merging of partial results.
 
 Supported masks: full attention, causal, and causal with a left window. Windows on non-causal
 attention raise (the keys a chunk needs would not end where its queries do).
@@ -34,8 +36,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _compat
-from .api import varlen_attn
+from . import _compat, api
+from .ops import call_backward, call_forward
+from .params import AttnOptions, BatchLayout
 
 __all__ = ["context_parallel_varlen_attn", "zigzag_chunks", "zigzag_shard", "zigzag_unshard"]
 
@@ -82,6 +85,80 @@ def _to_token_order(gathered: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat([parts[:, 0], parts[:, 1].flip(0)]).flatten(0, 1)
 
 
+def _to_rank_order(tokens: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The inverse of :func:`_to_token_order`: chunks ``c0 ... c(2W-1)`` -> rank-major parts."""
+    chunks = tokens.view(2 * world_size, tokens.shape[0] // (2 * world_size), *tokens.shape[1:])
+    return torch.stack([chunks[:world_size], chunks[world_size:].flip(0)], dim=1).flatten(0, 2)
+
+
+def _chunk_calls(cu_seq: torch.Tensor, total: int, world_size: int, rank: int, max_len: int | None, causal: bool):
+    """For each local chunk: its rows in the local tensors, the global key prefix it reads, and
+    its :class:`BatchLayout`. Documents are clamped to the chunk for queries and to the key
+    prefix for keys (causal queries see nothing past their chunk): both stay partitions, and
+    each document's last query meets its last key, so bottom-right causal masking is right."""
+    calls = []
+    for slot, (start, end) in enumerate(zigzag_chunks(total, world_size, rank)):
+        chunk_len = end - start
+        key_end = end if causal else total
+        layout = BatchLayout(
+            (cu_seq.clamp(start, end) - start).to(torch.int32), cu_seq.clamp(0, key_end).to(torch.int32),
+            chunk_len if max_len is None else min(max_len, chunk_len),
+            key_end if max_len is None else min(max_len, key_end),
+        )
+        calls.append((slice(slot * chunk_len, (slot + 1) * chunk_len), key_end, layout))
+    return calls
+
+
+class _ContextParallelAttention(torch.autograd.Function):
+    """Zig-zag context-parallel attention. The forward all-gathers K and V and runs one varlen
+    call per local chunk; it saves only this rank's tensors (q, k, v, out, lse: 1/W of the
+    batch each). The backward gathers K and V again, runs the backward op per chunk and
+    reduce-scatters dK and dV to their ranks: one more all-gather in exchange for not keeping
+    the whole batch's K and V between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu_seq, max_len, options: AttnOptions, group):
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        total = query.shape[0] * world_size
+        keys = _to_token_order(_compat.all_gather(key.contiguous(), 0, group), world_size)
+        values = _to_token_order(_compat.all_gather(value.contiguous(), 0, group), world_size)
+        outs, lses = [], []
+        for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, max_len, _is_causal(options)):
+            out, lse = call_forward(query[rows], keys[:key_end], values[:key_end], layout, options)
+            outs.append(out)
+            lses.append(lse)
+        out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+        ctx.save_for_backward(query, key, value, cu_seq, out, lse)
+        ctx.max_len, ctx.options, ctx.group = max_len, options, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, cu_seq, out, lse = ctx.saved_tensors
+        group, options = ctx.group, ctx.options
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        total = query.shape[0] * world_size
+        keys = _to_token_order(_compat.all_gather(key.contiguous(), 0, group), world_size)
+        values = _to_token_order(_compat.all_gather(value.contiguous(), 0, group), world_size)
+        grad_keys, grad_values = torch.zeros_like(keys), torch.zeros_like(values)
+        grad_query = []
+        grad_out = grad_out.contiguous()
+        for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, ctx.max_len, _is_causal(options)):
+            dq, dk, dv = call_backward(
+                grad_out[rows], query[rows], keys[:key_end], values[:key_end], out[rows], lse[:, rows], layout, options
+            )
+            grad_query.append(dq)
+            grad_keys[:key_end] += dk
+            grad_values[:key_end] += dv
+        grad_key = _compat.reduce_scatter_sum(_to_rank_order(grad_keys, world_size), 0, group)
+        grad_value = _compat.reduce_scatter_sum(_to_rank_order(grad_values, world_size), 0, group)
+        return torch.cat(grad_query), grad_key, grad_value, None, None, None, None
+
+
+def _is_causal(options: AttnOptions) -> bool:
+    return options.window()[1] == 0
+
+
 def context_parallel_varlen_attn(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -110,30 +187,20 @@ def context_parallel_varlen_attn(
         ``(T / W, H_q, D)``: the attention output of this rank's queries, in its zig-zag order.
     """
     group = _group(group)
-    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    window_left, window_right = window_size
-    causal = is_causal or window_right == 0
-    if not causal and tuple(window_size) != (-1, -1):
+    api._check_flag("is_causal", is_causal)
+    api._check_flag("enable_gqa", enable_gqa)
+    window_left, window_right = api._check_window(window_size)
+    api._check_tensors(query, key, value, cu_seq, cu_seq, enable_gqa)
+    options = AttnOptions(is_causal, None if scale is None else float(scale), window_left, window_right)
+    if not _is_causal(options) and (window_left, window_right) != (-1, -1):
         raise ValueError(
             f"context_parallel_varlen_attn: window_size={tuple(window_size)} without causal masking is "
             "not supported (a chunk's keys would not end where its queries do); use is_causal=True "
             "with (left, 0), or no window"
         )
+    world_size = dist.get_world_size(group)
     total = query.shape[0] * world_size
-    chunks = zigzag_chunks(total, world_size, rank)
-    keys = _to_token_order(_compat.all_gather_autograd(key.contiguous(), 0, group), world_size)
-    values = _to_token_order(_compat.all_gather_autograd(value.contiguous(), 0, group), world_size)
-    chunk_len = chunks[0][1] - chunks[0][0]
-    outputs = []
-    for slot, (start, end) in enumerate(chunks):
-        key_end = end if causal else total  # causal queries see nothing past their chunk
-        outputs.append(
-            varlen_attn(
-                query[slot * chunk_len:(slot + 1) * chunk_len], keys[:key_end], values[:key_end],
-                (cu_seq.clamp(start, end) - start).to(torch.int32), cu_seq.clamp(0, key_end).to(torch.int32),
-                chunk_len if max_len is None else min(max_len, chunk_len),
-                key_end if max_len is None else min(max_len, key_end),
-                is_causal, scale=scale, window_size=window_size, enable_gqa=enable_gqa,
-            )
-        )
-    return torch.cat(outputs)
+    zigzag_chunks(total, world_size, dist.get_rank(group))  # checks that T splits evenly
+    if not _compat.is_traced(cu_seq):
+        api._check_offsets(cu_seq, cu_seq, total, total, max_len, max_len)
+    return _ContextParallelAttention.apply(query, key, value, cu_seq, max_len, options, group)
