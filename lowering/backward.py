@@ -1,7 +1,7 @@
 """Inductor lowering of ``varlen_compile::varlen_attn_backward`` to the backward Triton template.
 
 Steps: bind the arguments into objects -> decide (template or fallback) -> prepare inputs ->
-``delta = rowsum(dO * O) - grad_lse`` as plain Inductor ops -> dK layout and the dQ/dV buffers
+``delta = rowsum(dO * O)`` as plain Inductor ops (``grad_lse``, if any, is its own input) -> dK layout and the dQ/dV buffers
 -> configs -> choices (template configs, plus aten flash under max-autotune) ->
 ``autotune_select_algorithm``.
 """
@@ -92,12 +92,11 @@ def _configs(head_dim: int, dtype: torch.dtype, group: int) -> list[BackwardConf
     return [default_backward_config(head_dim, dtype, group)]
 
 
-def _delta(grad_out: ir.IRNode, out: ir.IRNode, grad_lse: ir.IRNode | None) -> ir.IRNode:
-    """``rowsum(dO * O) - grad_lse``, float32 ``(H_q, T_q)``: a fused Inductor reduction."""
+def _delta(grad_out: ir.IRNode, out: ir.IRNode) -> ir.IRNode:
+    """``rowsum(dO * O)``, float32 ``(H_q, T_q)``: a fused Inductor reduction. (A gradient
+    into lse goes to the template as its own input, see varlen_keep_softmax_grad.)"""
     product = lowerings[aten.mul](to_dtype(grad_out, torch.float32), to_dtype(out, torch.float32))
     delta = lowerings[aten.sum](lowerings[aten.permute](product, [1, 0, 2]), [2])
-    if grad_lse is not None:
-        delta = lowerings[aten.sub](delta, to_dtype(grad_lse, torch.float32))
     return ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(delta))
 
 
@@ -109,7 +108,7 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
         return fallback(_OP, plan, args, kwargs)
     head_dim, layout, options = plan
     grad_lse = bound["grad_lse"]
-    delta = _delta(bound["grad_out"], bound["out"], grad_lse)
+    delta = _delta(bound["grad_out"], bound["out"])
     grad_out, query, key, value, out = (
         prepare_attention_input(bound[name]) for name in ("grad_out", "query", "key", "value", "out")
     )
@@ -130,6 +129,11 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     input_nodes = [
         grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value,
     ]
+    if grad_lse is not None:
+        # Last, so the aten choice's positional inputs (offered only without it) are unchanged.
+        input_nodes.append(
+            ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(to_dtype(grad_lse, torch.float32)))
+        )
     num_seqs = cu_seq_q.get_size()[0] - 1
 
     constants = template_constants(options, head_dim, query.get_dtype())

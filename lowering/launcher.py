@@ -87,10 +87,8 @@ def forward(
     return out, lse
 
 
-def attention_delta(
-    grad_out: torch.Tensor, out: torch.Tensor, grad_lse: torch.Tensor | None
-) -> torch.Tensor:
-    """``rowsum(dO * O) - grad_lse`` as float32 ``(H_q, T_q)``, the backward's row term."""
+def attention_delta(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``rowsum(dO * O)`` as float32 ``(H_q, T_q)``, the backward's row term."""
     total_q, heads_q, head_dim = out.shape
     delta = torch.empty((heads_q, total_q), dtype=torch.float32, device=out.device)
     block_t = 64
@@ -98,10 +96,9 @@ def attention_delta(
     if grid[0] * grid[1] == 0:
         return delta
     _kernels().varlen_bwd_preprocess_kernel[grid](
-        out, grad_out, grad_lse if grad_lse is not None else delta, delta, total_q, heads_q,
+        out, grad_out, delta, total_q, heads_q,
         out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-        HAS_GRAD_LSE=grad_lse is not None, BLOCK_T=block_t,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim),
+        BLOCK_T=block_t, HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim),
     )
     return delta
 
@@ -128,7 +125,9 @@ def backward(
     num_seqs = layout.cu_seq_q.shape[0] - 1
     group = heads_q // heads_kv
     config = config or default_backward_config(head_dim, query.dtype, group)
-    delta = attention_delta(grad_out, out, grad_lse.contiguous() if grad_lse is not None else None)
+    delta = attention_delta(grad_out, out)
+    # grad_lse stays apart from delta: see varlen_keep_softmax_grad in the kernels.
+    grad_lse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
     lse = lse.contiguous()
     dq = query.new_empty((total_q, heads_q, head_dim))
     dk = key.new_empty((total_k, heads_kv, head_dim))
@@ -139,7 +138,7 @@ def backward(
     if grid[0] * grid[1] == 0:
         return dq, dk, dv
     _kernels().varlen_bwd_kernel[grid](
-        query, key, value, grad_out, lse, delta, layout.cu_seq_q, layout.cu_seq_k, dq, dk, dv,
+        query, key, value, grad_out, lse, delta, grad_lse if grad_lse is not None else delta, layout.cu_seq_q, layout.cu_seq_k, dq, dk, dv,
         num_seqs, total_q, total_k, group,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), grad_out.stride(0), grad_out.stride(1),

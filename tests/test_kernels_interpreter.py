@@ -108,18 +108,47 @@ def test_other_configs(forward_config, backward_config):
     _run_and_check(spec, spec.make(), forward_config=forward_config, backward_config=backward_config)
 
 
-def test_single_key_sequences_have_exactly_zero_dq_dk():
+@pytest.mark.parametrize("grad_lse", [None, "zeros"])
+def test_single_key_sequences_have_exactly_zero_dq_dk(grad_lse):
     """Softmax over one key has zero gradient: dQ and dK of such sequences are exactly 0 (the
-    computed dP - delta would leave fp32 noise that dK accumulates over all queries)."""
+    computed dP - delta would leave fp32 noise that dK accumulates over all queries). Also when
+    a zero gradient flows into lse, as AOTAutograd passes when a compiled function returns lse
+    (the compiled backward then runs the HAS_GRAD_LSE kernel): found by fuzzing at D=192."""
     spec = AttnSpec((40, 3, 1), (1, 1, 1), heads_q=4, heads_kv=2, head_dim=24)
     case = spec.make()
     layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions()
     qkv = (case.q, case.k, case.v)
     out, lse = launcher.forward(*qkv, layout, options, config=FORWARD_CONFIG)
-    dq, dk, dv = launcher.backward(torch.randn(out.shape), *qkv, out, lse, layout, options, config=BACKWARD_CONFIG)
+    grad_lse = torch.zeros_like(lse) if grad_lse == "zeros" else None
+    dq, dk, dv = launcher.backward(
+        torch.randn(out.shape), *qkv, out, lse, layout, options, grad_lse=grad_lse, config=BACKWARD_CONFIG
+    )
     assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
     assert dv.abs().min() > 0
-    _run_and_check(spec, case)
+    _run_and_check(spec, case, with_grad_lse=grad_lse is not None)
+
+
+def test_single_key_gradient_through_lse():
+    """With one key per sequence, lse = scale * q.k, so dQ = scale * grad_lse * k and
+    dK = scale * sum over rows and the GQA group of grad_lse * q: checked against that closed
+    form, computed here in float64."""
+    spec = AttnSpec((40, 3), (1, 1), heads_q=4, heads_kv=2, head_dim=24)
+    case = spec.make()
+    layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions()
+    qkv = (case.q.detach(), case.k.detach(), case.v.detach())
+    out, lse = launcher.forward(*qkv, layout, options, config=FORWARD_CONFIG)
+    grad_lse = torch.randn(lse.shape)
+    dq, dk, _ = launcher.backward(
+        torch.randn(out.shape), *qkv, out, lse, layout, options, grad_lse=grad_lse, config=BACKWARD_CONFIG
+    )
+    scale = 24 ** -0.5
+    q, k, g = case.q.double(), case.k.double(), grad_lse.double().T  # g: (T_q, H_q)
+    k_per_query = k.repeat_interleave(torch.tensor([40, 3]), dim=0).repeat_interleave(2, dim=1)
+    expected_dq = scale * g[:, :, None] * k_per_query
+    weighted = (g[:, :, None] * q).unflatten(1, (2, 2)).sum(2)  # sum the GQA group
+    expected_dk = scale * torch.stack([weighted[:40].sum(0), weighted[40:].sum(0)])
+    torch.testing.assert_close(dq.double(), expected_dq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dk.double(), expected_dk, rtol=1e-5, atol=1e-5)
 
 
 def test_poison_fixture_catches_unwritten_outputs():
