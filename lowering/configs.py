@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from varlen_compile.params import AttnOptions
+from varlen_compile.params import AttnOptions, BatchLayout
 
 __all__ = [
     "BackwardConfig",
@@ -50,12 +50,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def kernel_constexprs(options: AttnOptions, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+def kernel_constexprs(
+    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
+) -> dict[str, Any]:
     """The constexprs of both kernels (template and standalone) that follow from the attention
-    options, the head dim and the dtype: the one place options become kernel constants.
+    options, the batch layout, the head dims and the dtype: the one place options become kernel
+    constants. Every feature is a flag or a value that turns its code off when unused.
 
     The softmax scale is not among them: the standalone kernel takes it as an argument (no
-    recompile per scale in eager mode), the templates add it as ``SCALE``.
+    recompile per scale in eager mode), the templates add it as ``SCALE``. The softcap is
+    (a model uses one value; 0.0 compiles the tanh away).
     """
     window_left, window_right = options.window()
     return {
@@ -63,8 +67,15 @@ def kernel_constexprs(options: AttnOptions, head_dim: int, dtype: torch.dtype) -
         "WINDOW_RIGHT": int(window_right),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": padded_head_dim(head_dim),
+        "HEAD_DIM_V": head_dim_v,
+        "HEAD_DIM_V_PAD": padded_head_dim(head_dim_v),
         "SEARCH_WIDTH": SEARCH_WIDTH,
         "DOT_PRECISION": dot_precision(dtype),
+        "SOFTCAP": float(options.softcap),
+        "HAS_SINK": options.sink is not None,
+        "HAS_ALIBI": options.alibi_slopes is not None,
+        "HAS_SEQUSED_K": layout.seqused_k is not None,
+        "PAGED": layout.block_table is not None,
     }
 
 

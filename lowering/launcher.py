@@ -53,6 +53,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _pointer(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """A feature's tensor, or any tensor where the feature is off (its pointer is never read)."""
+    return fallback if tensor is None else tensor
+
+
 def forward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -60,28 +65,49 @@ def forward(
     layout: BatchLayout,
     options: AttnOptions,
     config: ForwardConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse float32 ``(H_q, T_q)``.
+    """``(out, lse)``: out ``(T_q, H_q, D_v)`` (contiguous, or the given ``out``, any strides
+    with a contiguous last dim), lse float32 ``(H_q, T_q)``.
 
-    Inputs as in :func:`varlen_compile.varlen_attn` (any strides with a contiguous last dim).
-    Grid ``(cdiv(T_q, BLOCK_M) + N, H_q)``: one program per query tile slot and head.
+    Inputs as in :func:`varlen_compile.varlen_attn` (any strides with a contiguous last dim;
+    paged K/V ``(pages, page_size, H_kv, D)`` with ``layout.block_table``). Grid
+    ``(cdiv(T_q, BLOCK_M) + N, H_q)``: one program per query tile slot and head.
     """
     total_q, heads_q, head_dim = query.shape
-    total_k, heads_kv, _ = key.shape
+    head_dim_v = value.shape[-1]
+    heads_kv = key.shape[-2]
     num_seqs = layout.cu_seq_q.shape[0] - 1
-    config = config or default_forward_config(head_dim, query.dtype)
-    out = query.new_empty((total_q, heads_q, head_dim))
+    config = config or default_forward_config(max(head_dim, head_dim_v), query.dtype)
+    if out is None:
+        out = query.new_empty((total_q, heads_q, head_dim_v))
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
     grid = (_cdiv(total_q, config.block_m) + num_seqs, heads_q)
     if grid[0] * grid[1] == 0:
         return out, lse
+    if layout.paged:
+        num_pages, page_size = key.shape[0], key.shape[1]
+        total_k = num_pages * page_size
+        stride_kp, stride_kt, stride_kh = key.stride()[:3]
+        stride_vp, stride_vt, stride_vh = value.stride()[:3]
+        block_table = layout.block_table
+        stride_bt, max_pages = block_table.stride(0), block_table.shape[1]
+    else:
+        num_pages, page_size, total_k = 1, 1, key.shape[0]
+        stride_kp = stride_vp = 0
+        stride_kt, stride_kh = key.stride()[:2]
+        stride_vt, stride_vh = value.stride()[:2]
+        block_table, stride_bt, max_pages = lse, 0, 0
     _kernels().varlen_fwd_kernel[grid](
         query, key, value, layout.cu_seq_q, layout.cu_seq_k, out, lse,
+        _pointer(layout.seqused_k, lse), block_table,
+        _pointer(options.sink, lse), _pointer(options.alibi_slopes, lse),
         num_seqs, total_q, total_k, heads_q // heads_kv,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1), out.stride(0), out.stride(1), options.scale_for(head_dim),
+        query.stride(0), query.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_kp, stride_vp, stride_bt, page_size, num_pages, max_pages,
+        out.stride(0), out.stride(1), options.scale_for(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        **kernel_constexprs(options, head_dim, query.dtype),
+        **kernel_constexprs(options, layout, head_dim, head_dim_v, query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
@@ -115,30 +141,33 @@ def backward(
     grad_lse: torch.Tensor | None = None,
     config: BackwardConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``.
+    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``. Not for paged K/V.
 
     Grid ``(cdiv(T_k, BLOCK_N1) + N + group * (cdiv(T_q, BLOCK_M2) + N), H_kv)``: key-tile
     programs (dK, dV over the GQA group), then query-tile programs (dQ), in one launch.
     """
+    if layout.paged:
+        raise NotImplementedError("varlen_attn: no backward for paged K/V (block_table)")
     total_q, heads_q, head_dim = query.shape
-    total_k, heads_kv, _ = key.shape
+    total_k, heads_kv, head_dim_v = value.shape
     num_seqs = layout.cu_seq_q.shape[0] - 1
     group = heads_q // heads_kv
-    config = config or default_backward_config(head_dim, query.dtype, group)
+    config = config or default_backward_config(max(head_dim, head_dim_v), query.dtype, group)
     delta = attention_delta(grad_out, out)
     # grad_lse stays apart from delta: see varlen_keep_softmax_grad in the kernels.
     grad_lse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
     lse = lse.contiguous()
     dq = query.new_empty((total_q, heads_q, head_dim))
     dk = key.new_empty((total_k, heads_kv, head_dim))
-    dv = value.new_empty((total_k, heads_kv, head_dim))
+    dv = value.new_empty((total_k, heads_kv, head_dim_v))
     kv_slots = _cdiv(total_k, config.block_n1) + num_seqs
     q_slots = _cdiv(total_q, config.block_m2) + num_seqs
     grid = (kv_slots + group * q_slots, heads_kv)
     if grid[0] * grid[1] == 0:
         return dq, dk, dv
     _kernels().varlen_bwd_kernel[grid](
-        query, key, value, grad_out, lse, delta, grad_lse if grad_lse is not None else delta, layout.cu_seq_q, layout.cu_seq_k, dq, dk, dv,
+        query, key, value, grad_out, lse, delta, _pointer(grad_lse, delta), layout.cu_seq_q, layout.cu_seq_k,
+        _pointer(layout.seqused_k, delta), _pointer(options.alibi_slopes, delta), dq, dk, dv,
         num_seqs, total_q, total_k, group,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), grad_out.stride(0), grad_out.stride(1),
@@ -146,7 +175,16 @@ def backward(
         options.scale_for(head_dim),
         BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
         BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2, HAS_GRAD_LSE=grad_lse is not None,
-        **kernel_constexprs(options, head_dim, query.dtype),
+        **_backward_constexprs(options, layout, head_dim, head_dim_v, query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return dq, dk, dv
+
+
+def _backward_constexprs(
+    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
+) -> dict[str, object]:
+    """:func:`kernel_constexprs` without the forward-only ones (the backward never pages)."""
+    constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype)
+    del constexprs["PAGED"]
+    return constexprs
