@@ -21,11 +21,13 @@ from torch._inductor.select_algorithm import (
 )
 
 from varlen_compile import _extern_ops
-from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs
 
 from .common import (
     cu_seq_generator,
     fallback,
+    feature_inputs,
+    full_int32,
     gqa_group,
     make_template,
     prepare_attention_input,
@@ -62,10 +64,10 @@ def _aten_backward_node(
 ) -> ir.IRNode:
     """Output node when the aten choice wins: aten flash writing dQ/dV into our buffers."""
     layout = BatchLayout(cu_seq_q, cu_seq_k, *hints)
+    op = torch.ops.varlen_compile._flash_backward_into.default
     return ir.FallbackKernel.create(
-        torch.ops.varlen_compile._flash_backward_into.default,
-        grad_out, query, key, value, out, lse, grad_query, grad_value,
-        *flat_args(layout, options).values(),
+        op, grad_out, query, key, value, out, lse, grad_query, grad_value,
+        *op_kwargs(op, layout, options).values(),
     )
 
 
@@ -106,7 +108,9 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     plan = plan_template(bound)
     if isinstance(plan, str):
         return fallback(_OP, plan, args, kwargs)
-    head_dim, layout, options = plan
+    head_dim, head_dim_v, layout, options = plan
+    if layout.paged:
+        return fallback(_OP, "paged K/V has no backward", args, kwargs)
     grad_lse = bound["grad_lse"]
     delta = _delta(bound["grad_out"], bound["out"])
     grad_out, query, key, value, out = (
@@ -129,16 +133,19 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     input_nodes = [
         grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value,
     ]
+    # Optional inputs last, in the order varlen_bwd.py.jinja lists them (the aten choice,
+    # offered only without them, keeps its positional inputs).
     if grad_lse is not None:
-        # Last, so the aten choice's positional inputs (offered only without it) are unchanged.
         input_nodes.append(
             ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(to_dtype(grad_lse, torch.float32)))
         )
+    input_nodes += feature_inputs(layout, options, ("seqused_k", "alibi_slopes"))
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    constants = template_constants(options, head_dim, query.get_dtype())
+    constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
+    del constants["PAGED"]
     choices: list[Any] = []
-    for config in _configs(head_dim, query.get_dtype(), size_hint(group)):
+    for config in _configs(max(head_dim, head_dim_v), query.get_dtype(), size_hint(group)):
         varlen_bwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,
@@ -154,19 +161,19 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
             HAS_GRAD_LSE=grad_lse is not None,
             **constants,
         )
-    if grad_lse is None and offer_aten(query, head_dim, layout):
+    if grad_lse is None and offer_aten(query, head_dim, head_dim_v, layout, options):
         aten_flash_backward_choice.maybe_append_choice(
             choices, input_nodes=input_nodes, layout=layout_dk,
             options=options, hints=(layout.max_q, layout.max_k),
         )
+    input_gen_fns = {
+        7: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
+        8: cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(total_k)),
+    }
+    if layout.seqused_k is not None:
+        # Autotuning data: every key used (the kernel clamps seqused_k to the slot).
+        input_gen_fns[11 + (grad_lse is not None)] = full_int32(2**30)
     grad_key = autotune_select_algorithm(
-        "varlen_attn_bwd",
-        choices,
-        input_nodes,
-        layout_dk,
-        input_gen_fns={
-            7: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
-            8: cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(total_k)),
-        },
+        "varlen_attn_bwd", choices, input_nodes, layout_dk, input_gen_fns=input_gen_fns
     )
     return grad_query, grad_key, grad_value

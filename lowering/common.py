@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import sympy
 import torch
@@ -24,8 +24,12 @@ from ._sources import load_template
 from .configs import kernel_constexprs, supported_head_dim
 
 __all__ = [
+    "Plan",
     "cu_seq_generator",
     "fallback",
+    "arange_int32_rows",
+    "feature_inputs",
+    "full_int32",
     "gqa_group",
     "make_template",
     "prepare_attention_input",
@@ -45,19 +49,28 @@ def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
     )
 
 
-def plan_template(bound: dict[str, Any]) -> tuple[int, BatchLayout, AttnOptions] | str:
-    """``(head_dim, layout, options)`` when our templates serve the op call ``bound`` (its
-    arguments by name), else why not.
+class Plan(NamedTuple):
+    """What the templates need to know of an op call they serve."""
 
-    Templates serve CUDA fp16/bf16/fp32 with head dims 1..256. What the kernel takes as a
-    constexpr is specialized here when it arrives symbolic: the head dim (``dynamic=True``), as
-    Inductor's flex attention does, and the window sizes (``dynamic=True`` also makes ints
-    captured from closures symbolic), each with a guard on its value. Token counts, sequence
-    counts, head counts and the ``max_q``/``max_k`` hints are never guarded on. (A head dim the
-    user marked dynamic with ``torch._dynamo.mark_dynamic`` makes Dynamo refuse that guard with
-    a ConstraintViolationError: leave the head dim static.)
+    head_dim: int
+    head_dim_v: int
+    layout: BatchLayout
+    options: AttnOptions
+
+
+def plan_template(bound: dict[str, Any]) -> Plan | str:
+    """The :class:`Plan` when our templates serve the op call ``bound`` (its arguments by
+    name), else why not.
+
+    Templates serve CUDA fp16/bf16/fp32 with head dims 1..256 (query/key and value). What the
+    kernel takes as a constexpr is specialized here when it arrives symbolic: the head dims
+    (``dynamic=True``), as Inductor's flex attention does, and the window sizes (``dynamic=True``
+    also makes ints captured from closures symbolic), each with a guard on its value. Token
+    counts, sequence counts, head counts and the ``max_q``/``max_k`` hints are never guarded
+    on. (A head dim the user marked dynamic with ``torch._dynamo.mark_dynamic`` makes Dynamo
+    refuse that guard with a ConstraintViolationError: leave the head dim static.)
     """
-    query = bound["query"]
+    query, value = bound["query"], bound["value"]
     device = query.get_device()
     if device is None or device.type != "cuda":
         return f"the Triton templates are CUDA-only (device: {device})"
@@ -66,19 +79,39 @@ def plan_template(bound: dict[str, Any]) -> tuple[int, BatchLayout, AttnOptions]
     if query.get_dtype() not in backends.TRITON_DTYPES:
         return f"dtype {query.get_dtype()} (the templates serve float16, bfloat16, float32)"
     head_dim = _static_int(query.get_size()[-1])
-    if not supported_head_dim(head_dim):
-        return f"head dim {head_dim} (the templates serve 1..256)"
+    head_dim_v = _static_int(value.get_size()[-1])
+    if not (supported_head_dim(head_dim) and supported_head_dim(head_dim_v)):
+        return f"head dims {head_dim}/{head_dim_v} (the templates serve 1..256)"
     layout, options = unflatten(bound)
-    scale = options.scale
+    scale, softcap = options.scale, options.softcap
     if scale is not None and not isinstance(scale, (int, float, sympy.Number)):
         return "a symbolic softmax scale (the templates take it as a constant)"
+    if not isinstance(softcap, (int, float, sympy.Number)):
+        return "a symbolic softcap (the templates take it as a constant)"
+    for name in ("sink", "alibi_slopes"):
+        tensor = getattr(options, name)
+        if tensor is not None and tensor.get_dtype() != torch.float32:
+            return f"{name} of dtype {tensor.get_dtype()} (the templates read float32)"
     options = dataclasses.replace(
         options,
         scale=None if scale is None else float(scale),
+        softcap=float(softcap),
         window_left=_static_int(options.window_left),
         window_right=_static_int(options.window_right),
     )
-    return head_dim, layout, options
+    return Plan(head_dim, head_dim_v, layout, options)
+
+
+def feature_inputs(layout: BatchLayout, options: AttnOptions, names: Sequence[str]) -> list[ir.IRNode]:
+    """The optional template inputs among ``names`` (``seqused_k``, ``block_table``,
+    ``sink``, ``alibi_slopes``) that are present, realized contiguous, in the order of
+    ``names`` (the order the templates' ``def_kernel`` lists them in)."""
+    inputs = []
+    for name in names:
+        node = getattr(layout, name) if hasattr(layout, name) else getattr(options, name)
+        if node is not None:
+            inputs.append(ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(node)))
+    return inputs
 
 
 def _static_int(value: Any) -> int:
@@ -139,10 +172,34 @@ def cu_seq_generator(num_offsets: int, total: int) -> Callable[[ir.Buffer], torc
     return generate
 
 
-def template_constants(options: AttnOptions, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+def full_int32(value: int) -> Callable[[ir.Buffer], torch.Tensor]:
+    """Autotuning input: an int32 buffer filled with ``value``."""
+
+    def generate(buffer: ir.Buffer) -> torch.Tensor:
+        size = [size_hint(s) for s in buffer.get_size()]
+        return torch.full(size, value, dtype=torch.int32, device=buffer.get_device())
+
+    return generate
+
+
+def arange_int32_rows() -> Callable[[ir.Buffer], torch.Tensor]:
+    """Autotuning input for a block table ``(N, max_pages)``: row i holds pages
+    ``i * max_pages ...`` (the kernel clamps them to the pool)."""
+
+    def generate(buffer: ir.Buffer) -> torch.Tensor:
+        rows, cols = (size_hint(s) for s in buffer.get_size())
+        table = torch.arange(rows * cols, dtype=torch.int32, device=buffer.get_device())
+        return table.view(rows, cols)
+
+    return generate
+
+
+def template_constants(
+    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
+) -> dict[str, Any]:
     """Constexprs every choice of both templates shares: ``configs.kernel_constexprs`` plus the
     softmax scale, rendered as template literals."""
-    constants = kernel_constexprs(options, head_dim, dtype)
+    constants = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype)
     constants["DOT_PRECISION"] = repr(constants["DOT_PRECISION"])
     constants["SCALE"] = options.scale_for(head_dim)
     return constants

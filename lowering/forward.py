@@ -20,11 +20,14 @@ from torch._inductor.select_algorithm import (
 )
 
 from varlen_compile import _extern_ops, backends
-from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, flat_args
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs, uses_score_features
 
 from .common import (
+    arange_int32_rows,
     cu_seq_generator,
     fallback,
+    feature_inputs,
+    full_int32,
     make_template,
     prepare_attention_input,
     size_hint,
@@ -56,10 +59,8 @@ def _aten_forward_node(
 ) -> ir.IRNode:
     """Output node when the aten choice wins: aten flash writing into our lse buffer."""
     layout = BatchLayout(cu_seq_q, cu_seq_k, *hints)
-    return ir.FallbackKernel.create(
-        torch.ops.varlen_compile._flash_forward_into.default,
-        query, key, value, lse, *flat_args(layout, options).values(),
-    )
+    op = torch.ops.varlen_compile._flash_forward_into.default
+    return ir.FallbackKernel.create(op, query, key, value, lse, *op_kwargs(op, layout, options).values())
 
 
 aten_flash_forward_choice = ExternKernelChoice(
@@ -71,16 +72,22 @@ aten_flash_forward_choice = ExternKernelChoice(
 
 
 def _configs(head_dim: int, dtype: torch.dtype) -> list[ForwardConfig]:
+    """Configs for the larger of the two head dims (it sizes the biggest tile)."""
     if inductor_config.max_autotune:
         return forward_autotune_configs(head_dim, dtype)
     return [default_forward_config(head_dim, dtype)]
 
 
-def offer_aten(query: ir.IRNode, head_dim: int, layout: BatchLayout) -> bool:
+def offer_aten(query: ir.IRNode, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions) -> bool:
     """aten flash competes under max-autotune when it can run without a host sync (the user
-    gave ``max_q``/``max_k``) and supports the dtype and head dim."""
+    gave ``max_q``/``max_k``) and supports the dtype, the head dims and the features (none of
+    softcap, sinks, ALiBi, seqused_k, paging: those run in our templates)."""
     return (
         inductor_config.max_autotune
+        and head_dim_v == head_dim
+        and not uses_score_features(options)
+        and layout.seqused_k is None
+        and not layout.paged
         and layout.max_q is not None
         and layout.max_k is not None
         and query.get_dtype() in backends.ATEN_FLASH_DTYPES
@@ -95,24 +102,26 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
     plan = plan_template(bound)
     if isinstance(plan, str):
         return fallback(_OP, plan, args, kwargs)
-    head_dim, layout, options = plan
+    head_dim, head_dim_v, layout, options = plan
     query, key, value = (prepare_attention_input(bound[name]) for name in ("query", "key", "value"))
     cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (layout.cu_seq_q, layout.cu_seq_k))
 
     total_q, heads_q, _ = query.get_size()
     device = query.get_device()
+    out_size = [total_q, heads_q, head_dim_v]
     out_layout = ir.FixedLayout(
-        device, query.get_dtype(), [total_q, heads_q, head_dim],
-        ir.FlexibleLayout.contiguous_strides([total_q, heads_q, head_dim]),
+        device, query.get_dtype(), out_size, ir.FlexibleLayout.contiguous_strides(out_size)
     )
     # NOTE (as in flex attention): a template has one output; lse is a buffer it mutates.
     lse = empty_strided([heads_q, total_q], None, dtype=torch.float32, device=device)
     input_nodes = [query, key, value, cu_seq_q, cu_seq_k, lse]
+    # Optional inputs after the fixed ones, in the order varlen_fwd.py.jinja lists them.
+    input_nodes += feature_inputs(layout, options, ("seqused_k", "block_table", "sink", "alibi_slopes"))
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    constants = template_constants(options, head_dim, query.get_dtype())
+    constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
     choices: list[Any] = []
-    for config in _configs(head_dim, query.get_dtype()):
+    for config in _configs(max(head_dim, head_dim_v), query.get_dtype()):
         varlen_fwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,
@@ -125,19 +134,22 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
             BLOCK_N=config.block_n,
             **constants,
         )
-    if offer_aten(query, head_dim, layout):
+    if offer_aten(query, head_dim, head_dim_v, layout, options):
         aten_flash_forward_choice.maybe_append_choice(
             choices, input_nodes=input_nodes, layout=out_layout,
             options=options, hints=(layout.max_q, layout.max_k),
         )
-    out = autotune_select_algorithm(
-        "varlen_attn_fwd",
-        choices,
-        input_nodes,
-        out_layout,
-        input_gen_fns={
-            3: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
-            4: cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(key.get_size()[0])),
-        },
-    )
+    input_gen_fns = {
+        3: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
+        4: cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(key.get_size()[0])),
+    }
+    optional_index = 6  # seqused_k, then block_table, follow the six fixed inputs
+    if layout.seqused_k is not None:
+        # Autotuning data: every key used (the kernel clamps seqused_k to the slot).
+        input_gen_fns[optional_index] = full_int32(2**30)
+        optional_index += 1
+    if layout.paged:
+        # Autotuning data: pages in order (the kernel clamps entries to the pool).
+        input_gen_fns[optional_index] = arange_int32_rows()
+    out = autotune_select_algorithm("varlen_attn_fwd", choices, input_nodes, out_layout, input_gen_fns=input_gen_fns)
     return out, lse

@@ -32,6 +32,15 @@ def _kv(heads: int = 2, head_dim: int = 16, **kwargs) -> dict:
     }
 
 
+def _paged() -> dict:
+    """Paged K/V for the base call: 4 pages of 4 rows, two pages per sequence."""
+    return {
+        "key": torch.randn(4, 4, 2, 16), "value": torch.randn(4, 4, 2, 16),
+        "block_table": torch.tensor([[2, 0], [1, 3]], dtype=torch.int32),
+        "seqused_k": torch.tensor([3, 5], dtype=torch.int32), "cu_seq_k": None,
+    }
+
+
 def _qkv(dtype: torch.dtype) -> dict:
     return {
         "query": torch.zeros(8, 4, 16).to(dtype),
@@ -61,9 +70,37 @@ METADATA_ERRORS = [
      r"key and value must have the same number of tokens, got shapes \(8, 2, 16\) and \(5, 2, 16\)"),
     ("head-dim-mismatch", lambda b: _kv(head_dim=8), ValueError,
      r"query and key must have the same head_dim, got 16 and 8"),
-    ("value-head-dim", lambda b: {"value": torch.randn(8, 2, 8)}, ValueError,
-     r"value head_dim \(8\) differs from the query/key head_dim \(16\); a value head dim different "
-     r"from the key head dim is not supported yet"),
+    ("softcap-negative", lambda b: {"softcap": -1.0}, ValueError,
+     r"softcap must be a finite float >= 0 \(0.0 = off\), got -1.0"),
+    ("softcap-inf", lambda b: {"softcap": float("inf")}, ValueError, r"softcap must be a finite float >= 0"),
+    ("softcap-string", lambda b: {"softcap": "30"}, TypeError, r"softcap must be a float \(0.0 = off\), got str"),
+    ("sink-wrong-length", lambda b: {"sink": torch.zeros(3)}, ValueError,
+     r"sink must have one value per query head \(4\), got 3"),
+    ("sink-2d", lambda b: {"sink": torch.zeros(1, 4)}, ValueError,
+     r"sink must be 1-D with one value per query head \(H_q=4\), got shape \(1, 4\)"),
+    ("sink-int", lambda b: {"sink": torch.zeros(4, dtype=torch.int32)}, ValueError,
+     r"sink must be a floating tensor, got torch.int32"),
+    ("alibi-requires-grad", lambda b: {"alibi_slopes": torch.ones(4, requires_grad=True)}, ValueError,
+     r"alibi_slopes must not require grad .*; pass alibi_slopes.detach\(\)"),
+    ("seqused-int64", lambda b: {"seqused_k": torch.tensor([3, 5])}, ValueError,
+     r"seqused_k must be int32, got torch.int64; use seqused_k.to\(torch.int32\)"),
+    ("seqused-wrong-length", lambda b: {"seqused_k": torch.tensor([3], dtype=torch.int32)}, ValueError,
+     r"seqused_k must have one row per sequence \(N=2\), got shape \(1,\)"),
+    ("seqused-above-capacity", lambda b: {"seqused_k": torch.tensor([4, 5], dtype=torch.int32)}, ValueError,
+     r"seqused_k must lie in \[0, sequence's cu_seq_k length\] per sequence, got \[4, 5\] for capacities \[3, 5\]"),
+    ("cu-seq-k-none", lambda b: {"cu_seq_k": None}, ValueError,
+     r"cu_seq_k may be None only with block_table \(paged K/V\)"),
+    ("block-table-without-seqused", lambda b: {**_paged(), "seqused_k": None}, ValueError,
+     r"block_table needs seqused_k"),
+    ("block-table-3d-kv", lambda b: {**_paged(), **_kv()}, ValueError,
+     r"with block_table, key must be 4-D pages \(total_pages, page_size, heads, head_dim\), got shape \(8, 2, 16\)"),
+    ("block-table-page-out-of-pool", lambda b: {**_paged(), "block_table": torch.tensor([[0, 9], [1, 2]], dtype=torch.int32)},
+     ValueError, r"block_table entries must be page indices in \[0, 4\), got values in \[0, 9\]"),
+    ("paged-seqused-above-capacity", lambda b: {**_paged(), "seqused_k": torch.tensor([3, 9], dtype=torch.int32)},
+     ValueError, r"seqused_k must lie in \[0, block_table row capacity \(max_pages \* page_size\)\]"),
+    ("paged-4d-kv-without-block-table", lambda b: {k: v for k, v in _paged().items() if k in ("key", "value")},
+     ValueError, r"key must be 3-D .*\(4-D pages need block_table\)"),
+    ("num-splits-negative", lambda b: {"num_splits": -1}, ValueError, r"num_splits must be None or an int >= 0, got -1"),
     ("heads-not-divisible", lambda b: _kv(heads=3), ValueError,
      r"the number of query heads \(4\) must be a multiple of the number of key/value heads \(3\)"),
     ("zero-kv-heads", lambda b: _kv(heads=0), ValueError,

@@ -11,10 +11,10 @@ import logging
 
 from . import _extern_ops, ops  # noqa: F401  (register torch.ops.varlen_compile.*)
 from ._compat import has_inductor, has_triton
-from .api import AuxRequest, varlen_attn
+from .api import AuxRequest, varlen_attn, varlen_attn_out
 from .nested import scaled_dot_product_attention
 
-__all__ = ["AuxRequest", "scaled_dot_product_attention", "varlen_attn"]
+__all__ = ["AuxRequest", "scaled_dot_product_attention", "varlen_attn", "varlen_attn_out"]
 __version__ = "0.1.0"
 
 log = logging.getLogger(__name__)

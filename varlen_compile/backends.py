@@ -1,10 +1,11 @@
 """Eager implementations of the two ops, picked per call by device, dtype, head dim and hints.
 
-- CUDA, fp16/bf16, head dim a multiple of 8 up to 256, sm80+, and ``max_q``/``max_k`` known:
+- CUDA, fp16/bf16, head dim a multiple of 8 up to 256, sm80+, ``max_q``/``max_k`` known and
+  none of softcap, sinks, ALiBi, ``seqused_k``, paged K/V, ``D_v != D``:
   ``aten._flash_attention_forward`` / ``_backward`` (FlashAttention 2). The public API reads the
   maxima off ``cu_seq`` in eager mode (its validation syncs once anyway), so eager calls get here.
-- other CUDA cases (fp32, head dims aten rejects, ``grad_lse``, no max hints: CUDA-graph capture,
-  or a compiled graph that falls back to this op): our Triton kernels through
+- other CUDA cases (fp32, head dims aten rejects, ``grad_lse``, those features, no max hints:
+  CUDA-graph capture, or a compiled graph that falls back to this op): our Triton kernels through
   :mod:`varlen_compile.lowering.launcher`, which share their ``@triton.jit`` code with the
   Inductor templates and never need the maxima.
 - everything else (CPU, float64, no Triton): the exact reference in :mod:`varlen_compile.reference`.
@@ -19,7 +20,7 @@ import logging
 import torch
 
 from . import _compat, reference
-from .params import AttnOptions, BatchLayout
+from .params import AttnOptions, BatchLayout, uses_score_features
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,28 @@ def aten_flash_supports(query: torch.Tensor) -> bool:
     )
 
 
-def triton_supports(query: torch.Tensor) -> bool:
+def triton_supports(query: torch.Tensor, value: torch.Tensor | None = None) -> bool:
     """Whether our Triton kernels accept these tensors (see ``lowering.configs.supported_head_dim``)."""
     if query.device.type != "cuda" or query.dtype not in TRITON_DTYPES or not _compat.has_triton():
         return False
     from varlen_compile.lowering.configs import supported_head_dim
 
-    return supported_head_dim(query.shape[-1])
+    return supported_head_dim(query.shape[-1]) and (value is None or supported_head_dim(value.shape[-1]))
 
 
-def _use_aten(query: torch.Tensor, layout: BatchLayout) -> bool:
-    """aten flash needs the maxima as ints; without them it would read ``cu_seq`` (a sync)."""
-    return layout.max_q is not None and layout.max_k is not None and aten_flash_supports(query)
+def _use_aten(query: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions) -> bool:
+    """aten flash needs the maxima as ints (without them it would read ``cu_seq``: a sync),
+    and serves none of softcap, sinks, ALiBi, seqused_k, paging or ``D_v != D`` here: those go
+    to our kernels."""
+    return (
+        layout.max_q is not None
+        and layout.max_k is not None
+        and layout.seqused_k is None
+        and not layout.paged
+        and not uses_score_features(options)
+        and value.shape[-1] == query.shape[-1]
+        and aten_flash_supports(query)
+    )
 
 
 def aten_flash_forward(
@@ -92,16 +103,17 @@ def forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse float32 contiguous ``(H_q, T_q)``."""
-    if _use_aten(query, layout):
+    if _use_aten(query, value, layout, options):
         out, lse = aten_flash_forward(query, key, value, layout, options)
         return out.contiguous(), lse.contiguous()
-    if triton_supports(query):
+    if triton_supports(query, value):
         from varlen_compile.lowering import launcher
 
         return launcher.forward(query, key, value, layout, options)
     log.debug("varlen_attn: reference forward on %s %s", query.device, query.dtype)
     out, lse = reference.attention_forward(
-        query, key, value, layout.cu_seq_q, layout.cu_seq_k, options=options
+        query, key, value, layout.cu_seq_q, layout.cu_seq_k, options=options,
+        seqused_k=layout.seqused_k, block_table=layout.block_table,
     )
     return out.contiguous(), lse.float().contiguous()
 
@@ -118,16 +130,16 @@ def backward(
     grad_lse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``."""
-    if grad_lse is None and _use_aten(query, layout):
+    if grad_lse is None and _use_aten(query, value, layout, options):
         dq, dk, dv = aten_flash_backward(grad_out, query, key, value, out, lse, layout, options)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
-    if triton_supports(query):
+    if triton_supports(query, value):
         from varlen_compile.lowering import launcher
 
         return launcher.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)
     log.debug("varlen_attn: reference backward on %s %s", query.device, query.dtype)
     dq, dk, dv = reference.attention_backward(
         grad_out, query, key, value, out, lse, layout.cu_seq_q, layout.cu_seq_k,
-        options=options, grad_lse=grad_lse,
+        options=options, grad_lse=grad_lse, seqused_k=layout.seqused_k,
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

@@ -12,12 +12,13 @@ need them, aten flash does. ``scale=None`` means ``1 / sqrt(head_dim)``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from . import backends
+from . import backends, reference
 from .params import AttnOptions, BatchLayout, bind_op_args, flat_args, unflatten
 
 __all__ = ["attention_flops", "call_backward", "call_forward", "varlen_attn_backward_op", "varlen_attn_op"]
@@ -36,16 +37,24 @@ def varlen_attn_op(
     scale: float | None,
     window_left: int,
     window_right: int,
+    softcap: float = 0.0,
+    sink: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: out ``(T_q, H_q, D)`` in the input dtype, lse float32 ``(H_q, T_q)``."""
+    """``(out, lse)``: out ``(T_q, H_q, D_v)`` in the input dtype, lse float32 ``(H_q, T_q)``.
+
+    ``key``/``value`` are ``(T_k, H_kv, D / D_v)``, or pages ``(pages, page_size, H_kv, D / D_v)``
+    with ``block_table`` (then ``cu_seq_k`` is not read)."""
     layout, options = unflatten(locals())
     return backends.forward(query, key, value, layout, options)
 
 
 @varlen_attn_op.register_fake
-def _varlen_attn_fake(query, key, value, *flat_params):
-    total_q, num_heads, head_dim = query.shape
-    out = query.new_empty((total_q, num_heads, head_dim))
+def _varlen_attn_fake(query, key, value, *flat_params, **kwargs):
+    total_q, num_heads, _ = query.shape
+    out = query.new_empty((total_q, num_heads, value.shape[-1]))
     lse = query.new_empty((num_heads, total_q), dtype=torch.float32)
     return out, lse
 
@@ -66,11 +75,18 @@ def varlen_attn_backward_op(
     scale: float | None,
     window_left: int,
     window_right: int,
+    softcap: float = 0.0,
+    sink: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
     grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``.
 
-    ``grad_lse`` (float32 ``(H_q, T_q)``) is the gradient flowing into ``lse``, or None.
+    ``grad_lse`` (float32 ``(H_q, T_q)``) is the gradient flowing into ``lse``, or None. The
+    sink's gradient is not computed here (it is a reduction over lse: see ``_backward``).
+    Paged K/V (``block_table``) has no backward.
     """
     layout, options = unflatten(locals())
     return backends.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)
@@ -113,15 +129,23 @@ def call_backward(
 
 _FORWARD = torch.ops.varlen_compile.varlen_attn.default
 _DIFFERENTIABLE = ("query", "key", "value")
+_ARG_INDEX = {argument.name: index for index, argument in enumerate(_FORWARD._schema.arguments)}
+
+
+_SAVED_OPTIONAL = ("sink", "alibi_slopes", "seqused_k", "block_table")
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     args = bind_op_args(_FORWARD, inputs, {})
     layout, options = unflatten(args)
     out, lse = output
-    ctx.save_for_backward(args["query"], args["key"], args["value"], out, lse, layout.cu_seq_q, layout.cu_seq_k)
+    ctx.save_for_backward(
+        args["query"], args["key"], args["value"], out, lse, layout.cu_seq_q, layout.cu_seq_k,
+        *(args[name] for name in _SAVED_OPTIONAL),
+    )
     ctx.hints = (layout.max_q, layout.max_k)
-    ctx.options = options
+    # Tensors travel through save_for_backward; the options keep only their scalars here.
+    ctx.options = dataclasses.replace(options, sink=None, alibi_slopes=None)
     # Unused outputs get None instead of zeros: an unused lse keeps the aten flash backward.
     ctx.set_materialize_grads(False)
 
@@ -129,15 +153,22 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _backward(
     ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
-    query, key, value, out, lse, cu_seq_q, cu_seq_k = ctx.saved_tensors
+    query, key, value, out, lse, cu_seq_q, cu_seq_k, sink, alibi_slopes, seqused_k, block_table = ctx.saved_tensors
+    if block_table is not None:
+        raise NotImplementedError(
+            "varlen_attn: paged K/V (block_table) is forward-only (as in torch.nn.attention.varlen); "
+            "run the backward on contiguous K/V, or call it under torch.no_grad()"
+        )
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    layout = BatchLayout(cu_seq_q, cu_seq_k, *ctx.hints)
-    dq, dk, dv = call_backward(grad_out, query, key, value, out, lse, layout, ctx.options, grad_lse)
-    no_grads = (None,) * (len(_FORWARD._schema.arguments) - len(_DIFFERENTIABLE))
-    return dq, dk, dv, *no_grads
+    layout = BatchLayout(cu_seq_q, cu_seq_k, *ctx.hints, seqused_k=seqused_k)
+    options = dataclasses.replace(ctx.options, sink=sink, alibi_slopes=alibi_slopes)
+    grads = dict(zip(_DIFFERENTIABLE, call_backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)))
+    if sink is not None and ctx.needs_input_grad[_ARG_INDEX["sink"]]:
+        grads["sink"] = reference.sink_grad(sink, lse, grad_out, out, grad_lse).to(sink.dtype)
+    return tuple(grads.get(argument.name) for argument in _FORWARD._schema.arguments)
 
 
 varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -184,29 +215,55 @@ def _sequence_lengths(
     return [int(total)]
 
 
-def attention_flops(
-    query_shape: torch.Size, key_shape: torch.Size, layout: BatchLayout, options: AttnOptions
-) -> int:
-    """Forward FLOPs actually attended: ``4 * D * H_q * sum(attended pairs)`` (two matmuls).
+def _key_lengths(key_shape: torch.Size, layout: BatchLayout) -> list[int]:
+    """Keys each sequence uses: its ``cu_seq_k`` slot (or block-table capacity), cut to
+    ``seqused_k`` when it is given and readable."""
+    from ._compat import is_traced
 
-    Unlike aten's count, causal and window masks are taken into account. The backward does
-    2.5x this (five matmuls including the recomputation of ``Q @ K^T``).
+    num_seqs = layout.cu_seq_q.shape[0] - 1
+    if layout.paged:
+        slots = [layout.block_table.shape[1] * key_shape[1]] * num_seqs
+    else:
+        slots = _sequence_lengths(layout.cu_seq_k, layout.max_k, key_shape[0])
+    if layout.seqused_k is not None and not is_traced(layout.seqused_k):
+        used = layout.seqused_k.tolist()
+        slots = [min(max(u, 0), s) for u, s in zip(used, slots)] if len(slots) == len(used) else slots
+    return slots
+
+
+def attention_flops(
+    query_shape: torch.Size, key_shape: torch.Size, layout: BatchLayout, options: AttnOptions,
+    value_head_dim: int | None = None,
+) -> int:
+    """Forward FLOPs actually attended: ``2 * (D + D_v) * H_q * sum(attended pairs)`` (the
+    two matmuls ``Q K^T`` and ``P V``; ``4 * D * ...`` when ``D_v == D``).
+
+    Unlike aten's count, causal and window masks and ``seqused_k`` are taken into account.
+    Softcap, sinks and ALiBi add elementwise work only (not counted, as in FlashAttention's
+    own accounting). The backward does ``2 * (3 D + 2 D_v)`` per pair (five matmuls including
+    the recomputation of ``Q K^T``): 2.5x the forward when ``D_v == D``.
     """
     _, num_heads, head_dim = query_shape
+    head_dim_v = head_dim if value_head_dim is None else value_head_dim
     lengths_q = _sequence_lengths(layout.cu_seq_q, layout.max_q, query_shape[0])
-    lengths_k = _sequence_lengths(layout.cu_seq_k, layout.max_k, key_shape[0])
+    lengths_k = _key_lengths(key_shape, layout)
     pairs = sum(_attended_pairs(lq, lk, *options.window()) for lq, lk in zip(lengths_q, lengths_k))
-    return 4 * head_dim * num_heads * pairs
+    return 2 * (head_dim + head_dim_v) * num_heads * pairs
 
 
 @register_flop_formula(torch.ops.varlen_compile.varlen_attn, get_raw=True)
 def _varlen_attn_flop(*args, out_val=None, **kwargs) -> int:
     bound = bind_op_args(_FORWARD, args, kwargs)
-    return attention_flops(bound["query"].shape, bound["key"].shape, *unflatten(bound))
+    return attention_flops(
+        bound["query"].shape, bound["key"].shape, *unflatten(bound), value_head_dim=bound["value"].shape[-1]
+    )
 
 
 @register_flop_formula(torch.ops.varlen_compile.varlen_attn_backward, get_raw=True)
 def _varlen_attn_backward_flop(*args, out_val=None, **kwargs) -> int:
     bound = bind_op_args(torch.ops.varlen_compile.varlen_attn_backward.default, args, kwargs)
-    forward = attention_flops(bound["query"].shape, bound["key"].shape, *unflatten(bound))
-    return forward * 5 // 2
+    head_dim, head_dim_v = bound["query"].shape[-1], bound["value"].shape[-1]
+    forward = attention_flops(
+        bound["query"].shape, bound["key"].shape, *unflatten(bound), value_head_dim=head_dim_v
+    )
+    return forward * (3 * head_dim + 2 * head_dim_v) // (head_dim + head_dim_v)

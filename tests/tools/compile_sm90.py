@@ -31,6 +31,13 @@ FEATURES = {
     ),
     "paged-seqused-causal-softcap": (AttnOptions(is_causal=True, softcap=50.0), True, True),
 }
+# (head dim, value head dim) per feature set: the plain kernels at the common 128 and 64, the
+# features with MLA's 192/128 (the largest tiles) and at 128.
+HEAD_DIMS = {
+    "plain-causal": ((128, 128), (64, 64)),
+    "softcap-sink-alibi-window": ((192, 128), (128, 128)),
+    "paged-seqused-causal-softcap": ((128, 128),),
+}
 
 
 def _signature(kernel, constexprs: dict, dtype: str) -> dict[str, str]:
@@ -58,7 +65,7 @@ def _layout(seqused: bool, paged: bool) -> BatchLayout:
 def cases():
     kernels = launcher._kernels()
     for feature, (options, seqused, paged) in FEATURES.items():
-        for head_dim, head_dim_v in ((128, 128), (192, 128), (64, 64)):
+        for head_dim, head_dim_v in HEAD_DIMS[feature]:
             config = default_forward_config(max(head_dim, head_dim_v), torch.bfloat16)
             constexprs = dict(
                 kernel_constexprs(options, _layout(seqused, paged), head_dim, head_dim_v, torch.bfloat16),
@@ -67,7 +74,7 @@ def cases():
             yield f"fwd-{feature}-d{head_dim}v{head_dim_v}", kernels.varlen_fwd_kernel, constexprs, config
         if paged:
             continue
-        for head_dim, head_dim_v in ((128, 128), (192, 128)):
+        for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
             for grad_lse in (False, True):
                 config = default_backward_config(max(head_dim, head_dim_v), torch.bfloat16, 2)
                 constexprs = launcher._backward_constexprs(
@@ -96,5 +103,130 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--templates" not in sys.argv:
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- Inductor templates
+#
+# The templates are Jinja around the same math. Inductor fills in def_kernel, size, stride and
+# store_output; here small stand-ins do (static shapes, contiguous strides, a plain tl.store for
+# store_output), which is enough to check that every feature branch of the Jinja renders to
+# valid Triton and compiles for sm_90.
+
+_TEMPLATE_POINTER_TYPES = {
+    "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32", "BLOCK_TABLE": "*i32",
+    "LSE": "*fp32", "DELTA": "*fp32", "GRAD_LSE": "*fp32", "SINK": "*fp32", "ALIBI": "*fp32",
+}
+
+
+def _contiguous_strides(shape):
+    strides, running = [], 1
+    for size in reversed(shape):
+        strides.append(running)
+        running *= size
+    return tuple(reversed(strides))
+
+
+def render_template(entry: str, shapes: dict, output_shape: tuple, constants: dict) -> tuple[str, list[str]]:
+    """(source, argument names) of the template ``entry`` rendered with stand-ins."""
+    import jinja2
+
+    from varlen_compile.lowering._sources import load_template
+
+    names_seen: list[str] = []
+    defines = "".join(f"    {name} : tl.constexpr = {value}\n" for name, value in constants.items())
+    defines += "    INDEX_DTYPE : tl.constexpr = tl.int32\n"
+
+    def def_kernel(*names):
+        names_seen.extend(names)
+        names_seen.append("OUT_PTR")
+        return f"@triton.jit\ndef template_kernel({', '.join(names_seen)}):\n{defines}"
+
+    def size(name, index):
+        return str(shapes[name][index])
+
+    def stride(name, index=None):
+        strides = _contiguous_strides(shapes[name])
+        return str(strides[index]) if index is not None else ", ".join(map(str, strides))
+
+    def store_output(indices, value, mask, indent_width=4, val_shape=None):
+        strides = _contiguous_strides(output_shape)
+        offset = " + ".join(f"{index} * {s}" for index, s in zip(indices, strides))
+        return f"tl.store(OUT_PTR + {offset}, {value}.to(OUT_PTR.dtype.element_ty), {mask})"
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    source = load_template(entry) + load_template("varlen_common")
+    text = env.from_string(source).render(
+        def_kernel=def_kernel, size=size, stride=stride, store_output=store_output, **constants
+    )
+    return "import triton\nimport triton.language as tl\n" + text, names_seen
+
+
+def template_cases():
+    """(name, source, names, constants) for the forward and backward templates."""
+    from varlen_compile.lowering.common import template_constants
+
+    total_q, total_k, heads_q, heads_kv, num_seqs = 100, 80, 4, 2, 5
+    for feature, (options, seqused, paged) in FEATURES.items():
+        for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
+            layout = _layout(seqused, paged)
+            constants = template_constants(options, layout, head_dim, head_dim_v, torch.bfloat16)
+            config = default_forward_config(max(head_dim, head_dim_v), torch.bfloat16)
+            shapes = {
+                "Q": (total_q, heads_q, head_dim), "CU_Q": (num_seqs + 1,), "CU_K": (num_seqs + 1,),
+                "LSE": (heads_q, total_q), "SEQUSED_K": (num_seqs,), "BLOCK_TABLE": (num_seqs, 8),
+                "SINK": (heads_q,), "ALIBI": (heads_q,),
+                "K": (20, 16, heads_kv, head_dim) if paged else (total_k, heads_kv, head_dim),
+                "V": (20, 16, heads_kv, head_dim_v) if paged else (total_k, heads_kv, head_dim_v),
+            }
+            fwd = dict(constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+            source, names = render_template("varlen_fwd", shapes, (total_q, heads_q, head_dim_v), fwd)
+            yield f"tpl-fwd-{feature}-d{head_dim}v{head_dim_v}", source, names, config
+            if paged:
+                continue
+            for grad_lse in (False, True):
+                bwd_config = default_backward_config(max(head_dim, head_dim_v), torch.bfloat16, 2)
+                bwd = dict(constants, HAS_GRAD_LSE=grad_lse, BLOCK_M1=bwd_config.block_m1, BLOCK_N1=bwd_config.block_n1,
+                           BLOCK_M2=bwd_config.block_m2, BLOCK_N2=bwd_config.block_n2)
+                del bwd["PAGED"]
+                bwd_shapes = dict(
+                    shapes, DO=(total_q, heads_q, head_dim_v), FWD_OUT=(total_q, heads_q, head_dim_v),
+                    DELTA=(heads_q, total_q), GRAD_LSE=(heads_q, total_q), DQ=shapes["Q"], DV=shapes["V"],
+                )
+                source, names = render_template("varlen_bwd", bwd_shapes, shapes["K"], bwd)
+                suffix = "-grad-lse" if grad_lse else ""
+                yield f"tpl-bwd-{feature}-d{head_dim}v{head_dim_v}{suffix}", source, names, bwd_config
+
+
+def compile_template(source: str, names: list[str], config, target) -> object:
+    import hashlib
+    import linecache
+    import types
+
+    filename = f"<template-{hashlib.sha256(source.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = types.ModuleType("rendered_template")
+    module.__file__ = filename
+    exec(compile(source, filename, "exec"), module.__dict__)
+    kernel = module.template_kernel
+    signature = {name: _TEMPLATE_POINTER_TYPES.get(name, "*bf16") for name in names}
+    return triton.compile(
+        ASTSource(kernel, signature, constexprs={}),
+        target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+
+
+def main_templates() -> None:
+    target = GPUTarget("cuda", 90, 32)
+    for name, source, names, config in template_cases():
+        try:
+            compiled = compile_template(source, names, config, target)
+            result = {"case": name, "ok": True, "shared": compiled.metadata.shared, "error": ""}
+        except Exception:  # noqa: BLE001 - reported to the test
+            result = {"case": name, "ok": False, "shared": 0, "error": traceback.format_exc(limit=4)[-2500:]}
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__" and "--templates" in sys.argv:
+    main_templates()
