@@ -2,7 +2,7 @@
 # One device-machine session: install, then the steps named in $STEPS, each time-boxed, logs
 # under $OUT (the device tool's folder that comes back). Usage:
 #   STEPS="tests sweep bench" bash benchmarks/device_session.sh
-# steps: tests fuzz memcheck ab sweep inspect compile host model bench. Wheels in .whl/ (carried by
+# steps: tests fuzz memcheck ab sweep inspect compile host model features bench. Wheels in .whl/ (carried by
 # the device tool, e.g. expecttest) are installed first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,6 +30,8 @@ for step in ${STEPS:-tests}; do
     compile) timeout 120 python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile_time.log" | grep -v DEBUG | tail -3 ;;
     host) (cd benchmarks && timeout "${HOST_TIMEOUT:-400}" python3 host_overhead.py ${HOST_CASES:-headline-causal headline}) 2>&1 | tee "$OUT/host.log" | grep -v DEBUG | tail -${HOST_TAIL:-20} ;;
     model) (cd benchmarks && timeout "${MODEL_TIMEOUT:-300}" python3 bench_model.py --out "$OUT" ${MODEL_ARGS:-}) 2>&1 | tee "$OUT/model.log" | grep -v '^{' | grep -v DEBUG | tail -12 ;;
+    features) timeout "${FEATURES_TIMEOUT:-300}" python3 benchmarks/bench_features.py --tag "${FEATURES_TAG:-h200-features}" ${FEATURES_ARGS:-} 2>&1 \
+        | tee "$OUT/features.log" | grep -v DEBUG | tail -25; cp benchmarks/results/"${FEATURES_TAG:-h200-features}".* "$OUT"/ 2>/dev/null ;;
     bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"
