@@ -75,7 +75,7 @@ def _launch_base(kernels, q, k, v, cu_seq, causal, grad_out):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def backward():
-        delta = launcher.attention_delta(grad_out, out, None)
+        delta = launcher.attention_delta(grad_out, out)
         kv_slots = -(-total // bwd.block_n1) + num_seqs
         q_slots = -(-total // bwd.block_m2) + num_seqs
         grid = (kv_slots + (heads_q // heads_kv) * q_slots, heads_kv)

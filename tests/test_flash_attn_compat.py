@@ -70,16 +70,32 @@ def test_default_returns_out_only_and_hints_are_optional():
     "kwargs, name",
     [
         ({"dropout_p": 0.1}, "dropout_p"),
-        ({"softcap": 30.0}, "softcap"),
-        ({"alibi_slopes": torch.ones(6)}, "alibi_slopes"),
         ({"block_table": torch.zeros(3, 1, dtype=torch.int32)}, "block_table"),
     ],
-    ids=["dropout", "softcap", "alibi", "block-table"],
+    ids=["dropout", "block-table"],
 )
 def test_unsupported_arguments_raise(kwargs, name):
     spec = SPECS[0]
     with pytest.raises(ValueError, match=rf"flash_attn_varlen_func \(varlen_compile\): {name} is not supported yet"):
         _fa2_call(spec, spec.make(), **kwargs)
+
+
+def test_softcap_and_alibi_follow_fa2_conventions():
+    """FA2's softcap and alibi_slopes: the same attention as varlen_attn's (whose conventions
+    are checked against transformers' Gemma 2 and SDPA with an ALiBi bias in
+    test_reference_features.py)."""
+    from varlen_compile import varlen_attn
+
+    spec = SPECS[0]
+    case = spec.make()
+    slopes = torch.rand(case.q.shape[1])
+    out = _fa2_call(spec, case, softcap=30.0, alibi_slopes=slopes)
+    expected = varlen_attn(
+        *case.inputs(), is_causal=spec.is_causal, window_size=spec.window_size, scale=spec.scale,
+        enable_gqa=case.q.shape[1] != case.k.shape[1], softcap=30.0, alibi_slopes=slopes,
+    )
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, _fa2_call(spec, case))
 
 
 def test_deterministic_is_accepted():

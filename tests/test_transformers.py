@@ -145,15 +145,31 @@ def test_unsupported_features_raise_clear_errors():
     attention = ours.model.layers[0].self_attn
     q = torch.randn(1, 6, 5, 8)
     kv = torch.randn(1, 2, 5, 8)
-    for kwargs, pattern in (
-        ({"dropout": 0.1}, "attention dropout"),
-        ({"softcap": 30.0}, "softcap .* is not supported yet"),
-        ({"s_aux": torch.zeros(6)}, "attention sinks"),
-    ):
+    for kwargs, pattern in (({"dropout": 0.1}, "attention dropout"),):
         with pytest.raises(ValueError, match=pattern):
             varlen_hf.varlen_attention_forward(attention, q, kv, kv, None, **kwargs)
     with pytest.raises(ValueError, match="takes 2D padding masks"):
         varlen_hf.varlen_attention_forward(attention, q, kv, kv, torch.zeros(1, 1, 5, 5))
+
+
+def test_softcap_and_sinks_match_transformers_eager():
+    """Gemma 2's softcap and gpt-oss's sinks (s_aux) through our attention function, against
+    transformers' own eager attention of those models on the same (unpadded) batch."""
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    causal = torch.full((5, 5), float("-inf")).triu(1)[None, None].expand(2, 1, 5, 5)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 3, False
+    module.sinks = torch.randn(6)
+    ours, _ = varlen_hf.varlen_attention_forward(module, q, k, v, None, scaling=0.35, softcap=2.0)
+    theirs, _ = modeling_gemma2.eager_attention_forward(module, q, k, v, causal, scaling=0.35, softcap=2.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours, _ = varlen_hf.varlen_attention_forward(module, q, k, v, None, scaling=0.35, s_aux=module.sinks)
+    theirs, _ = modeling_gpt_oss.eager_attention_forward(module, q, k, v, causal, scaling=0.35)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_registered_under_its_name():

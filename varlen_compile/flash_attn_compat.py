@@ -14,8 +14,11 @@ the probabilities only under dropout, for its tests). What differs, and why:
 - ``max_seqlen_q``/``max_seqlen_k`` are only hints: ints are passed on, a tensor is ignored
   (reading it would be a host sync). Our kernels do not need them.
 - ``deterministic`` is accepted either way: our backward is always deterministic (no atomics).
-- Not supported yet, each a ``ValueError``: ``dropout_p > 0``, ``softcap``, ``alibi_slopes``,
-  ``block_table``.
+- ``softcap`` and ``alibi_slopes`` (``(H_q,)`` float32 slopes, FA2's convention) run in our
+  kernels, forward and backward; ``(batch, H_q)`` slopes are not supported.
+- Not supported yet, each a ``ValueError``: ``dropout_p > 0``, ``block_table`` (FA2's paged
+  varlen layout differs from torch's; use :func:`varlen_compile.varlen_attn` with
+  ``block_table`` and ``seqused_k``).
 
 Works eagerly and under ``torch.compile(fullgraph=True)`` (FA2's own function graph-breaks).
 """
@@ -52,8 +55,6 @@ def flash_attn_varlen_func(
     ``return_attn_probs=True``."""
     unsupported = {
         "dropout_p": (dropout_p != 0.0, dropout_p, 0.0),
-        "softcap": (softcap != 0.0, softcap, 0.0),
-        "alibi_slopes": (alibi_slopes is not None, alibi_slopes, None),
         "block_table": (block_table is not None, block_table, None),
     }
     for name, (given, value, default) in unsupported.items():
@@ -66,7 +67,7 @@ def flash_attn_varlen_func(
         q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
         _hint(max_seqlen_q), _hint(max_seqlen_k), bool(causal),
         scale=softmax_scale, window_size=tuple(window_size), enable_gqa=q.shape[1] != k.shape[1],
-        return_aux=AuxRequest(lse=True),
+        return_aux=AuxRequest(lse=True), softcap=float(softcap), alibi_slopes=alibi_slopes,
     )
     if return_attn_probs:
         return out, lse, None

@@ -22,8 +22,9 @@ size, so ``torch.compile(model, fullgraph=True)`` works):
 
 Passed through: ``scaling``, ``sliding_window`` (a window of that many tokens, as transformers'
 FlashAttention path), ``is_causal``. Under autocast, float32 q/k/v run in the autocast dtype (as
-transformers' FlashAttention and SDPA paths do). Not supported yet, each with a clear error: ``softcap``,
-``s_aux`` (attention sinks), attention dropout, ``output_attentions``, 4D masks. Masks are
+transformers' FlashAttention and SDPA paths do), ``softcap`` (Gemma 2/3) and ``s_aux`` (gpt-oss's
+attention sinks, differentiable). Not supported yet, each with a clear error: attention dropout,
+``output_attentions``, 4D masks. Masks are
 padding masks, as with FlashAttention in transformers: custom mask functions (``or_mask_function``
 and ``and_mask_function`` overlays) are not applied.
 """
@@ -70,7 +71,7 @@ def varlen_attention_forward(
     Returns:
         ``(out, None)``: ``out`` ``(B, L_q, H_q, D)`` (zeros at padding positions), no weights.
     """
-    _check_supported(module, dropout, softcap, s_aux, attention_mask, kwargs)
+    _check_supported(module, dropout, attention_mask, kwargs)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     query, key, value = _autocast(query, key, value)
     if attention_mask is not None and key.shape[2] > attention_mask.shape[-1]:
@@ -86,8 +87,9 @@ def varlen_attention_forward(
         _packed(query), _packed(key), _packed(value), cu_seq_q, cu_seq_k,
         _packed_hint(kwargs.get("max_length_q"), len_q), _packed_hint(kwargs.get("max_length_k"), len_k),
         bool(is_causal), scale=scaling, window_size=window, enable_gqa=heads_q != key.shape[1],
+        softcap=float(softcap or 0.0), sink=s_aux,
     )
-    return out.view(batch, len_q, heads_q, head_dim), None
+    return out.view(batch, len_q, heads_q, value.shape[-1]), None
 
 
 def varlen_attention_mask(
@@ -119,22 +121,12 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def _check_supported(module, dropout, softcap, s_aux, attention_mask, kwargs) -> None:
+def _check_supported(module, dropout, attention_mask, kwargs) -> None:
     name = type(module).__name__
     if dropout:
         raise ValueError(
             f"attn_implementation='varlen_compile' ({name}): attention dropout ({dropout}) is not "
             "supported yet; set the config's attention_dropout to 0.0"
-        )
-    if softcap:
-        raise ValueError(
-            f"attn_implementation='varlen_compile' ({name}): softcap (attention logit capping, "
-            "Gemma 2/3) is not supported yet; use attn_implementation='sdpa' or 'eager' for this model"
-        )
-    if s_aux is not None:
-        raise ValueError(
-            f"attn_implementation='varlen_compile' ({name}): attention sinks (s_aux, gpt-oss) are not "
-            "supported yet; use attn_implementation='eager' for this model"
         )
     if kwargs.get("output_attentions"):
         raise ValueError(
