@@ -142,8 +142,7 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     input_nodes += feature_inputs(layout, options, ("seqused_k", "alibi_slopes"))
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
-    del constants["PAGED"]
+    constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype(), backward=True)
     choices: list[Any] = []
     for config in _configs(max(head_dim, head_dim_v), query.get_dtype(), size_hint(group)):
         varlen_bwd_template.maybe_append_choice(

@@ -21,7 +21,7 @@ from varlen_compile import backends
 from varlen_compile.params import AttnOptions, BatchLayout, unflatten
 
 from ._sources import load_template
-from .configs import kernel_constexprs, supported_head_dim
+from .configs import backward_constexprs, kernel_constexprs, supported_head_dim
 
 __all__ = [
     "Plan",
@@ -195,11 +195,13 @@ def arange_int32_rows() -> Callable[[ir.Buffer], torch.Tensor]:
 
 
 def template_constants(
-    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
+    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+    backward: bool = False,
 ) -> dict[str, Any]:
-    """Constexprs every choice of both templates shares: ``configs.kernel_constexprs`` plus the
-    softmax scale, rendered as template literals."""
-    constants = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype)
+    """Constexprs every choice of a template shares: ``configs.kernel_constexprs`` (or
+    ``backward_constexprs``) plus the softmax scale, rendered as template literals."""
+    make = backward_constexprs if backward else kernel_constexprs
+    constants = make(options, layout, head_dim, head_dim_v, dtype)
     constants["DOT_PRECISION"] = repr(constants["DOT_PRECISION"])
     constants["SCALE"] = options.scale_for(head_dim)
     return constants

@@ -21,6 +21,7 @@ __all__ = [
     "MAX_HEAD_DIM",
     "SEARCH_WIDTH",
     "backward_autotune_configs",
+    "backward_constexprs",
     "default_backward_config",
     "default_forward_config",
     "dot_precision",
@@ -77,6 +78,16 @@ def kernel_constexprs(
         "HAS_SEQUSED_K": layout.seqused_k is not None,
         "PAGED": layout.block_table is not None,
     }
+
+
+def backward_constexprs(
+    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    """:func:`kernel_constexprs` of the backward kernels: all but ``PAGED`` (paged K/V has no
+    backward). ``HAS_GRAD_LSE`` and the tile sizes are added per call."""
+    constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype)
+    del constexprs["PAGED"]
+    return constexprs
 
 
 def _is_pow2(x: int) -> bool:

@@ -22,6 +22,7 @@ from ._sources import load_template
 from .configs import (
     BackwardConfig,
     ForwardConfig,
+    backward_constexprs,
     default_backward_config,
     default_forward_config,
     kernel_constexprs,
@@ -175,16 +176,8 @@ def backward(
         options.scale_for(head_dim),
         BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
         BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2, HAS_GRAD_LSE=grad_lse is not None,
-        **_backward_constexprs(options, layout, head_dim, head_dim_v, query.dtype),
+        **backward_constexprs(options, layout, head_dim, head_dim_v, query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return dq, dk, dv
 
-
-def _backward_constexprs(
-    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
-) -> dict[str, object]:
-    """:func:`kernel_constexprs` without the forward-only ones (the backward never pages)."""
-    constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype)
-    del constexprs["PAGED"]
-    return constexprs

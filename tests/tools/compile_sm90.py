@@ -19,7 +19,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from varlen_compile.lowering import launcher
-from varlen_compile.lowering.configs import default_backward_config, default_forward_config, kernel_constexprs
+from varlen_compile.lowering.configs import (
+    backward_constexprs,
+    default_backward_config,
+    default_forward_config,
+    kernel_constexprs,
+)
 from varlen_compile.params import AttnOptions, BatchLayout
 
 _DUMMY = torch.empty(1)
@@ -77,7 +82,7 @@ def cases():
         for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
             for grad_lse in (False, True):
                 config = default_backward_config(max(head_dim, head_dim_v), torch.bfloat16, 2)
-                constexprs = launcher._backward_constexprs(
+                constexprs = backward_constexprs(
                     options, _layout(seqused, False), head_dim, head_dim_v, torch.bfloat16
                 )
                 constexprs.update(
@@ -172,6 +177,7 @@ def template_cases():
         for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
             layout = _layout(seqused, paged)
             constants = template_constants(options, layout, head_dim, head_dim_v, torch.bfloat16)
+            bwd_constants = template_constants(options, layout, head_dim, head_dim_v, torch.bfloat16, backward=True)
             config = default_forward_config(max(head_dim, head_dim_v), torch.bfloat16)
             shapes = {
                 "Q": (total_q, heads_q, head_dim), "CU_Q": (num_seqs + 1,), "CU_K": (num_seqs + 1,),
@@ -187,9 +193,8 @@ def template_cases():
                 continue
             for grad_lse in (False, True):
                 bwd_config = default_backward_config(max(head_dim, head_dim_v), torch.bfloat16, 2)
-                bwd = dict(constants, HAS_GRAD_LSE=grad_lse, BLOCK_M1=bwd_config.block_m1, BLOCK_N1=bwd_config.block_n1,
+                bwd = dict(bwd_constants, HAS_GRAD_LSE=grad_lse, BLOCK_M1=bwd_config.block_m1, BLOCK_N1=bwd_config.block_n1,
                            BLOCK_M2=bwd_config.block_m2, BLOCK_N2=bwd_config.block_n2)
-                del bwd["PAGED"]
                 bwd_shapes = dict(
                     shapes, DO=(total_q, heads_q, head_dim_v), FWD_OUT=(total_q, heads_q, head_dim_v),
                     DELTA=(heads_q, total_q), GRAD_LSE=(heads_q, total_q), DQ=shapes["Q"], DV=shapes["V"],
