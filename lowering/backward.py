@@ -1,13 +1,15 @@
 """Inductor lowering of ``varlen_compile::varlen_attn_backward`` to the backward Triton template.
 
 Steps: bind the arguments into objects -> decide (template or fallback) -> prepare inputs ->
-``delta = rowsum(dO * O)`` as plain Inductor ops (``grad_lse``, if any, is its own input) -> dK layout and the dQ/dV buffers
--> configs -> choices (template configs, plus aten flash under max-autotune) ->
-``autotune_select_algorithm``.
+``delta = rowsum(dO * O)`` as plain Inductor ops (``grad_lse``, if any, is its own input) -> dK
+layout and the dQ/dV buffers -> which kernels compete (``choices.kernels_for``: the template
+configs, FlashAttention 4, aten flash) -> ``autotune_select_algorithm``. (``delta`` is an input
+of every choice; when an extern kernel wins, nothing reads it and Inductor drops it.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -35,8 +37,8 @@ from .common import (
     plan_template,
     template_constants,
 )
+from .choices import ATEN, FA4, TEMPLATE, kernels_for
 from .configs import BackwardConfig, backward_autotune_configs, default_backward_config
-from .forward import offer_aten
 
 __all__ = ["varlen_attn_backward_lowering"]
 
@@ -85,6 +87,30 @@ aten_flash_backward_choice = ExternKernelChoice(
     name="varlen_compile_aten_flash_backward",
     has_out_variant=False,
     kernel_creator=_aten_backward_node,
+)
+
+
+def _fa4_backward_node(
+    grad_out, query, key, value, out, lse, delta, cu_seq_q, cu_seq_k, grad_query, grad_value, *optional,
+    options: AttnOptions, has_grad_lse: bool, has_seqused_k: bool,
+) -> ir.IRNode:
+    """Output node when the FA4 choice wins: FA4 writing dQ/dV into our buffers."""
+    optional = list(optional)
+    grad_lse = optional.pop(0) if has_grad_lse else None
+    seqused_k = optional.pop(0) if has_seqused_k else None
+    op = torch.ops.varlen_compile._fa4_backward_into.default
+    return ir.FallbackKernel.create(
+        op, grad_out, query, key, value, out, lse, grad_query, grad_value, cu_seq_q, cu_seq_k,
+        options.is_causal, options.scale, options.window_left, options.window_right, options.softcap,
+        seqused_k, grad_lse,
+    )
+
+
+fa4_backward_choice = ExternKernelChoice(
+    _extern_ops.fa4_backward_for_autotune,
+    name="varlen_compile_fa4_backward",
+    has_out_variant=False,
+    kernel_creator=_fa4_backward_node,
 )
 
 
@@ -142,9 +168,11 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     input_nodes += feature_inputs(layout, options, ("seqused_k", "alibi_slopes"))
     num_seqs = cu_seq_q.get_size()[0] - 1
 
+    kernels = kernels_for(bound["kernel"], query, head_dim, head_dim_v, layout, options, grad_lse is not None)
     constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype(), backward=True)
     choices: list[Any] = []
-    for config in _configs(max(head_dim, head_dim_v), query.get_dtype(), size_hint(group)):
+    configs = _configs(max(head_dim, head_dim_v), query.get_dtype(), size_hint(group)) if TEMPLATE in kernels else []
+    for config in configs:
         varlen_bwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,
@@ -160,10 +188,17 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
             HAS_GRAD_LSE=grad_lse is not None,
             **constants,
         )
-    if grad_lse is None and offer_aten(query, head_dim, head_dim_v, layout, options):
+    if ATEN in kernels:
         aten_flash_backward_choice.maybe_append_choice(
             choices, input_nodes=input_nodes, layout=layout_dk,
             options=options, hints=(layout.max_q, layout.max_k),
+        )
+    if FA4 in kernels:
+        # FA4's backward needs no sink (the op's autograd computes its gradient) and no delta.
+        fa4_backward_choice.maybe_append_choice(
+            choices, input_nodes=input_nodes, layout=layout_dk,
+            options=dataclasses.replace(options, sink=None, alibi_slopes=None),
+            has_grad_lse=grad_lse is not None, has_seqused_k=layout.seqused_k is not None,
         )
     input_gen_fns = {
         7: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),

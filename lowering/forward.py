@@ -1,12 +1,13 @@
 """Inductor lowering of ``varlen_compile::varlen_attn`` to the forward Triton template.
 
 Steps: bind the arguments into objects -> decide (template or fallback) -> prepare inputs ->
-output layout and the lse buffer -> configs -> choices (template configs, plus aten flash under
-max-autotune) -> ``autotune_select_algorithm``.
+output layout and the lse buffer -> which kernels compete (``choices.kernels_for``: the template
+configs, FlashAttention 4, aten flash) -> ``autotune_select_algorithm``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -19,8 +20,8 @@ from torch._inductor.select_algorithm import (
     autotune_select_algorithm,
 )
 
-from varlen_compile import _extern_ops, backends
-from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs, uses_score_features
+from varlen_compile import _extern_ops
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs
 
 from .common import (
     arange_int32_rows,
@@ -34,9 +35,10 @@ from .common import (
     plan_template,
     template_constants,
 )
+from .choices import ATEN, FA4, TEMPLATE, kernels_for
 from .configs import ForwardConfig, default_forward_config, forward_autotune_configs
 
-__all__ = ["offer_aten", "varlen_attn_lowering"]
+__all__ = ["varlen_attn_lowering"]
 
 _OP = torch.ops.varlen_compile.varlen_attn.default
 
@@ -71,29 +73,31 @@ aten_flash_forward_choice = ExternKernelChoice(
 )
 
 
+def _fa4_forward_node(
+    query, key, value, cu_seq_q, cu_seq_k, lse, *optional, options: AttnOptions, has_seqused_k: bool
+) -> ir.IRNode:
+    """Output node when the FA4 choice wins: FA4 writing into our lse buffer."""
+    seqused_k, sink = _extern_ops.split_fa4_optional(optional, has_seqused_k)
+    op = torch.ops.varlen_compile._fa4_forward_into.default
+    return ir.FallbackKernel.create(
+        op, query, key, value, lse, cu_seq_q, cu_seq_k, options.is_causal, options.scale,
+        options.window_left, options.window_right, options.softcap, sink, seqused_k,
+    )
+
+
+fa4_forward_choice = ExternKernelChoice(
+    _extern_ops.fa4_forward_for_autotune,
+    name="varlen_compile_fa4_forward",
+    has_out_variant=False,
+    kernel_creator=_fa4_forward_node,
+)
+
+
 def _configs(head_dim: int, dtype: torch.dtype) -> list[ForwardConfig]:
     """Configs for the larger of the two head dims (it sizes the biggest tile)."""
     if inductor_config.max_autotune:
         return forward_autotune_configs(head_dim, dtype)
     return [default_forward_config(head_dim, dtype)]
-
-
-def offer_aten(query: ir.IRNode, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions) -> bool:
-    """aten flash competes under max-autotune when it can run without a host sync (the user
-    gave ``max_q``/``max_k``) and supports the dtype, the head dims and the features (none of
-    softcap, sinks, ALiBi, seqused_k, paging: those run in our templates)."""
-    return (
-        inductor_config.max_autotune
-        and head_dim_v == head_dim
-        and not uses_score_features(options)
-        and layout.seqused_k is None
-        and not layout.paged
-        and layout.max_q is not None
-        and layout.max_k is not None
-        and query.get_dtype() in backends.ATEN_FLASH_DTYPES
-        and head_dim % 8 == 0
-        and head_dim <= backends.ATEN_FLASH_MAX_HEAD_DIM
-    )
 
 
 @register_lowering(_OP, type_promotion_kind=None)
@@ -119,9 +123,10 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
     input_nodes += feature_inputs(layout, options, ("seqused_k", "block_table", "sink", "alibi_slopes"))
     num_seqs = cu_seq_q.get_size()[0] - 1
 
+    kernels = kernels_for(bound["kernel"], query, head_dim, head_dim_v, layout, options)
     constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
     choices: list[Any] = []
-    for config in _configs(max(head_dim, head_dim_v), query.get_dtype()):
+    for config in _configs(max(head_dim, head_dim_v), query.get_dtype()) if TEMPLATE in kernels else ():
         varlen_fwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,
@@ -134,10 +139,16 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
             BLOCK_N=config.block_n,
             **constants,
         )
-    if offer_aten(query, head_dim, head_dim_v, layout, options):
+    if ATEN in kernels:
         aten_flash_forward_choice.maybe_append_choice(
             choices, input_nodes=input_nodes, layout=out_layout,
             options=options, hints=(layout.max_q, layout.max_k),
+        )
+    if FA4 in kernels:
+        # The sink is an input node; the choice keeps only the scalar options.
+        fa4_forward_choice.maybe_append_choice(
+            choices, input_nodes=input_nodes, layout=out_layout,
+            options=dataclasses.replace(options, sink=None), has_seqused_k=layout.seqused_k is not None,
         )
     input_gen_fns = {
         3: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),

@@ -6,13 +6,19 @@ Compare versions with :class:`packaging.version.Version`, never with strings.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import inspect
+import types
 
 import torch
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 __all__ = [
     "AUX_REQUEST_TYPES",
+    "FA4_VERSIONS",
+    "fa4_interface",
     "all_gather",
     "all_gather_autograd",
     "TORCH_VERSION",
@@ -69,6 +75,48 @@ def triton_version() -> Version | None:
     import triton
 
     return Version(triton.__version__.split("+")[0])
+
+
+FA4_VERSIONS = SpecifierSet(">=4.0.0b36,<4.1", prereleases=True)
+"""flash-attn-4 releases the FA4 kernel choice accepts (the ``[fa4]`` extra pins the same range;
+tested: 4.0.0b36). Its varlen forward/backward entry points are private functions of
+``flash_attn.cute.interface``, so the keywords we pass are also checked against their
+signatures: a release that renamed one is refused with a logged reason, never called."""
+
+# The keyword arguments varlen_compile._fa4 passes to FA4's private entry points.
+_FA4_FORWARD_KEYWORDS = (
+    "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
+    "causal", "softcap", "window_size_left", "window_size_right", "learnable_sink", "return_lse",
+    "out", "lse",
+)
+_FA4_BACKWARD_KEYWORDS = (
+    "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right", "cu_seqlens_q",
+    "cu_seqlens_k", "seqused_k", "max_seqlen_q", "max_seqlen_k", "dq", "dk", "dv", "dlse",
+)
+
+
+@functools.cache
+def fa4_interface() -> tuple[types.ModuleType | None, str]:
+    """``(flash_attn.cute.interface, "")`` when FlashAttention 4 can serve as a kernel choice,
+    else ``(None, why not)``. Imported once; never raises."""
+    try:
+        version = Version(importlib.metadata.version("flash-attn-4"))
+    except importlib.metadata.PackageNotFoundError:
+        return None, "flash-attn-4 is not installed (pip install 'varlen-compile[fa4]')"
+    if version not in FA4_VERSIONS:
+        return None, f"flash-attn-4 {version} is outside the supported range {FA4_VERSIONS}"
+    try:
+        from flash_attn.cute import interface
+    except Exception as error:  # a broken CUDA / CuTe DSL install must not break our package
+        return None, f"import flash_attn.cute.interface failed: {type(error).__name__}: {error}"
+    for name, keywords in (("_flash_attn_fwd", _FA4_FORWARD_KEYWORDS), ("_flash_attn_bwd", _FA4_BACKWARD_KEYWORDS)):
+        function = getattr(interface, name, None)
+        if function is None:
+            return None, f"flash-attn-4 {version} has no flash_attn.cute.interface.{name}"
+        missing = [key for key in keywords if key not in inspect.signature(function).parameters]
+        if missing:
+            return None, f"flash-attn-4 {version}: {name} lacks the arguments {missing}"
+    return interface, ""
 
 
 @functools.cache

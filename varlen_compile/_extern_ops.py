@@ -1,19 +1,33 @@
-"""aten flash attention shaped for Inductor's autotuner (private ops, CUDA only).
+"""aten flash attention and FlashAttention 4 shaped for Inductor's autotuner (private ops, CUDA
+only).
 
 A template choice returns one tensor and writes the others into buffers it mutates (out + lse
-in the forward, dK + dQ/dV in the backward). For aten flash to compete as an extern choice it
-must keep the same contract, so these ops return the template's output and copy the rest into
-the mutated buffers. The lowerings offer them only when ``max_q``/``max_k`` are known (no sync).
+in the forward, dK + dQ/dV in the backward). For an external kernel to compete as an extern
+choice it must keep the same contract, so these ops return the template's output and write the
+rest into the mutated buffers: aten flash by a copy (it allocates its own outputs), FA4 directly
+(it takes output buffers). The lowerings offer aten flash only when ``max_q``/``max_k`` are
+known (no sync), FA4 where ``_fa4.unsupported`` finds nothing against it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _fa4
 from .backends import aten_flash_backward, aten_flash_forward
 from .params import AttnOptions, BatchLayout, unflatten
 
-__all__ = ["flash_backward_for_autotune", "flash_backward_into", "flash_forward_for_autotune", "flash_forward_into"]
+__all__ = [
+    "fa4_backward_for_autotune",
+    "fa4_backward_into",
+    "fa4_forward_for_autotune",
+    "fa4_forward_into",
+    "split_fa4_optional",
+    "flash_backward_for_autotune",
+    "flash_backward_into",
+    "flash_forward_for_autotune",
+    "flash_forward_into",
+]
 
 
 @torch.library.custom_op("varlen_compile::_flash_forward_into", mutates_args=("lse_out",))
@@ -116,3 +130,127 @@ def flash_backward_for_autotune(
     """What the autotuner times for the aten backward choice: the aten call alone."""
     layout = _host_maxima(BatchLayout(cu_seq_q, cu_seq_k))
     return aten_flash_backward(grad_out, query, key, value, out, lse, layout, options)[1]
+
+
+# ---------------------------------------------------------------------------- FlashAttention 4
+
+
+@torch.library.custom_op("varlen_compile::_fa4_forward_into", mutates_args=("lse_out",))
+def fa4_forward_into(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lse_out: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window_left: int,
+    window_right: int,
+    softcap: float = 0.0,
+    sink: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out`` ``(T_q, H_q, D_v)``; FA4 writes the float32 ``(H_q, T_q)`` lse into ``lse_out``."""
+    layout, options = unflatten(locals())
+    return _fa4.forward(query, key, value, layout, options, lse=lse_out)[0]
+
+
+@fa4_forward_into.register_fake
+def _fa4_forward_into_fake(query, key, value, *args, **kwargs):
+    return query.new_empty((query.shape[0], query.shape[1], value.shape[-1]))
+
+
+def fa4_forward_for_autotune(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    lse_out: torch.Tensor,
+    *optional: torch.Tensor,
+    options: AttnOptions,
+    has_seqused_k: bool,
+) -> torch.Tensor:
+    """What the autotuner times for the FA4 choice, on the forward template's inputs (after the
+    six fixed ones: ``seqused_k`` if ``has_seqused_k``, then the sink if ``options`` has one)."""
+    seqused_k, sink = split_fa4_optional(optional, has_seqused_k)
+    return fa4_forward_into(query, key, value, lse_out, cu_seq_q, cu_seq_k, **_fa4_scalars(options), sink=sink, seqused_k=seqused_k)
+
+
+def split_fa4_optional(optional: tuple, has_seqused_k: bool) -> tuple:
+    """The forward template's optional inputs as FA4 takes them: ``(seqused_k or None, sink or
+    None)`` (FA4 is offered only without ``block_table`` and ALiBi, which sit between them)."""
+    optional = list(optional)
+    seqused_k = optional.pop(0) if has_seqused_k else None
+    return seqused_k, (optional.pop(0) if optional else None)
+
+
+def _fa4_scalars(options: AttnOptions) -> dict:
+    return dict(
+        is_causal=options.is_causal, scale=options.scale, window_left=options.window_left,
+        window_right=options.window_right, softcap=options.softcap,
+    )
+
+
+@torch.library.custom_op(
+    "varlen_compile::_fa4_backward_into", mutates_args=("grad_query_out", "grad_value_out")
+)
+def fa4_backward_into(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_query_out: torch.Tensor,
+    grad_value_out: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window_left: int,
+    window_right: int,
+    softcap: float = 0.0,
+    seqused_k: torch.Tensor | None = None,
+    grad_lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dk``; FA4 writes ``dq`` and ``dv`` into the given buffers."""
+    layout, options = unflatten(locals())
+    return _fa4.backward(
+        grad_out, query, key, value, out, lse, layout, options, grad_lse,
+        grad_query=grad_query_out, grad_value=grad_value_out,
+    )[1]
+
+
+@fa4_backward_into.register_fake
+def _fa4_backward_into_fake(grad_out, query, key, *args, **kwargs):
+    return key.new_empty(key.shape)
+
+
+def fa4_backward_for_autotune(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    grad_query: torch.Tensor,
+    grad_value: torch.Tensor,
+    *optional: torch.Tensor,
+    options: AttnOptions,
+    has_grad_lse: bool,
+    has_seqused_k: bool,
+) -> torch.Tensor:
+    """What the autotuner times for the FA4 backward choice, on the backward template's inputs
+    (``delta`` is the template's; FA4 computes its own)."""
+    optional = list(optional)
+    grad_lse = optional.pop(0) if has_grad_lse else None
+    seqused_k = optional.pop(0) if has_seqused_k else None
+    return fa4_backward_into(
+        grad_out, query, key, value, out, lse, grad_query, grad_value, cu_seq_q, cu_seq_k,
+        **_fa4_scalars(options), seqused_k=seqused_k, grad_lse=grad_lse,
+    )

@@ -167,7 +167,7 @@ def varlen_attn(
     options = AttnOptions(
         is_causal, scale, window_left, window_right, softcap=softcap, sink=sink, alibi_slopes=alibi_slopes
     )
-    out, lse = call_forward(query, key, value, layout, options)
+    out, lse = call_forward(query, key, value, layout, options, config.checked_kernel())
     if return_aux is not None and return_aux.lse:
         return out, lse
     return out

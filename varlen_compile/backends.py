@@ -1,6 +1,10 @@
-"""Eager implementations of the two ops, picked per call by device, dtype, head dim and hints.
+"""Eager implementations of the two ops, picked per call by the kernel preference
+(``varlen_compile.config.kernel``), device, dtype, head dim and hints.
 
-- CUDA, fp16/bf16, head dim a multiple of 8 up to 256, sm80+, ``max_q``/``max_k`` known and
+- ``kernel="fa4"`` where FlashAttention 4 serves the call (:func:`varlen_compile._fa4.unsupported`):
+  FA4's varlen kernels.
+- ``kernel="triton"`` on CUDA: our Triton kernels (below), whatever aten flash could serve.
+- otherwise (``"auto"``, ``"aten"``), CUDA, fp16/bf16, head dim a multiple of 8 up to 256, sm80+, ``max_q``/``max_k`` known and
   none of softcap, sinks, ALiBi, ``seqused_k``, paged K/V, ``D_v != D``:
   ``aten._flash_attention_forward`` / ``_backward`` (FlashAttention 2). The public API reads the
   maxima off ``cu_seq`` in eager mode (its validation syncs once anyway), so eager calls get here.
@@ -19,7 +23,7 @@ import logging
 
 import torch
 
-from . import _compat, reference
+from . import _compat, _fa4, reference
 from .params import AttnOptions, BatchLayout, uses_score_features
 
 log = logging.getLogger(__name__)
@@ -99,11 +103,23 @@ def aten_flash_backward(
     )
 
 
+def _use_fa4(query: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions, kernel: str) -> bool:
+    if kernel != "fa4":
+        return False
+    reason = _fa4.unsupported(query.device, query.dtype, query.shape[-1], value.shape[-1], layout, options)
+    if reason is not None:
+        log.debug("varlen_attn: kernel='fa4' cannot serve this call (%s): our kernels run it", reason)
+    return reason is None
+
+
 def forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse float32 contiguous ``(H_q, T_q)``."""
-    if _use_aten(query, value, layout, options):
+    if _use_fa4(query, value, layout, options, kernel):
+        return _fa4.forward(query, key, value, layout, options)
+    if kernel != "triton" and _use_aten(query, value, layout, options):
         out, lse = aten_flash_forward(query, key, value, layout, options)
         return out.contiguous(), lse.contiguous()
     if triton_supports(query, value):
@@ -128,9 +144,13 @@ def backward(
     layout: BatchLayout,
     options: AttnOptions,
     grad_lse: torch.Tensor | None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``."""
-    if grad_lse is None and _use_aten(query, value, layout, options):
+    if _use_fa4(query, value, layout, options, kernel):
+        dq, dk, dv = _fa4.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)
+        return dq.contiguous(), dk, dv.contiguous()
+    if kernel != "triton" and grad_lse is None and _use_aten(query, value, layout, options):
         dq, dk, dv = aten_flash_backward(grad_out, query, key, value, out, lse, layout, options)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
     if triton_supports(query, value):

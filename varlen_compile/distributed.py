@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _compat, api
+from . import _compat, api, config
 from .ops import call_backward, call_forward
 from .params import AttnOptions, BatchLayout
 
@@ -117,19 +117,19 @@ class _ContextParallelAttention(torch.autograd.Function):
     the whole batch's K and V between forward and backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, cu_seq, max_len, options: AttnOptions, group):
+    def forward(ctx, query, key, value, cu_seq, max_len, options: AttnOptions, group, kernel: str):
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         total = query.shape[0] * world_size
         keys = _to_token_order(_compat.all_gather(key.contiguous(), 0, group), world_size)
         values = _to_token_order(_compat.all_gather(value.contiguous(), 0, group), world_size)
         outs, lses = [], []
         for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, max_len, _is_causal(options)):
-            out, lse = call_forward(query[rows], keys[:key_end], values[:key_end], layout, options)
+            out, lse = call_forward(query[rows], keys[:key_end], values[:key_end], layout, options, kernel)
             outs.append(out)
             lses.append(lse)
         out, lse = torch.cat(outs), torch.cat(lses, dim=1)
         ctx.save_for_backward(query, key, value, cu_seq, out, lse)
-        ctx.max_len, ctx.options, ctx.group = max_len, options, group
+        ctx.max_len, ctx.options, ctx.group, ctx.kernel = max_len, options, group, kernel
         return out
 
     @staticmethod
@@ -145,14 +145,15 @@ class _ContextParallelAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, ctx.max_len, _is_causal(options)):
             dq, dk, dv = call_backward(
-                grad_out[rows], query[rows], keys[:key_end], values[:key_end], out[rows], lse[:, rows], layout, options
+                grad_out[rows], query[rows], keys[:key_end], values[:key_end], out[rows], lse[:, rows], layout,
+                options, kernel=ctx.kernel,
             )
             grad_query.append(dq)
             grad_keys[:key_end] += dk
             grad_values[:key_end] += dv
         grad_key = _compat.reduce_scatter_sum(_to_rank_order(grad_keys, world_size), 0, group)
         grad_value = _compat.reduce_scatter_sum(_to_rank_order(grad_values, world_size), 0, group)
-        return torch.cat(grad_query), grad_key, grad_value, None, None, None, None
+        return torch.cat(grad_query), grad_key, grad_value, None, None, None, None, None
 
 
 def _is_causal(options: AttnOptions) -> bool:
@@ -203,4 +204,5 @@ def context_parallel_varlen_attn(
     zigzag_chunks(total, world_size, dist.get_rank(group))  # checks that T splits evenly
     if not _compat.is_traced(cu_seq):
         api._check_offsets(cu_seq, cu_seq, total, total, max_len, max_len)
-    return _ContextParallelAttention.apply(query, key, value, cu_seq, max_len, options, group)
+    kernel = config.checked_kernel()
+    return _ContextParallelAttention.apply(query, key, value, cu_seq, max_len, options, group, kernel)

@@ -42,13 +42,16 @@ def varlen_attn_op(
     alibi_slopes: torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: out ``(T_q, H_q, D_v)`` in the input dtype, lse float32 ``(H_q, T_q)``.
 
     ``key``/``value`` are ``(T_k, H_kv, D / D_v)``, or pages ``(pages, page_size, H_kv, D / D_v)``
-    with ``block_table`` (then ``cu_seq_k`` is not read)."""
+    with ``block_table`` (then ``cu_seq_k`` is not read). ``kernel``: the preferred kernel,
+    ``varlen_compile.config.kernel`` when the call was made (``"auto"``, ``"triton"``, ``"fa4"``
+    or ``"aten"``; see :mod:`varlen_compile.config`)."""
     layout, options = unflatten(locals())
-    return backends.forward(query, key, value, layout, options)
+    return backends.forward(query, key, value, layout, options, kernel)
 
 
 @varlen_attn_op.register_fake
@@ -81,15 +84,18 @@ def varlen_attn_backward_op(
     seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     grad_lse: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``.
 
     ``grad_lse`` (float32 ``(H_q, T_q)``) is the gradient flowing into ``lse``, or None. The
     sink's gradient is not computed here (it is a reduction over lse: see ``_backward``).
-    Paged K/V (``block_table``) has no backward.
+    Paged K/V (``block_table``) has no backward. ``kernel`` as in the forward op (the forward's
+    value reaches the backward through autograd); whichever kernel ran the forward, ``lse``
+    follows one convention (``+inf`` for rows with no key), so any kernel can run the backward.
     """
     layout, options = unflatten(locals())
-    return backends.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)
+    return backends.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse, kernel)
 
 
 @varlen_attn_backward_op.register_fake
@@ -101,11 +107,17 @@ def _varlen_attn_backward_fake(grad_out, query, key, value, *flat_params, **kwar
     )
 
 
+def _kernel_kwargs(kernel: str) -> dict[str, str]:
+    """``kernel`` as an op keyword, left out at its default (captured graphs stay as they were)."""
+    return {} if kernel == "auto" else {"kernel": kernel}
+
+
 def call_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward op on objects: ``(out, lse)``."""
-    return varlen_attn_op(query, key, value, **flat_args(layout, options))
+    return varlen_attn_op(query, key, value, **flat_args(layout, options), **_kernel_kwargs(kernel))
 
 
 def call_backward(
@@ -118,10 +130,12 @@ def call_backward(
     layout: BatchLayout,
     options: AttnOptions,
     grad_lse: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward op on objects: ``(dq, dk, dv)``."""
     return varlen_attn_backward_op(
-        grad_out, query, key, value, out, lse, **flat_args(layout, options), grad_lse=grad_lse
+        grad_out, query, key, value, out, lse, **flat_args(layout, options), grad_lse=grad_lse,
+        **_kernel_kwargs(kernel),
     )
 
 
@@ -144,6 +158,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         *(args[name] for name in _SAVED_OPTIONAL),
     )
     ctx.hints = (layout.max_q, layout.max_k)
+    ctx.kernel = args["kernel"]
     # Tensors travel through save_for_backward; the options keep only their scalars here.
     ctx.options = dataclasses.replace(options, sink=None, alibi_slopes=None)
     # Unused outputs get None instead of zeros: an unused lse keeps the aten flash backward.
@@ -165,7 +180,7 @@ def _backward(
         grad_out = grad_out.contiguous()
     layout = BatchLayout(cu_seq_q, cu_seq_k, *ctx.hints, seqused_k=seqused_k)
     options = dataclasses.replace(ctx.options, sink=sink, alibi_slopes=alibi_slopes)
-    grads = dict(zip(_DIFFERENTIABLE, call_backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)))
+    grads = dict(zip(_DIFFERENTIABLE, call_backward(grad_out, query, key, value, out, lse, layout, options, grad_lse, ctx.kernel)))
     if sink is not None and ctx.needs_input_grad[_ARG_INDEX["sink"]]:
         grads["sink"] = reference.sink_grad(sink, lse, grad_out, out, grad_lse).to(sink.dtype)
     return tuple(grads.get(argument.name) for argument in _FORWARD._schema.arguments)

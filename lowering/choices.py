@@ -1,0 +1,137 @@
+"""Which kernels compete for one op call in a compiled graph (DESIGN decision 5): our Triton
+template, FlashAttention 4 and aten flash attention (the last two as extern choices).
+
+The op's ``kernel`` argument (``varlen_compile.config.kernel`` when the call was traced) decides:
+
+- ``"triton"``: the template.
+- ``"fa4"`` / ``"aten"``: that kernel where it can serve the call, else the template (logged
+  once at INFO: a preference is never an error, and the template serves every CUDA call).
+- ``"auto"`` under ``max-autotune``: the template configs and every kernel that can serve the
+  call; Inductor times them on the GPU and keeps the fastest.
+- ``"auto"`` otherwise: the default table below.
+
+What a kernel can serve (never the user's choice) decides eligibility:
+``varlen_compile._fa4.unsupported`` for FA4 (sm90/sm100, fp16/bf16, its head dims, no ALiBi,
+no paged K/V), :func:`aten_unsupported` for aten flash (needs ``max_q``/``max_k`` as ints, none
+of the features aten does not take). Neither runs in an AOTInductor package or a
+``cpp_wrapper`` graph: both are Python kernels, so those graphs take the template.
+
+Default table, without ``max-autotune`` (16-bit dtypes): FA4 where it won, the template
+elsewhere. Measured on the H200 (torch 2.11, Triton 3.6, flash-attn-4 4.0.0b36, bf16; issue
+#16's table): FA4 beat the template in forward and in forward+backward on every measured case
+at these head dims, causal or not, GQA 1 and 4, 8 to 128 sequences, 4k to 64k tokens.
+
+=====  ==================  ==================================  ========
+arch   (D, D_v)            masking / features                  default
+=====  ==================  ==================================  ========
+sm90   (64, 64), (128, 128)  none or causal; no softcap, sink,   FA4
+                           seqused_k
+other  any                 any                                 template
+=====  ==================  ==================================  ========
+
+"other" is not measured yet (sm100, other head dims, windows, softcap/sinks): it keeps the
+template until ``benchmarks/bench_choice.py`` measures it; ``max-autotune`` measures it per call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import ir
+from torch._inductor.virtualized import V
+
+from varlen_compile import _fa4, backends
+from varlen_compile.config import check_kernel_name
+from varlen_compile.params import AttnOptions, BatchLayout, uses_score_features
+
+__all__ = ["FA4_DEFAULT", "aten_unsupported", "fa4_is_default", "kernels_for", "select"]
+
+log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
+
+TEMPLATE, FA4, ATEN = "triton", "fa4", "aten"
+
+FA4_DEFAULT: dict[int, frozenset[tuple[int, int]]] = {9: frozenset({(64, 64), (128, 128)})}
+"""Arch major -> the ``(D, D_v)`` pairs where FA4 is the default (see the table above)."""
+
+
+def fa4_is_default(arch_major: int, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions) -> bool:
+    """Whether the default table picks FA4 (where it is eligible)."""
+    left, right = options.window()
+    return (
+        (head_dim, head_dim_v) in FA4_DEFAULT.get(arch_major, frozenset())
+        and left < 0
+        and right in (-1, 0)
+        and not uses_score_features(options)
+        and layout.seqused_k is None
+    )
+
+
+def select(
+    requested: str, *, fa4_reason: str | None, aten_reason: str | None, max_autotune: bool, fa4_default: bool
+) -> tuple[str, ...]:
+    """The kernels that compete, from the preference and what can serve the call
+    (``*_reason``: None when that kernel can, else why not). Always at least one; the template
+    whenever nothing else may run."""
+    check_kernel_name(requested)
+    if requested == TEMPLATE:
+        return (TEMPLATE,)
+    if requested in (FA4, ATEN):
+        reason = fa4_reason if requested == FA4 else aten_reason
+        if reason is None:
+            return (requested,)
+        _log_once(requested, reason)
+        return (TEMPLATE,)
+    if max_autotune:
+        return (TEMPLATE,) + tuple(name for name, reason in ((FA4, fa4_reason), (ATEN, aten_reason)) if reason is None)
+    return (FA4,) if fa4_reason is None and fa4_default else (TEMPLATE,)
+
+
+def _log_once(requested: str, reason: str) -> None:
+    if (requested, reason) not in _logged:
+        _logged.add((requested, reason))
+        log.info("varlen_compile: kernel=%r cannot serve a call (%s); our Triton template runs it", requested, reason)
+
+
+def aten_unsupported(
+    query: ir.IRNode, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions,
+    grad_lse: bool = False,
+) -> str | None:
+    """None when aten flash can run this call inside a compiled graph, else why not."""
+    if layout.max_q is None or layout.max_k is None:
+        return "aten flash needs max_q/max_k as ints (without them it would read cu_seq: a sync)"
+    if grad_lse:
+        return "aten flash takes no gradient into lse"
+    if head_dim_v != head_dim or uses_score_features(options) or layout.seqused_k is not None or layout.paged:
+        return "aten flash serves none of D_v != D, softcap, sinks, ALiBi, seqused_k, paged K/V"
+    if query.get_dtype() not in backends.ATEN_FLASH_DTYPES:
+        return f"aten flash serves float16 and bfloat16 (dtype: {query.get_dtype()})"
+    if head_dim % 8 or head_dim > backends.ATEN_FLASH_MAX_HEAD_DIM:
+        return f"aten flash serves head dims that are multiples of 8 up to 256 (head dim: {head_dim})"
+    if torch.cuda.get_device_capability(query.get_device()) < (8, 0):
+        return "aten flash needs sm80 or newer"
+    return None
+
+
+def kernels_for(
+    requested: str, query: ir.IRNode, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions,
+    grad_lse: bool = False,
+) -> tuple[str, ...]:
+    """:func:`select` for an op call the template can serve (a CUDA tensor ``query``)."""
+    if requested == TEMPLATE:
+        return (TEMPLATE,)
+    device = query.get_device()
+    python_kernel = (
+        "an AOTInductor package or cpp_wrapper graph cannot call a Python kernel" if V.graph.cpp_wrapper else None
+    )
+    fa4_reason = python_kernel or _fa4.unsupported(device, query.get_dtype(), head_dim, head_dim_v, layout, options)
+    aten_reason = python_kernel or aten_unsupported(query, head_dim, head_dim_v, layout, options, grad_lse)
+    return select(
+        requested,
+        fa4_reason=fa4_reason,
+        aten_reason=aten_reason,
+        max_autotune=bool(inductor_config.max_autotune),
+        fa4_default=fa4_is_default(torch.cuda.get_device_capability(device)[0], head_dim, head_dim_v, layout, options),
+    )
