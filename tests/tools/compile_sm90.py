@@ -233,5 +233,30 @@ def main_templates() -> None:
         print(json.dumps(result), flush=True)
 
 
+def compile_offsets_kernel(target) -> dict:
+    """The offsets sanitizer FA4's calls run first (lowering/offsets.py), with and without
+    seqused_k."""
+    from varlen_compile.lowering import offsets
+
+    kernel = offsets.sanitize_offsets_kernel
+    results = []
+    for has_used in (False, True):
+        constexprs = {"HAS_USED": has_used, "BLOCK": offsets._BLOCK}
+        signature = {
+            name: ("constexpr" if name in constexprs else "*i32" if name.isupper() else "i32")
+            for name in inspect.signature(kernel.fn).parameters
+        }
+        name = f"offsets{'-seqused' if has_used else ''}"
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=target,
+                                      options={"num_warps": 4})
+            results.append({"case": name, "ok": True, "shared": compiled.metadata.shared, "error": ""})
+        except Exception:  # noqa: BLE001 - reported to the test
+            results.append({"case": name, "ok": False, "shared": 0, "error": traceback.format_exc(limit=4)[-2500:]})
+    return results
+
+
 if __name__ == "__main__" and "--templates" in sys.argv:
     main_templates()
+    for result in compile_offsets_kernel(GPUTarget("cuda", 90, 32)):
+        print(json.dumps(result), flush=True)

@@ -1,0 +1,425 @@
+"""The kernel choice on the CPU (issue #16): the switch, eligibility, the selection logic and its
+default table, the path without FlashAttention 4, the FA4 adapter against a stand-in of FA4's
+interface, and the offsets it sanitizes (under the Triton interpreter).
+
+What needs a GPU and FA4 itself (numerics of the real kernel, generated code, syncs, CUDA
+graphs, speed) is in ``test_gpu_fa4.py`` and ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import types
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fake_fa4
+from factory import assert_matches_reference, make_case, make_cu_seq
+from varlen_compile import _compat, _extern_ops, _fa4, config, varlen_attn
+from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args
+
+CUDA = torch.device("cuda", 0)
+
+
+# ---------------------------------------------------------------------------- the switch
+
+
+def test_switch_defaults_to_auto_and_rejects_unknown_names(monkeypatch):
+    assert config.kernel == "auto" or "VARLEN_COMPILE_KERNEL" in __import__("os").environ
+    with pytest.raises(ValueError, match=r"must be one of \('auto', 'triton', 'fa4', 'aten'\), got 'fa3'"):
+        with config.patch(kernel="fa3"):
+            pass
+    with pytest.raises(AttributeError, match="no switch 'kernels'"):
+        with config.patch(kernels="fa4"):
+            pass
+    monkeypatch.setattr(config, "kernel", "FA4")  # as a misspelt environment variable would set it
+    case = make_case([3, 2])
+    with pytest.raises(ValueError, match="VARLEN_COMPILE_KERNEL"):
+        varlen_attn(*case.inputs())
+
+
+def test_patch_restores_the_previous_value():
+    before = config.kernel
+    with config.patch(kernel="triton"):
+        assert config.kernel == "triton"
+        with config.patch(kernel="aten"):
+            assert config.kernel == "aten"
+        assert config.kernel == "triton"
+    assert config.kernel == before
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "varlen_compile" in str(func):
+            self.calls.append((str(func.overloadpacket), bind_op_args(func, args, kwargs)["kernel"]))
+        return func(*args, **kwargs)
+
+
+def test_the_switch_reaches_both_ops_through_autograd():
+    """The forward op gets the preference as an argument and autograd hands it to the backward
+    op; at the default the argument is left out (captured graphs stay as they were)."""
+    case = make_case([3, 0, 5], heads_q=2, requires_grad=True)
+    for kernel in ("triton", "auto"):
+        with config.patch(kernel=kernel), _OpLog() as log:
+            out = varlen_attn(*case.inputs(), is_causal=True)
+            out.sum().backward()
+        assert log.calls == [
+            ("varlen_compile.varlen_attn", kernel),
+            ("varlen_compile.varlen_attn_backward", kernel),
+        ]
+
+
+def test_flipping_the_switch_recompiles_and_lands_in_the_graph():
+    def attention(query, key, value, cu_seq):
+        return varlen_attn(query, key, value, cu_seq, cu_seq, is_causal=True)
+
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(attention, backend=backend, fullgraph=True)
+    case = make_case([4, 3])
+    compiled(case.q, case.k, case.v, case.cu_seq_q)
+    with config.patch(kernel="fa4"):
+        compiled(case.q, case.k, case.v, case.cu_seq_q)
+        compiled(case.q, case.k, case.v, case.cu_seq_q)
+    assert backend.frame_count == 2, "the switch is guarded on: flipping it recompiles once"
+    kernels = [
+        node.kwargs.get("kernel", "auto")
+        for graph in backend.graphs for node in graph.graph.nodes
+        if "varlen_attn" in str(node.target)
+    ]
+    assert kernels == ["auto", "fa4"]
+
+
+@pytest.mark.parametrize("kernel", ["fa4", "aten", "triton"])
+def test_every_preference_is_correct_where_that_kernel_cannot_run(kernel):
+    """On the CPU no preferred kernel can run: eager and compiled calls still give the reference
+    result (the preference is never an error)."""
+    case = make_case([5, 1, 0, 7], [6, 2, 3, 7], heads_q=4, heads_kv=2, requires_grad=True)
+    grad_out = torch.randn_like(case.q)
+
+    def attention(query, key, value, cu_seq_q, cu_seq_k):
+        return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, is_causal=True, enable_gqa=True)
+
+    with config.patch(kernel=kernel):
+        for function in (attention, torch.compile(attention, backend="inductor", fullgraph=True)):
+            out = function(*case.inputs())
+            grads = torch.autograd.grad(out, (case.q, case.k, case.v), grad_out)
+            assert_matches_reference(case, out, grads=grads, grad_out=grad_out, is_causal=True)
+
+
+# ---------------------------------------------------------------------------- FA4 detection
+
+
+@pytest.fixture
+def fresh_fa4_detection():
+    _compat.fa4_interface.cache_clear()
+    yield
+    _compat.fa4_interface.cache_clear()
+
+
+def test_without_fa4_installed_nothing_offers_it(fresh_fa4_detection, monkeypatch):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    interface, reason = _compat.fa4_interface()
+    assert interface is None and "flash-attn-4 is not installed" in reason and "[fa4]" in reason
+    assert _fa4.unsupported(CUDA, torch.bfloat16, 128, 128, BatchLayout(None, None), AttnOptions()) == reason
+
+
+def test_fa4_outside_the_supported_range_is_refused(fresh_fa4_detection, monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.1.0")
+    interface, reason = _compat.fa4_interface()
+    assert interface is None and "4.1.0 is outside the supported range" in reason
+
+
+def test_fa4_whose_private_api_moved_is_refused(fresh_fa4_detection, monkeypatch):
+    """A release inside the range whose entry points lost an argument we pass: refused with the
+    names, never called."""
+    import importlib.metadata
+
+    interface = fake_fa4.make_interface()
+
+    def renamed(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, **kwargs):  # lacks seqused_k, lse, ...
+        raise AssertionError("never called")
+
+    interface._flash_attn_fwd = renamed
+    package = types.ModuleType("flash_attn")
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.0.0b40")
+    found, reason = _compat.fa4_interface()
+    assert found is None and "_flash_attn_fwd lacks the arguments" in reason and "'seqused_k'" in reason
+
+    interface._flash_attn_fwd = fake_fa4.make_interface()._flash_attn_fwd
+    _compat.fa4_interface.cache_clear()
+    found, reason = _compat.fa4_interface()
+    assert found is interface and reason == ""
+
+
+# ---------------------------------------------------------------------------- eligibility
+
+
+@pytest.fixture
+def fa4_present(monkeypatch):
+    """FA4 'installed' (the stand-in) on an sm90 GPU; ``set_arch`` changes the GPU."""
+    interface = fake_fa4.make_interface()
+    monkeypatch.setattr(_compat, "fa4_interface", lambda: (interface, ""))
+    arch = {"capability": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: arch["capability"])
+    interface.set_arch = lambda major, minor=0: arch.update(capability=(major, minor))
+    return interface
+
+
+LAYOUT = BatchLayout(None, None)
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, head_dims, expected",
+    [
+        ((9, 0), torch.bfloat16, (128, 128), None),
+        ((9, 0), torch.float16, (64, 64), None),
+        ((9, 0), torch.bfloat16, (256, 256), None),
+        ((9, 0), torch.bfloat16, (192, 128), None),
+        ((9, 0), torch.bfloat16, (96, 96), None),
+        ((9, 0), torch.bfloat16, (72, 72), None),
+        ((9, 0), torch.bfloat16, (36, 36), "head dims 36/36"),
+        ((9, 0), torch.bfloat16, (512, 512), "head dims 512/512"),
+        ((9, 0), torch.float32, (128, 128), "float16 and bfloat16"),
+        ((10, 0), torch.bfloat16, (128, 128), None),
+        ((10, 0), torch.bfloat16, (192, 128), None),
+        ((10, 0), torch.bfloat16, (256, 256), None),
+        ((10, 0), torch.bfloat16, (160, 160), "head dims 160/160"),
+        ((8, 0), torch.bfloat16, (128, 128), "sm90 and sm100"),
+        ((12, 0), torch.bfloat16, (128, 128), "sm90 and sm100"),
+    ],
+)
+def test_fa4_eligibility_by_arch_dtype_and_head_dims(fa4_present, arch, dtype, head_dims, expected):
+    fa4_present.set_arch(*arch)
+    reason = _fa4.unsupported(CUDA, dtype, *head_dims, LAYOUT, AttnOptions())
+    assert reason is None if expected is None else expected in reason
+
+
+def test_fa4_eligibility_by_features(fa4_present):
+    def reason(layout=LAYOUT, **options):
+        return _fa4.unsupported(CUDA, torch.bfloat16, 128, 128, layout, AttnOptions(**options))
+
+    slopes, table = torch.ones(4), torch.zeros(2, 3, dtype=torch.int32)
+    assert reason(is_causal=True, window_left=64) is None
+    assert reason(softcap=30.0) is None
+    assert reason(sink=torch.zeros(4)) is None
+    assert reason(BatchLayout(None, None, seqused_k=torch.ones(2, dtype=torch.int32))) is None
+    assert "ALiBi" in reason(alibi_slopes=slopes)
+    assert "paged" in reason(BatchLayout(None, None, seqused_k=torch.ones(2), block_table=table))
+    assert "NVIDIA GPUs" in _fa4.unsupported(torch.device("cpu"), torch.bfloat16, 128, 128, LAYOUT, AttnOptions())
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def test_selection_follows_the_preference_where_the_kernel_can_serve():
+    from varlen_compile.lowering.choices import select
+
+    def pick(requested, fa4=None, aten=None, max_autotune=False, default=False):
+        return select(requested, fa4_reason=fa4, aten_reason=aten, max_autotune=max_autotune, fa4_default=default)
+
+    assert pick("triton") == ("triton",)
+    assert pick("triton", max_autotune=True) == ("triton",)
+    assert pick("fa4") == ("fa4",)
+    assert pick("fa4", fa4="fp32") == ("triton",)
+    assert pick("aten") == ("aten",)
+    assert pick("aten", aten="no max hints") == ("triton",)
+    # auto without max-autotune: the default table, where FA4 can serve.
+    assert pick("auto", default=True) == ("fa4",)
+    assert pick("auto", default=False) == ("triton",)
+    assert pick("auto", fa4="not installed", default=True) == ("triton",)
+    # auto under max-autotune: everything that can serve competes, the template always.
+    assert pick("auto", max_autotune=True) == ("triton", "fa4", "aten")
+    assert pick("auto", aten="no max hints", max_autotune=True) == ("triton", "fa4")
+    assert pick("auto", fa4="x", aten="y", max_autotune=True) == ("triton",)
+    with pytest.raises(ValueError, match="must be one of"):
+        pick("flash")
+
+
+def test_an_unservable_preference_is_logged_once(caplog):
+    from varlen_compile.lowering.choices import select
+
+    caplog.set_level(logging.INFO, logger="varlen_compile.lowering.choices")
+    for _ in range(3):
+        select("fa4", fa4_reason="a reason only this test gives", aten_reason=None, max_autotune=False, fa4_default=False)
+    messages = [r.getMessage() for r in caplog.records if "a reason only this test gives" in r.getMessage()]
+    assert len(messages) == 1 and "our Triton template runs it" in messages[0]
+
+
+@pytest.mark.parametrize(
+    "arch, head_dims, options, layout, expected",
+    [
+        (9, (128, 128), AttnOptions(is_causal=True), LAYOUT, True),
+        (9, (64, 64), AttnOptions(), LAYOUT, True),
+        (9, (64, 64), AttnOptions(window_right=0), LAYOUT, True),
+        (9, (96, 96), AttnOptions(is_causal=True), LAYOUT, False),
+        (9, (192, 128), AttnOptions(is_causal=True), LAYOUT, False),
+        (9, (128, 128), AttnOptions(is_causal=True, window_left=256), LAYOUT, False),
+        (9, (128, 128), AttnOptions(softcap=50.0), LAYOUT, False),
+        (9, (128, 128), AttnOptions(sink=torch.zeros(2)), LAYOUT, False),
+        (9, (128, 128), AttnOptions(), BatchLayout(None, None, seqused_k=torch.ones(2)), False),
+        (10, (128, 128), AttnOptions(is_causal=True), LAYOUT, False),
+        (8, (128, 128), AttnOptions(is_causal=True), LAYOUT, False),
+    ],
+)
+def test_default_table(arch, head_dims, options, layout, expected):
+    """FA4 by default only where it was measured faster (lowering/choices.py's table)."""
+    from varlen_compile.lowering.choices import fa4_is_default
+
+    assert fa4_is_default(arch, *head_dims, layout, options) is expected
+
+
+# ---------------------------------------------------------------------------- the FA4 adapter
+
+ADAPTER_CASES = {
+    "causal-gqa-empty-single": dict(lengths_q=[5, 0, 1, 9], lengths_k=[7, 3, 1, 9], heads_q=4, heads_kv=2, causal=True),
+    "full-qk-differ": dict(lengths_q=[6, 2], lengths_k=[3, 8], heads_q=2, heads_kv=2, causal=False),
+    "window-left-right": dict(lengths_q=[9, 4], lengths_k=[9, 6], heads_q=2, heads_kv=1, causal=False, window=(3, 2)),
+    "causal-window": dict(lengths_q=[9, 4], lengths_k=[9, 6], heads_q=2, heads_kv=1, causal=True, window=(2, -1)),
+    "softcap-scale": dict(lengths_q=[6, 3], lengths_k=[6, 5], heads_q=2, heads_kv=2, causal=True, softcap=2.0, scale=0.7),
+    "sink-empty-keys": dict(lengths_q=[4, 3], lengths_k=[0, 5], heads_q=2, heads_kv=2, causal=False, sink=True),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", ADAPTER_CASES)
+def test_fa4_adapter_round_trip(name, fa4_present, interpret, poison_empty):
+    """Through the FA4 adapter (the stand-in computes), results meet the error rule against the
+    float64 reference: our window/causal/scale/softcap/sink conventions reach FA4's, lse comes
+    back +inf for rows with no key (the stand-in writes -inf, as FA4 may), and no output is left
+    unwritten (uninitialized memory is NaN here)."""
+    spec = ADAPTER_CASES[name]
+    case = make_case(spec["lengths_q"], spec["lengths_k"], heads_q=spec["heads_q"], heads_kv=spec["heads_kv"],
+                     head_dim=16, dtype=torch.bfloat16)
+    sink = torch.randn(spec["heads_q"]) if spec.get("sink") else None
+    window = spec.get("window", (-1, -1))
+    options = AttnOptions(spec["causal"], spec.get("scale"), *window, softcap=spec.get("softcap", 0.0), sink=sink)
+    layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
+    out, lse = _fa4.forward(case.q, case.k, case.v, layout, options)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = _fa4.backward(grad_out, case.q, case.k, case.v, out, lse, layout, options, grad_lse)
+    ref_kwargs = dict(is_causal=spec["causal"], window_size=window, scale=spec.get("scale"),
+                      softcap=spec.get("softcap", 0.0), sink=sink)
+    assert_matches_reference(case, out, lse, grads, grad_out=grad_out, grad_lse=grad_lse,
+                             **ref_kwargs)
+    forward_call = fa4_present.calls[0][1]
+    assert forward_call["max_seqlen_q"] is None and forward_call["max_seqlen_k"] is None
+    assert fa4_present.calls[1][1]["learnable_sink"] is None
+
+
+@pytest.mark.interpreter
+def test_fa4_adapter_zeroes_the_gradients_of_unused_keys(fa4_present, interpret, poison_empty):
+    """FA4 writes no dK/dV for keys past seqused_k; the adapter makes them 0, as our kernels."""
+    case = make_case([4, 3], [6, 5], heads_q=2, head_dim=16, dtype=torch.bfloat16)
+    seqused_k = torch.tensor([2, 5], dtype=torch.int32)
+    layout = BatchLayout(case.cu_seq_q, case.cu_seq_k, seqused_k=seqused_k)
+    options = AttnOptions(is_causal=True)
+    out, lse = _fa4.forward(case.q, case.k, case.v, layout, options)
+    grad_out = torch.randn_like(out)
+    grads = _fa4.backward(grad_out, case.q, case.k, case.v, out, lse, layout, options, None)
+    assert torch.equal(grads[1][2:6], torch.zeros_like(grads[1][2:6]))
+    assert torch.equal(grads[2][2:6], torch.zeros_like(grads[2][2:6]))
+    assert_matches_reference(case, out, lse, grads, grad_out=grad_out,
+                             is_causal=True, seqused_k=seqused_k)
+
+
+@pytest.mark.interpreter
+def test_fa4_adapter_hands_fa4_only_sanitized_offsets(fa4_present, interpret):
+    """A malformed cu_seq (compiled code cannot check it) reaches FA4 clamped into the tensors
+    and non-decreasing, seqused_k clamped to its slots: FA4 cannot read out of bounds."""
+    case = make_case([8, 6], heads_q=2, head_dim=16, dtype=torch.bfloat16)
+    bad_q = torch.tensor([3, 90, -4], dtype=torch.int32)
+    bad_k = torch.tensor([-7, 9, 4], dtype=torch.int32)
+    layout = BatchLayout(bad_q, bad_k, seqused_k=torch.tensor([50, -2], dtype=torch.int32))
+    _fa4.forward(case.q, case.k, case.v, layout, AttnOptions())
+    call = fa4_present.calls[0][1]
+    assert call["cu_seqlens_q"].tolist() == [3, 14, 14]
+    assert call["cu_seqlens_k"].tolist() == [0, 9, 9]
+    assert call["seqused_k"].tolist() == [9, 0]
+
+
+@pytest.mark.interpreter
+def test_fa4_extern_ops_pass_opcheck(fa4_present, interpret):
+    """The private ops the lowerings emit for the FA4 choice: schema, fake (shapes, strides,
+    dtypes) and the declared mutation of the lse / dQ / dV buffers agree with what runs."""
+    case = make_case([5, 0, 3], [4, 2, 3], heads_q=4, heads_kv=2, head_dim=16, dtype=torch.bfloat16)
+    lse = torch.empty(4, case.q.shape[0])
+    scalars = dict(is_causal=True, scale=None, window_left=-1, window_right=-1, softcap=0.0)
+    torch.library.opcheck(
+        torch.ops.varlen_compile._fa4_forward_into.default,
+        (case.q, case.k, case.v, lse, case.cu_seq_q, case.cu_seq_k), dict(scalars, sink=torch.randn(4)),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    out = _extern_ops.fa4_forward_into(case.q, case.k, case.v, lse, case.cu_seq_q, case.cu_seq_k, **scalars)
+    grad_query, grad_value = torch.empty_like(case.q), torch.empty_like(case.v)
+    torch.library.opcheck(
+        torch.ops.varlen_compile._fa4_backward_into.default,
+        (torch.randn_like(out), case.q, case.k, case.v, out, lse, grad_query, grad_value, case.cu_seq_q, case.cu_seq_k),
+        scalars, test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+# ---------------------------------------------------------------------------- offsets
+
+
+def _sanitized_by_hand(cu_q, cu_k, used, total_q, total_k):
+    def monotone(offsets, total):
+        result, running = [], 0
+        for offset in offsets:
+            running = max(running, min(max(offset, 0), total))
+            result.append(running)
+        return result
+
+    q, k = monotone(cu_q, total_q), monotone(cu_k, total_k)
+    used = None if used is None else [min(max(u, 0), k[i + 1] - k[i]) for i, u in enumerate(used)]
+    return q, k, used
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("seed", range(6))
+def test_offsets_kernel_matches_its_definition(seed, interpret):
+    """Random (mostly malformed) offsets, some longer than one block of the kernel's scan."""
+    from varlen_compile.lowering.offsets import sanitized
+
+    rng = random.Random(seed)
+    count = rng.choice([1, 2, 5, 1500])
+    total_q, total_k = rng.randint(0, 300), rng.randint(0, 300)
+    cu_q = [rng.randint(-50, 400) for _ in range(count)]
+    cu_k = [rng.randint(-50, 400) for _ in range(count)]
+    used = [rng.randint(-5, 80) for _ in range(count - 1)] if seed % 2 else None
+    as_tensor = lambda values: None if values is None else torch.tensor(values, dtype=torch.int32)  # noqa: E731
+    got = sanitized(as_tensor(cu_q), as_tensor(cu_k), as_tensor(used), total_q, total_k)
+    expected = _sanitized_by_hand(cu_q, cu_k, used, total_q, total_k)
+    assert [None if t is None else t.tolist() for t in got] == list(expected)
+
+
+@pytest.mark.interpreter
+def test_offsets_kernel_leaves_well_formed_offsets_alone(interpret):
+    from varlen_compile.lowering.offsets import sanitized
+
+    cu = make_cu_seq([5, 0, 1, 9])
+    used = torch.tensor([5, 0, 1, 4], dtype=torch.int32)
+    q, k, u = sanitized(cu, cu, used, 15, 15)
+    assert torch.equal(q, cu) and torch.equal(k, cu) and torch.equal(u, used)
