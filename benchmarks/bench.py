@@ -4,7 +4,13 @@
     python benchmarks/bench.py --cases headline-causal,d128 --impls ours,aten --no-backward
 
 Implementations (all on the same packed random bf16 inputs):
-    ours        torch.compile(varlen_compile.varlen_attn, fullgraph=True): our Inductor templates
+    ours        torch.compile(varlen_compile.varlen_attn, fullgraph=True) with
+                config.kernel="triton": our Inductor templates ("ours (Triton)")
+    ours-auto   the same with config.kernel="auto" (the default): the kernel the lowering's
+                default table picks, FlashAttention 4 where it was measured faster
+    fa4         FlashAttention 4 called directly (flash_attn.cute.interface
+                .flash_attn_varlen_func with max_seqlen ints, its own autograd), uncompiled:
+                torch.compile(fullgraph=True) of it fails
     ours-eager  our standalone Triton kernels (same @triton.jit math, no Inductor)
     aten        aten._flash_attention_forward/_backward (FlashAttention 2), what
                 torch.nn.attention.varlen.varlen_attn runs, called directly
@@ -33,6 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from varlen_compile import config
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -126,6 +134,23 @@ def build_ours(case: Case, inputs: Inputs):
         fullgraph=True,
     )
     return compiled, {}
+
+
+def build_fa4(case: Case, inputs: Inputs):
+    from flash_attn.cute.interface import flash_attn_varlen_func
+
+    def attention(q, k, v):
+        out, _ = flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=inputs.cu_seq, cu_seqlens_k=inputs.cu_seq,
+            max_seqlen_q=inputs.max_len, max_seqlen_k=inputs.max_len, causal=case.causal,
+        )
+        return out
+
+    return attention, {}
+
+
+# The kernel switch (varlen_compile.config.kernel) each implementation runs under.
+KERNEL_SWITCH = {"ours": "triton", "ours-auto": "auto"}
 
 
 def build_ours_eager(case: Case, inputs: Inputs):
@@ -233,6 +258,8 @@ def build_floor(case: Case, inputs: Inputs):
 
 BUILDERS: dict[str, Callable] = {
     "ours": build_ours,
+    "ours-auto": build_ours,
+    "fa4": build_fa4,
     "ours-eager": build_ours_eager,
     "aten": build_aten,
     "sdpa": build_sdpa,
@@ -273,6 +300,28 @@ def time_forward_backward(attention, inputs: Inputs, leaves: list[torch.Tensor])
     return _bench(step, grad_to_none=leaves)
 
 
+def measure(case: Case, impl: str, inputs: Inputs, backward: bool) -> dict:
+    """One implementation on one case: setup time, forward (and forward+backward) times and
+    rates, or the error that stopped it (one failing impl must not hide the rest)."""
+    row: dict = {}
+    try:
+        start = time.perf_counter()
+        attention, notes = BUILDERS[impl](case, inputs)
+        leaves = notes.pop("inputs", [inputs.q, inputs.k, inputs.v])
+        attention(inputs.q, inputs.k, inputs.v)  # compile / warm up
+        torch.cuda.synchronize()
+        row["setup_s"] = round(time.perf_counter() - start, 2)
+        row.update(notes)
+        row["fwd_ms"] = time_forward(attention, inputs)
+        row["fwd_tflops"] = forward_flops(case) / row["fwd_ms"] / 1e9
+        if backward:
+            row["fwdbwd_ms"] = time_forward_backward(attention, inputs, leaves)
+            row["fwdbwd_tflops"] = 3.5 * forward_flops(case) / row["fwdbwd_ms"] / 1e9
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return row
+
+
 def run(cases: list[Case], impls: list[str], backward: bool, log) -> list[dict]:
     rows = []
     for case in cases:
@@ -282,35 +331,23 @@ def run(cases: list[Case], impls: list[str], backward: bool, log) -> list[dict]:
         inputs = make_inputs(case)
         for impl in impls:
             row = {"case": case.name, "impl": impl, "tokens": case.total, "seqs": len(case.lengths)}
-            try:
-                start = time.perf_counter()
-                attention, notes = BUILDERS[impl](case, inputs)
-                leaves = notes.pop("inputs", [inputs.q, inputs.k, inputs.v])
-                attention(inputs.q, inputs.k, inputs.v)  # compile / warm up
-                torch.cuda.synchronize()
-                row["setup_s"] = round(time.perf_counter() - start, 2)
-                row.update(notes)
-                row["fwd_ms"] = time_forward(attention, inputs)
-                row["fwd_tflops"] = forward_flops(case) / row["fwd_ms"] / 1e9
-                if backward:
-                    row["fwdbwd_ms"] = time_forward_backward(attention, inputs, leaves)
-                    row["fwdbwd_tflops"] = 3.5 * forward_flops(case) / row["fwdbwd_ms"] / 1e9
-            except Exception as error:  # report and go on: one failing impl must not hide the rest
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            torch._dynamo.reset()  # ours and ours-auto differ only in the switch
+            with config.patch(kernel=KERNEL_SWITCH.get(impl, "auto")):
+                row.update(measure(case, impl, inputs, backward))
             log(json.dumps(row))
             rows.append(row)
             torch.cuda.empty_cache()
     return rows
 
 
-def speedups(rows: list[dict], metric: str, baseline: str = "aten") -> dict[str, float]:
+def speedups(rows: list[dict], metric: str, baseline: str = "aten", ours_impl: str = "ours") -> dict[str, float]:
     """ours / baseline speed per case (time ratio baseline_ms / ours_ms)."""
     by_case: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_case.setdefault(row["case"], {})[row["impl"]] = row
     ratios = {}
     for case, impls in by_case.items():
-        ours, base = impls.get("ours", {}), impls.get(baseline, {})
+        ours, base = impls.get(ours_impl, {}), impls.get(baseline, {})
         if metric in ours and metric in base:
             ratios[case] = base[metric] / ours[metric]
     return ratios
@@ -324,9 +361,13 @@ def markdown(rows: list[dict], impls: list[str], backward: bool) -> str:
         "",
     ]
     metrics = [("fwd_ms", "fwd_tflops", "forward")] + ([("fwdbwd_ms", "fwdbwd_tflops", "forward+backward")] if backward else [])
+    # Ratio columns (time of the peer / time of ours; above 1: ours faster) for the pairs present.
+    pairs = [(o, p) for o, p in (("ours", "aten"), ("ours", "fa4"), ("ours-auto", "fa4")) if o in impls and p in impls]
     for metric, rate, title in metrics:
-        lines += [f"### {title}", "", "| case | " + " | ".join(impls) + " | ours vs aten |", "|---" * (len(impls) + 2) + "|"]
-        ratios = speedups(rows, metric)
+        header = " | ".join(f"{o} vs {p}" for o, p in pairs)
+        lines += [f"### {title}", "", "| case | " + " | ".join(impls) + (f" | {header} |" if pairs else " |"),
+                  "|---" * (len(impls) + len(pairs) + 1) + "|"]
+        ratios = {pair: speedups(rows, metric, baseline=pair[1], ours_impl=pair[0]) for pair in pairs}
         for case in dict.fromkeys(row["case"] for row in rows):
             cells = []
             for impl in impls:
@@ -335,11 +376,14 @@ def markdown(rows: list[dict], impls: list[str], backward: bool) -> str:
                     cells.append(f"{row[metric]:.3f}")
                 else:
                     cells.append(f"{row[metric]:.3f} ({row[rate]:.0f})" if metric in row else row.get("error", "-")[:40])
-            ratio = ratios.get(case)
-            lines.append(f"| {case} | " + " | ".join(cells) + f" | {ratio:.2f}x |" if ratio else f"| {case} | " + " | ".join(cells) + " | - |")
-        if ratios:
-            geomean = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
-            lines += ["", f"Geometric mean ours vs aten ({title}): {geomean:.2f}x; min {min(ratios.values()):.2f}x", ""]
+            cells += [f"{ratios[pair][case]:.2f}x" if case in ratios[pair] else "-" for pair in pairs]
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for (ours_impl, peer), by_case in ratios.items():
+            if by_case:
+                geomean = math.exp(sum(math.log(r) for r in by_case.values()) / len(by_case))
+                lines.append(f"Geometric mean {ours_impl} vs {peer} ({title}): {geomean:.2f}x; min {min(by_case.values()):.2f}x")
+        lines.append("")
     builds = [r for r in rows if "mask_build_ms" in r]
     if builds:
         lines += ["FlexAttention block-mask build (not in the timings): " + ", ".join(f"{r['case']} {r['mask_build_ms']:.1f} ms" for r in builds), ""]

@@ -7,8 +7,12 @@ it: ``LAYERS`` pre-norm blocks (RMSNorm, fused qkv Linear, varlen attention, out
 RMSNorm, GELU MLP), bf16, forward + backward of the whole model per step.
 
 Variants (same weights, same packed random batch):
-    compiled-ours        torch.compile(model, fullgraph=True), varlen_compile.varlen_attn:
-                         our Inductor templates forward and backward
+    compiled-ours        torch.compile(model, fullgraph=True), varlen_compile.varlen_attn with
+                         config.kernel="triton": our Inductor templates forward and backward
+    compiled-ours-auto   the same with config.kernel="auto" (the default): the lowering's
+                         default table picks the kernel, FlashAttention 4 where it was faster
+    compiled-fa4         torch.compile(model) (not fullgraph: it cannot be) with FlashAttention
+                         4 called directly: a graph break around every attention call
     compiled-torch       torch.compile(model, fullgraph=True), torch.nn.attention.varlen
                          .varlen_attn: aten flash (FA2) kernels inside the compiled graph
     eager-torch          the model in eager mode with torch.nn.attention.varlen.varlen_attn
@@ -29,6 +33,7 @@ from torch.nn import functional as F
 from triton.testing import do_bench
 
 from bench import RESULTS, Case, all_cases
+from varlen_compile import config
 
 
 class Block(nn.Module):
@@ -44,6 +49,11 @@ class Block(nn.Module):
         self.up, self.down = nn.Linear(width, 4 * width, bias=False), nn.Linear(4 * width, width, bias=False)
 
     def attend(self, q, k, v, cu_seq, max_len):
+        if self.attention == "fa4":
+            from flash_attn.cute.interface import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seq, cu_seqlens_k=cu_seq, max_seqlen_q=max_len,
+                                          max_seqlen_k=max_len, causal=self.case.causal)[0]
         if self.attention == "ours":
             from varlen_compile import varlen_attn
 
@@ -78,23 +88,27 @@ class Model(nn.Module):
 def time_variant(case: Case, variant: str, layers: int) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    attention = "ours" if variant.endswith("ours") else "torch"
+    attention = variant.split("-")[1]  # ours, torch or fa4
     model = Model(case, attention, layers).cuda().to(torch.bfloat16)
     width = case.heads_q * case.head_dim
     x = torch.randn(case.total, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cu_seq = torch.tensor((0,) + case.lengths, device="cuda").cumsum(0).to(torch.int32)
     max_len = max(case.lengths)
-    run = torch.compile(model, fullgraph=True) if variant.startswith("compiled") else model
+    if variant.startswith("compiled"):
+        run = torch.compile(model, fullgraph=attention != "fa4")
+    else:
+        run = model
     grad = torch.randn_like(x)
     leaves = [x, *model.parameters()]
 
     def step():
         run(x, cu_seq, max_len).backward(grad)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    ms = do_bench(step, warmup=50, rep=300, grad_to_none=leaves, return_mode="median")
+    with config.patch(kernel="auto" if variant.endswith("-auto") else "triton"):
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        ms = do_bench(step, warmup=50, rep=300, grad_to_none=leaves, return_mode="median")
     attn_flops = 3.5 * 4.0 * case.head_dim * case.heads_q * sum(
         n * (n + 1) // 2 if case.causal else n * n for n in case.lengths) * layers
     linear_flops = 3 * 2 * case.total * sum(p.numel() for p in model.parameters() if p.dim() == 2)
@@ -122,18 +136,20 @@ def main() -> None:
     variants = args.variants.split(",")
     lines = [f"{torch.cuda.get_device_name()}; torch {torch.__version__}; bf16; {args.layers} layers; "
              "median ms per training step (forward + backward) of do_bench, model TFLOP/s in brackets", "",
-             "| case | " + " | ".join(variants) + " | compiled-ours vs compiled-torch | vs eager-torch |",
-             "|---" * (len(variants) + 3) + "|"]
+             "| case | " + " | ".join(variants) + " | compiled-ours vs compiled-torch | vs eager-torch "
+             "| compiled-ours-auto vs compiled-fa4 |",
+             "|---" * (len(variants) + 4) + "|"]
     for name in dict.fromkeys(r["case"] for r in rows):
         got = {r["variant"]: r for r in rows if r["case"] == name}
         cells = [f"{got[v]['step_ms']:.3f} ({got[v]['tflops']:.0f})" if "step_ms" in got.get(v, {}) else "-" for v in variants]
 
-        def ratio(base: str) -> str:
-            if "step_ms" in got.get(base, {}) and "step_ms" in got.get("compiled-ours", {}):
-                return f"{got[base]['step_ms'] / got['compiled-ours']['step_ms']:.2f}x"
+        def ratio(base: str, ours: str = "compiled-ours") -> str:
+            if "step_ms" in got.get(base, {}) and "step_ms" in got.get(ours, {}):
+                return f"{got[base]['step_ms'] / got[ours]['step_ms']:.2f}x"
             return "-"
 
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio('compiled-torch')} | {ratio('eager-torch')} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio('compiled-torch')} | {ratio('eager-torch')} "
+                     f"| {ratio('compiled-fa4', 'compiled-ours-auto')} |")
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

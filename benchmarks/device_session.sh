@@ -2,8 +2,10 @@
 # One device-machine session: install, then the steps named in $STEPS, each time-boxed, logs
 # under $OUT (the device tool's folder that comes back). Usage:
 #   STEPS="tests sweep bench" bash benchmarks/device_session.sh
-# steps: tests fuzz memcheck ab sweep inspect compile host model features bench. Wheels in .whl/ (carried by
-# the device tool, e.g. expecttest) are installed first.
+# steps: tests fuzz memcheck ab sweep inspect compile host model features fa4tests choice bench. Wheels in
+# .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
+# installed when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/
+# to /tmp/fa4 on the warm machine, this call carries .fa4b/).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -11,6 +13,15 @@ mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/wheels.log" 2>&1 || { tail -20 "$OUT/wheels.log"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -d .fa4b ] && compgen -G "/tmp/fa4/part.*" >/dev/null; then
+  cat /tmp/fa4/part.* .fa4b/part.* > /tmp/fa4/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/fa4/*.whl .fa4b/*.whl >"$OUT/fa4.log" 2>&1 \
+    || { tail -20 "$OUT/fa4.log"; exit 1; }
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+  python3 -c "import flash_attn.cute.interface as i; from importlib.metadata import version; print('flash-attn-4', version('flash-attn-4'))"
+elif [ -d .fa4b ]; then
+  echo "FA4 wheels: /tmp/fa4 is empty (the first call found no warm machine): redo both calls"; exit 3
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
@@ -32,6 +43,10 @@ for step in ${STEPS:-tests}; do
     model) (cd benchmarks && timeout "${MODEL_TIMEOUT:-300}" python3 bench_model.py --out "$OUT" ${MODEL_ARGS:-}) 2>&1 | tee "$OUT/model.log" | grep -v '^{' | grep -v DEBUG | tail -12 ;;
     features) timeout "${FEATURES_TIMEOUT:-300}" python3 benchmarks/bench_features.py --tag "${FEATURES_TAG:-h200-features}" ${FEATURES_ARGS:-} 2>&1 \
         | tee "$OUT/features.log" | grep -v DEBUG | tail -25; cp benchmarks/results/"${FEATURES_TAG:-h200-features}".* "$OUT"/ 2>/dev/null ;;
+    fa4tests) timeout "${FA4_TIMEOUT:-400}" python3 -m pytest -q tests/test_gpu_fa4.py -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
+        | tee "$OUT/fa4_tests.log" | tail -${TESTS_TAIL:-40} ;;
+    choice) timeout "${CHOICE_TIMEOUT:-400}" python3 benchmarks/bench_choice.py --out "$OUT" --tag "${CHOICE_TAG:-h200-choice}" ${CHOICE_ARGS:-} 2>&1 \
+        | tee "$OUT/choice.log" | grep -v '^{' | grep -v DEBUG | tail -20 ;;
     bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"

@@ -23,6 +23,8 @@ from factory import assert_matches_reference, make_case, make_cu_seq
 from varlen_compile import _compat, _extern_ops, _fa4, config, varlen_attn
 from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args
 
+pytestmark = pytest.mark.fa4
+
 CUDA = torch.device("cuda", 0)
 
 

@@ -110,6 +110,10 @@ def varlen_attn(
     unspecified values, never an out-of-bounds access) and ``config.check_offsets`` can add
     device-side assertions.
 
+    Which kernel runs the call on CUDA (our Triton kernels, FlashAttention 4, aten flash) is
+    ``varlen_compile.config.kernel``, a preference read here (so a traced call is guarded on it);
+    see :mod:`varlen_compile.config`.
+
     Example::
 
         >>> lengths = torch.tensor([5, 0, 3])

@@ -1,0 +1,344 @@
+"""FlashAttention 4 as a kernel choice behind our ops (issue #16), on the GPU.
+
+Skipped without a CUDA GPU that FA4 serves (sm90/sm100) or without ``flash_attn.cute``
+(``pip install varlen-compile[fa4]``; on the device machine see ``../shared/tools/fa4_wheels.sh``
+and the ``fa4`` steps of ``benchmarks/device_session.sh``).
+
+Numerics against the float64 reference under DESIGN.md's error rule, eager and compiled, forward
+and gradients (the sink's too): lengths 0 and 1, q_len != k_len, GQA, causal, windows, softcap,
+sinks, seqused_k, D_v != D, fp16 and bf16. Compiled: the generated code calls FA4 when it is
+chosen and our template when ``triton`` is forced or FA4 cannot serve; zero host syncs in a
+steady-state forward+backward step; at most one recompile over 100 random batches; CUDA graphs
+with changing ``cu_seq``; ``torch.export`` keeps our op; ``cpp_wrapper`` takes the template;
+malformed offsets stay in bounds (run under compute-sanitizer by the memcheck step).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+from conftest import requires_cuda
+from factory import assert_meets_error_rule, make_cu_seq
+from varlen_compile import AuxRequest, _compat, config, reference, varlen_attn
+from varlen_compile.params import AttnOptions
+
+
+def _fa4_usable() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        return False, "FA4 serves sm90/sm100 here"
+    interface, reason = _compat.fa4_interface()
+    return interface is not None, reason
+
+
+_USABLE, _WHY = _fa4_usable()
+pytestmark = [pytest.mark.gpu, pytest.mark.fa4, requires_cuda, pytest.mark.skipif(not _USABLE, reason=_WHY)]
+
+DEVICE = "cuda"
+FA4_FWD, FA4_BWD = "_fa4_forward_into", "_fa4_backward_into"
+FWD_KERNEL, BWD_KERNEL = "varlen_fwd_tile(", "varlen_bwd_dkdv_tile("
+LENGTHS_Q = [300, 0, 1, 77, 129, 5]
+LENGTHS_K = [280, 3, 1, 77, 200, 0]
+
+CASES = {
+    "d128-causal-gqa": dict(head_dim=128, is_causal=True),
+    "d64-full": dict(head_dim=64),
+    "d64-fp16-causal": dict(head_dim=64, is_causal=True, dtype=torch.float16),
+    "d128-window": dict(head_dim=128, window_size=(64, 16)),
+    "d64-causal-window": dict(head_dim=64, is_causal=True, window_size=(48, 0)),
+    "d256-causal": dict(head_dim=256, is_causal=True),
+    "d96-full": dict(head_dim=96),
+    "mla-d192-dv128-causal": dict(head_dim=192, head_dim_v=128, is_causal=True),
+    "softcap-causal": dict(head_dim=128, softcap=30.0, is_causal=True),
+    "sink-window": dict(head_dim=64, sink=True, window_size=(64, 0)),
+    "seqused-causal": dict(head_dim=128, seqused=True, is_causal=True),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def fa4_calls(monkeypatch):
+    """Counts the calls that reach FA4's forward and backward."""
+    interface, _ = _compat.fa4_interface()
+    calls = {"fwd": 0, "bwd": 0}
+    forward, backward = interface._flash_attn_fwd, interface._flash_attn_bwd
+
+    def counted_forward(*args, **kwargs):
+        calls["fwd"] += 1
+        return forward(*args, **kwargs)
+
+    def counted_backward(*args, **kwargs):
+        calls["bwd"] += 1
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(interface, "_flash_attn_fwd", counted_forward)
+    monkeypatch.setattr(interface, "_flash_attn_bwd", counted_backward)
+    return calls
+
+
+def _inputs(head_dim=64, head_dim_v=None, dtype=torch.bfloat16, sink=False, seqused=False, **_):
+    torch.manual_seed(0)
+    head_dim_v = head_dim_v or head_dim
+    tq, tk = sum(LENGTHS_Q), sum(LENGTHS_K)
+    return {
+        "q": torch.randn(tq, 8, head_dim, device=DEVICE, dtype=dtype),
+        "k": torch.randn(tk, 2, head_dim, device=DEVICE, dtype=dtype),
+        "v": torch.randn(tk, 2, head_dim_v, device=DEVICE, dtype=dtype),
+        "cu_seq_q": make_cu_seq(LENGTHS_Q, DEVICE),
+        "cu_seq_k": make_cu_seq(LENGTHS_K, DEVICE),
+        "sink": torch.randn(8, device=DEVICE) if sink else None,
+        "seqused_k": torch.tensor([200, 1, 0, 77, 150, 0], dtype=torch.int32, device=DEVICE) if seqused else None,
+    }
+
+
+def _call(inputs, q, k, v, sink, case):
+    return varlen_attn(
+        q, k, v, inputs["cu_seq_q"], inputs["cu_seq_k"], is_causal=case.get("is_causal", False),
+        window_size=case.get("window_size", (-1, -1)), enable_gqa=True, return_aux=AuxRequest(lse=True),
+        softcap=case.get("softcap", 0.0), sink=sink, seqused_k=inputs["seqused_k"],
+    )
+
+
+def _reference(inputs, case, dtype, grad_out, grad_lse):
+    leaves = [inputs[name].detach().to(dtype).requires_grad_() for name in ("q", "k", "v")]
+    sink = inputs["sink"].detach().to(dtype).requires_grad_() if inputs["sink"] is not None else None
+    options = AttnOptions(
+        case.get("is_causal", False), None, *case.get("window_size", (-1, -1)), softcap=case.get("softcap", 0.0), sink=sink,
+    )
+    out, lse = reference.attention_forward(
+        *leaves, inputs["cu_seq_q"], inputs["cu_seq_k"], options, seqused_k=inputs["seqused_k"], compute_dtype=dtype,
+    )
+    wrt = leaves + ([sink] if sink is not None else [])
+    grads = torch.autograd.grad((out, lse), wrt, (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+    return (out, lse, *grads)
+
+
+def _run(case, inputs, compiled: bool):
+    """``(out, lse, grads, grad_out, grad_lse, generated source)`` of one forward+backward step
+    through the public API (lse used too, so the backward gets a gradient into it)."""
+    leaves = [inputs[n].clone().requires_grad_() for n in ("q", "k", "v")]
+    sink = inputs["sink"].clone().requires_grad_() if inputs["sink"] is not None else None
+    wrt = leaves + ([sink] if sink is not None else [])
+    call = torch.compile(_call, fullgraph=True) if compiled else _call
+
+    def step():
+        out, lse = call(inputs, *leaves, sink, case)
+        grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+        return out, lse, torch.autograd.grad((out, lse), wrt, (grad_out, grad_lse)), grad_out, grad_lse
+
+    if not compiled:
+        return (*step(), "")
+    result, codes = run_and_get_code(step)
+    return (*result, "\n".join(codes))
+
+
+def _check(name, case, inputs, out, lse, grads, grad_out, grad_lse):
+    dtype = inputs["q"].dtype
+    oracle = _reference(inputs, case, torch.float64, grad_out, grad_lse)
+    plain = _reference(inputs, case, dtype, grad_out, grad_lse)  # the budget: the input dtype
+    for label, mine, exact, budget in zip(("out", "lse", "dq", "dk", "dv", "dsink"), (out, lse, *grads), oracle, plain):
+        assert_meets_error_rule(mine.detach(), exact.detach(), budget.detach(), name=f"{name}/{label}")
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fa4_matches_reference(name, mode, fa4_calls):
+    """kernel='fa4': FA4 runs forward and backward (eager: our backends call it; compiled: the
+    generated code calls it, no template) and meets the error rule, lse and dsink included."""
+    case = CASES[name]
+    inputs = _inputs(**case)
+    with config.patch(kernel="fa4"):
+        out, lse, grads, grad_out, grad_lse, source = _run(case, inputs, compiled=mode == "compiled")
+    assert fa4_calls["fwd"] >= 1 and fa4_calls["bwd"] >= 1, f"FA4 did not run: {fa4_calls}"
+    if mode == "compiled":
+        assert FA4_FWD in source and FA4_BWD in source
+        assert FWD_KERNEL not in source and BWD_KERNEL not in source
+    _check(name, case, inputs, out, lse, grads, grad_out, grad_lse)
+
+
+def test_forcing_triton_or_an_unservable_call_runs_the_template(fa4_calls):
+    """kernel='triton' keeps FA4 out of the graph; kernel='fa4' on what FA4 cannot serve (fp32,
+    ALiBi) runs the template, silently correct."""
+    case = CASES["d128-causal-gqa"]
+    with config.patch(kernel="triton"):
+        *_, source = _run(case, _inputs(**case), compiled=True)
+    assert FWD_KERNEL in source and FA4_FWD not in source and fa4_calls["fwd"] == 0
+    torch._dynamo.reset()
+    inputs = _inputs(head_dim=128, dtype=torch.float32)
+    with config.patch(kernel="fa4"):
+        out, lse, grads, grad_out, grad_lse, source = _run(case, inputs, compiled=True)
+    assert FWD_KERNEL in source and FA4_FWD not in source and fa4_calls["fwd"] == 0
+    _check("fp32", case, inputs, out, lse, grads, grad_out, grad_lse)
+
+
+@pytest.mark.parametrize("name", ["d128-causal-gqa", "d64-full"])
+def test_auto_picks_fa4_where_the_default_table_says(name, fa4_calls):
+    case = CASES[name]
+    *_, source = _run(case, _inputs(**case), compiled=True)
+    assert FA4_FWD in source and FA4_BWD in source
+
+
+def test_auto_keeps_the_template_outside_the_default_table():
+    case = CASES["softcap-causal"]
+    *_, source = _run(case, _inputs(**case), compiled=True)
+    assert FWD_KERNEL in source and FA4_FWD not in source
+
+
+def test_eager_auto_stays_on_aten_flash(fa4_calls):
+    """The eager default is unchanged (aten flash); only the switch routes eager calls to FA4."""
+    case = CASES["d128-causal-gqa"]
+    _run(case, _inputs(**case), compiled=False)
+    assert fa4_calls == {"fwd": 0, "bwd": 0}
+
+
+def attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
+    return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=True, enable_gqa=True)
+
+
+def _batch(lengths_q, lengths_k=None, head_dim=128):
+    lengths_k = lengths_k or lengths_q
+    q = torch.randn(sum(lengths_q), 8, head_dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lengths_k), 2, head_dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lengths_k), 2, head_dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    return q, k, v, make_cu_seq(lengths_q, DEVICE), make_cu_seq(lengths_k, DEVICE), max(lengths_q), max(lengths_k)
+
+
+@pytest.mark.parametrize("hints", [False, True], ids=["no-hints", "max-hints"])
+@pytest.mark.parametrize("dynamic", [False, None, True], ids=["static", "automatic-dynamic", "dynamic"])
+def test_fa4_compiled_step_never_syncs(dynamic, hints, fa4_calls):
+    compiled = torch.compile(attention, fullgraph=True, dynamic=dynamic)
+    batches = [([130, 0, 1, 257], [90, 3, 1, 300]), ([64, 200, 17], [64, 100, 40]), ([5, 1, 400, 33, 0], [9, 1, 380, 33, 2])]
+    if dynamic is False:
+        batches = batches[:1] * 3
+    with config.patch(kernel="fa4"):
+        for index, (lengths_q, lengths_k) in enumerate(batches):
+            q, k, v, cu_q, cu_k, max_q, max_k = _batch(lengths_q, lengths_k)
+            args = (q, k, v, cu_q, cu_k) + ((max_q, max_k) if hints else (None, None))
+            if index == len(batches) - 1:  # the steady state, after any recompile
+                compiled(*args).sum().backward()  # warm: FA4 compiles its kernels on first use
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = compiled(*args)
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert fa4_calls["fwd"] > 0 and fa4_calls["bwd"] > 0
+
+
+def test_fa4_at_most_one_recompile_over_100_random_batches():
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(attention, backend=counter, fullgraph=True)
+    rng = random.Random(0)
+    with config.patch(kernel="fa4"):
+        for _ in range(100):
+            lengths = [rng.randint(0, 300) for _ in range(rng.randint(1, 12))]
+            lengths[0] = max(lengths[0], 1)
+            q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=64)
+            out = compiled(q, k, v, cu_q, cu_k, None, None)
+            out.sum().backward()
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles"
+
+
+def _cudagraph_roots() -> int:
+    from torch._inductor.cudagraph_trees import get_container
+
+    container = get_container(torch.cuda.current_device())
+    return len(container.tree_manager.roots) if container.tree_manager is not None else 0
+
+
+def test_fa4_under_cuda_graphs_with_changing_offsets_and_tokens():
+    """mode='reduce-overhead' with FA4 chosen: replays with new cu_seq contents (same T) and new
+    token counts are correct, and Inductor skips no graph."""
+    compiled = torch.compile(attention, fullgraph=True, mode="reduce-overhead")
+    rng = random.Random(1)
+    with config.patch(kernel="fa4"):
+        for total in (512, 512, 512, 768, 768):
+            cuts = sorted(rng.sample(range(1, total), 3))
+            lengths = [b - a for a, b in zip([0] + cuts, cuts + [total])]
+            q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=64)
+            grad_out = torch.randn_like(q)
+            out = compiled(q, k, v, cu_q, cu_k, None, None)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+            out, grads = out.clone(), tuple(g.clone() for g in grads)
+            inputs = {"q": q, "k": k, "v": v, "cu_seq_q": cu_q, "cu_seq_k": cu_k, "sink": None, "seqused_k": None}
+            oracle = _reference(inputs, {"is_causal": True}, torch.float64, grad_out, torch.zeros(8, total, device=DEVICE))
+            plain = _reference(inputs, {"is_causal": True}, torch.bfloat16, grad_out, torch.zeros(8, total, device=DEVICE))
+            for label, mine, exact, budget in zip(("out", "dq", "dk", "dv"), (out, *grads), (oracle[0], *oracle[2:]), (plain[0], *plain[2:])):
+                assert_meets_error_rule(mine, exact.detach(), budget.detach(), name=f"T{total}/{label}")
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert _cudagraph_roots() >= 1, "no CUDA graph was recorded"
+
+
+def test_export_keeps_our_op_with_fa4_chosen():
+    q, k, v, cu_q, cu_k, *_ = _batch([100, 28])
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, cu_q, cu_k):
+            return varlen_attn(q, k, v, cu_q, cu_k, is_causal=True, enable_gqa=True)
+
+    with config.patch(kernel="fa4"):
+        program = torch.export.export(Attention(), (q.detach(), k.detach(), v.detach(), cu_q, cu_k))
+    nodes = [node for node in program.graph.nodes if "varlen_attn" in str(node.target)]
+    assert nodes and "'fa4'" in repr((nodes[0].args, nodes[0].kwargs)), "the op and its kernel argument"
+
+
+def test_cpp_wrapper_takes_the_template():
+    q, k, v, cu_q, cu_k, *_ = _batch([100, 28])
+    with config.patch(kernel="fa4"), torch.no_grad():
+        compiled = torch.compile(attention, fullgraph=True, options={"cpp_wrapper": True})
+        out, codes = run_and_get_code(compiled, q, k, v, cu_q, cu_k, None, None)
+    source = "\n".join(codes)
+    assert FA4_FWD not in source and "varlen_fwd_tile" in source
+    expected = attention(q, k, v, cu_q, cu_k, None, None)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_max_autotune_offers_fa4_and_stays_correct():
+    case = CASES["d128-causal-gqa"]
+    inputs = _inputs(**case)
+    leaves = [inputs[n].clone().requires_grad_() for n in ("q", "k", "v")]
+    compiled = torch.compile(_call, fullgraph=True, mode="max-autotune-no-cudagraphs")
+    out, lse = compiled(inputs, *leaves, None, case)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse))
+    _check("max-autotune", case, inputs, out, lse, grads, grad_out, grad_lse)
+
+
+MALFORMED_OFFSETS = {
+    "starts-at-2": [2, 50, 140],
+    "negative": [-70, 50, 140],
+    "decreasing": [0, 90, 40, 140],
+    "ends-past-T": [0, 50, 300],
+    "far-out": [0, 2_000_000_000, 140],
+    "all-past-T": [500, 600, 700],
+}
+
+
+def test_fa4_malformed_offsets_stay_in_bounds(fa4_calls):
+    """FA4 trusts cu_seq; our sanitizer runs first, so whatever cu_seq holds nothing is read or
+    written out of bounds (compute-sanitizer checks this under the memcheck step)."""
+    compiled = torch.compile(attention, fullgraph=True)
+    with config.patch(kernel="fa4"):
+        for name, offsets in MALFORMED_OFFSETS.items():
+            q, k, v, *_ = _batch([140])
+            cu_seq = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+            out = compiled(q, k, v, cu_seq, cu_seq, None, None)
+            grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+            torch.cuda.synchronize()
+            assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape], name
+    assert fa4_calls["fwd"] >= len(MALFORMED_OFFSETS)
