@@ -168,7 +168,7 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     input_nodes += feature_inputs(layout, options, ("seqused_k", "alibi_slopes"))
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    kernels = kernels_for(bound["kernel"], query, head_dim, head_dim_v, layout, options, grad_lse is not None)
+    kernels = kernels_for(bound["kernel"], query, heads_kv, head_dim, head_dim_v, layout, options, grad_lse is not None)
     constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype(), backward=True)
     choices: list[Any] = []
     configs = _configs(max(head_dim, head_dim_v), query.get_dtype(), size_hint(group)) if TEMPLATE in kernels else []

@@ -11,8 +11,8 @@ The op's ``kernel`` argument (``varlen_compile.config.kernel`` when the call was
 - ``"auto"`` otherwise: the default table below.
 
 What a kernel can serve (never the user's choice) decides eligibility:
-``varlen_compile._fa4.unsupported`` for FA4 (sm90/sm100, fp16/bf16, its head dims, no ALiBi,
-no paged K/V), :func:`aten_unsupported` for aten flash (needs ``max_q``/``max_k`` as ints, none
+``varlen_compile._fa4.unsupported`` for FA4 (sm90/sm100, fp16/bf16, its head dims, ``D_v != D``
+only as 192/128 and not with GQA on sm90, no ALiBi, no paged K/V), :func:`aten_unsupported` for aten flash (needs ``max_q``/``max_k`` as ints, none
 of the features aten does not take). Neither runs in an AOTInductor package or a
 ``cpp_wrapper`` graph: both are Python kernels, so those graphs take the template.
 
@@ -36,6 +36,7 @@ template until ``benchmarks/bench_choice.py`` measures it; ``max-autotune`` meas
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch._inductor import config as inductor_config
@@ -116,17 +117,21 @@ def aten_unsupported(
 
 
 def kernels_for(
-    requested: str, query: ir.IRNode, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions,
-    grad_lse: bool = False,
+    requested: str, query: ir.IRNode, heads_kv: Any, head_dim: int, head_dim_v: int, layout: BatchLayout,
+    options: AttnOptions, grad_lse: bool = False,
 ) -> tuple[str, ...]:
-    """:func:`select` for an op call the template can serve (a CUDA tensor ``query``)."""
+    """:func:`select` for an op call the template can serve (a CUDA tensor ``query``; ``heads_kv``
+    the key/value head count, possibly symbolic)."""
     if requested == TEMPLATE:
         return (TEMPLATE,)
     device = query.get_device()
     python_kernel = (
         "an AOTInductor package or cpp_wrapper graph cannot call a Python kernel" if V.graph.cpp_wrapper else None
     )
-    fa4_reason = python_kernel or _fa4.unsupported(device, query.get_dtype(), head_dim, head_dim_v, layout, options)
+    same_heads = V.graph.sizevars.statically_known_equals(query.get_size()[1], heads_kv)
+    fa4_reason = python_kernel or _fa4.unsupported(
+        device, query.get_dtype(), head_dim, head_dim_v, layout, options, same_heads=same_heads, grad_lse=grad_lse
+    )
     aten_reason = python_kernel or aten_unsupported(query, head_dim, head_dim_v, layout, options, grad_lse)
     return select(
         requested,

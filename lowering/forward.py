@@ -123,7 +123,7 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
     input_nodes += feature_inputs(layout, options, ("seqused_k", "block_table", "sink", "alibi_slopes"))
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    kernels = kernels_for(bound["kernel"], query, head_dim, head_dim_v, layout, options)
+    kernels = kernels_for(bound["kernel"], query, key.get_size()[-2], head_dim, head_dim_v, layout, options)
     constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
     choices: list[Any] = []
     for config in _configs(max(head_dim, head_dim_v), query.get_dtype()) if TEMPLATE in kernels else ():

@@ -219,6 +219,25 @@ def test_fa4_eligibility_by_arch_dtype_and_head_dims(fa4_present, arch, dtype, h
     assert reason is None if expected is None else expected in reason
 
 
+def test_fa4_eligibility_where_its_backward_is_narrower(fa4_present):
+    """D_v != D only as MLA's 192/128, not with GQA on sm90 (its GQA backward asserts D == D_v);
+    sm100's head-dim-256 backward takes no softcap, window or gradient into lse."""
+    def reason(head_dims, same_heads=True, grad_lse=False, **options):
+        return _fa4.unsupported(CUDA, torch.bfloat16, *head_dims, LAYOUT, AttnOptions(**options),
+                                same_heads=same_heads, grad_lse=grad_lse)
+
+    assert reason((192, 128)) is None
+    assert "with GQA" in reason((192, 128), same_heads=False)
+    assert reason((128, 128), same_heads=False) is None
+    assert "head dims 64/256" in reason((64, 256))
+    fa4_present.set_arch(10)
+    assert reason((192, 128), same_heads=False) is None
+    assert reason((256, 256), is_causal=True) is None
+    for kwargs in (dict(softcap=30.0), dict(window_left=128), dict(grad_lse=True)):
+        assert "head-dim-256 backward" in reason((256, 256), **kwargs), kwargs
+    assert reason((128, 128), softcap=30.0, grad_lse=True) is None
+
+
 def test_fa4_eligibility_by_features(fa4_present):
     def reason(layout=LAYOUT, **options):
         return _fa4.unsupported(CUDA, torch.bfloat16, 128, 128, layout, AttnOptions(**options))
@@ -329,6 +348,18 @@ def test_fa4_adapter_round_trip(name, fa4_present, interpret, poison_empty):
     forward_call = fa4_present.calls[0][1]
     assert forward_call["max_seqlen_q"] is None and forward_call["max_seqlen_k"] is None
     assert fa4_present.calls[1][1]["learnable_sink"] is None
+
+
+@pytest.mark.interpreter
+def test_fa4_adapter_passes_windows_that_exclude_nothing_as_unbounded(fa4_present, interpret):
+    """A window side at least the token count cannot exclude a key: it reaches FA4 as None (its
+    int32 index arithmetic would overflow on a huge value)."""
+    case = make_case([8, 6], heads_q=2, head_dim=16, dtype=torch.bfloat16)
+    layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
+    for window, expected in (((2**31 - 1, 3), (None, 3)), ((5, 14), (5, None)), ((13, 13), (13, 13))):
+        _fa4.forward(case.q, case.k, case.v, layout, AttnOptions(False, None, *window))
+        call = fa4_present.calls[-1][1]
+        assert (call["window_size_left"], call["window_size_right"]) == expected, window
 
 
 @pytest.mark.interpreter

@@ -38,15 +38,17 @@ log = logging.getLogger(__name__)
 FA4_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _head_dims_supported(arch_major: int, head_dim: int, head_dim_v: int) -> bool:
-    """FA4's own limits (``interface._validate_head_dims``) for 16-bit inputs."""
-    aligned = head_dim % 8 == 0 and head_dim_v % 8 == 0
+def _head_dims_supported(arch_major: int, head_dim: int, head_dim_v: int, same_heads: bool) -> bool:
+    """FA4's limits for 16-bit inputs: ``interface._validate_head_dims``, narrowed to what its
+    backward also takes. ``D_v != D`` only as MLA's (192, 128): the sm90 tiles are sized by ``D``
+    alone (other pairs are untested there), and the sm90 GQA backward asserts ``D == D_v``."""
+    if head_dim % 8 or head_dim_v % 8:
+        return False
+    if head_dim != head_dim_v and ((head_dim, head_dim_v) != (192, 128) or (arch_major == 9 and not same_heads)):
+        return False
     if arch_major == 9:
-        return aligned and 8 <= head_dim <= 256 and 8 <= head_dim_v <= 256
-    return aligned and (
-        (8 <= head_dim <= 128 and 8 <= head_dim_v <= 128)
-        or (head_dim, head_dim_v) in ((192, 128), (256, 256))
-    )
+        return 8 <= head_dim <= 256
+    return 8 <= head_dim <= 128 or head_dim in (192, 256)
 
 
 def unsupported(
@@ -56,8 +58,14 @@ def unsupported(
     head_dim_v: int,
     layout: BatchLayout,
     options: AttnOptions,
+    *,
+    same_heads: bool = True,
+    grad_lse: bool = False,
 ) -> str | None:
-    """None when FA4 can run this call (forward and backward), else why not."""
+    """None when FA4 can run this call, else why not. ``same_heads``: ``H_q == H_kv`` (False
+    when it is not known to be); ``grad_lse``: the backward of a call with a gradient into lse.
+    What the forward needs and what the backward needs are both checked (the forward's result
+    must be usable by FA4's backward too, though any kernel's backward accepts it)."""
     interface, reason = _compat.fa4_interface()
     if interface is None:
         return reason
@@ -68,8 +76,14 @@ def unsupported(
         return f"FA4 serves sm90 and sm100 here (device: sm{major}{minor})"
     if dtype not in FA4_DTYPES:
         return f"FA4 serves float16 and bfloat16 (dtype: {dtype})"
-    if not _head_dims_supported(major, head_dim, head_dim_v):
-        return f"FA4 on sm{major}{minor} does not serve head dims {head_dim}/{head_dim_v}"
+    if not _head_dims_supported(major, head_dim, head_dim_v, same_heads):
+        gqa = "" if same_heads else " with GQA"
+        return f"FA4 on sm{major}{minor} does not serve head dims {head_dim}/{head_dim_v}{gqa}"
+    if major == 10 and head_dim == 256:
+        # Its dedicated hd256 backward asserts no softcap, no local window and no dlse.
+        left, right = options.window()
+        if options.softcap or left >= 0 or right > 0 or grad_lse:
+            return "FA4's sm100 head-dim-256 backward takes no softcap, sliding window or gradient into lse"
     if options.alibi_slopes is not None:
         return "FA4 has no ALiBi"
     if layout.paged:
@@ -79,9 +93,12 @@ def unsupported(
     return None
 
 
-def _window(options: AttnOptions) -> tuple[int | None, int | None]:
+def _window(options: AttnOptions, total_q: int, total_k: int) -> tuple[int | None, int | None]:
+    """FA4's window sides: ``None`` where unbounded (ours: ``-1``), and also where the side is at
+    least the token count (then it cannot exclude a key, and FA4's int32 index arithmetic could
+    overflow on a huge value)."""
     left, right = options.window_left, options.window_right
-    return (None if left < 0 else left), (None if right < 0 else right)
+    return (None if left < 0 or left >= total_k else left), (None if right < 0 or right >= total_q else right)
 
 
 def forward(
@@ -103,7 +120,7 @@ def forward(
     )
     if lse is None:
         lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
-    left, right = _window(options)
+    left, right = _window(options, total_q, key.shape[0])
     out, lse, *_ = interface._flash_attn_fwd(
         query, key, value,
         cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k, seqused_k=seqused_k,
@@ -144,7 +161,7 @@ def backward(
     if seqused_k is not None:  # FA4 leaves the rows of unused keys unwritten
         grad_key.zero_()
         grad_value = value.new_zeros(value.shape) if grad_value is None else grad_value.zero_()
-    left, right = _window(options)
+    left, right = _window(options, query.shape[0], key.shape[0])
     dq, dk, dv = interface._flash_attn_bwd(
         query, key, value, out, grad_out, lse,
         softmax_scale=options.scale_for(query.shape[-1]), causal=options.is_causal,

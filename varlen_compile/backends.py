@@ -103,10 +103,16 @@ def aten_flash_backward(
     )
 
 
-def _use_fa4(query: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions, kernel: str) -> bool:
+def _use_fa4(
+    query: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions, kernel: str,
+    grad_lse: bool = False,
+) -> bool:
     if kernel != "fa4":
         return False
-    reason = _fa4.unsupported(query.device, query.dtype, query.shape[-1], value.shape[-1], layout, options)
+    reason = _fa4.unsupported(
+        query.device, query.dtype, query.shape[-1], value.shape[-1], layout, options,
+        same_heads=query.shape[1] == value.shape[-2], grad_lse=grad_lse,
+    )
     if reason is not None:
         log.debug("varlen_attn: kernel='fa4' cannot serve this call (%s): our kernels run it", reason)
     return reason is None
@@ -147,7 +153,7 @@ def backward(
     kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``."""
-    if _use_fa4(query, value, layout, options, kernel):
+    if _use_fa4(query, value, layout, options, kernel, grad_lse is not None):
         dq, dk, dv = _fa4.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)
         return dq.contiguous(), dk, dv.contiguous()
     if kernel != "triton" and grad_lse is None and _use_aten(query, value, layout, options):
