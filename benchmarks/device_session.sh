@@ -22,6 +22,8 @@ if [ -d .fa4b ] && compgen -G "/tmp/fa4/part.*" >/dev/null; then
   python3 -c "import flash_attn.cute.interface as i; from importlib.metadata import version; print('flash-attn-4', version('flash-attn-4'))"
 elif [ -d .fa4b ]; then
   echo "FA4 wheels: /tmp/fa4 is empty (the first call found no warm machine): redo both calls"; exit 3
+elif [ -d /tmp/site/flash_attn ]; then  # installed by an earlier call on this (still warm) machine
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
