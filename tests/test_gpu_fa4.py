@@ -15,6 +15,7 @@ malformed offsets stay in bounds (run under compute-sanitizer by the memcheck st
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -77,10 +78,12 @@ def fa4_calls(monkeypatch):
     calls = {"fwd": 0, "bwd": 0}
     forward, backward = interface._flash_attn_fwd, interface._flash_attn_bwd
 
+    @functools.wraps(forward)  # keeps FA4's attributes on the function (its compile_cache)
     def counted_forward(*args, **kwargs):
         calls["fwd"] += 1
         return forward(*args, **kwargs)
 
+    @functools.wraps(backward)
     def counted_backward(*args, **kwargs):
         calls["bwd"] += 1
         return backward(*args, **kwargs)
