@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch._inductor.utils import run_and_get_code
 from triton.testing import do_bench
 
 from varlen_compile import config, varlen_attn
@@ -72,7 +73,10 @@ def _time(kernel: str, inputs: dict) -> tuple[float, float]:
     grad = torch.randn(q.shape[0], q.shape[1], v.shape[-1], device="cuda", dtype=torch.bfloat16)
     with config.patch(kernel=kernel):
         with torch.no_grad():
-            compiled(q, k, v)
+            _, codes = run_and_get_code(compiled, q, k, v)
+            ran_fa4 = any("_fa4_forward_into" in code for code in codes)
+            if ran_fa4 != (kernel == "fa4"):  # a silent fallback must not make a row of the table
+                raise RuntimeError(f"kernel={kernel!r} but the compiled forward {'calls' if ran_fa4 else 'does not call'} FA4")
             forward = do_bench(lambda: compiled(q, k, v), warmup=50, rep=200, return_mode="median")
         compiled(q, k, v).backward(grad)
 
@@ -89,6 +93,10 @@ def main() -> None:
     parser.add_argument("--tag", default="choice")
     parser.add_argument("--out", default=os.environ.get("OUT", str(RESULTS)))
     args = parser.parse_args()
+    from varlen_compile import _compat
+
+    if _compat.fa4_interface()[0] is None:
+        raise SystemExit(f"bench_choice.py needs FlashAttention 4: {_compat.fa4_interface()[1]}")
     names = QUICK if args.quick else tuple(ROWS)
     rows = []
     for name in names:
