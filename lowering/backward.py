@@ -95,9 +95,7 @@ def _fa4_backward_node(
     options: AttnOptions, has_grad_lse: bool, has_seqused_k: bool,
 ) -> ir.IRNode:
     """Output node when the FA4 choice wins: FA4 writing dQ/dV into our buffers."""
-    optional = list(optional)
-    grad_lse = optional.pop(0) if has_grad_lse else None
-    seqused_k = optional.pop(0) if has_seqused_k else None
+    grad_lse, seqused_k = _extern_ops.split_fa4_backward_optional(optional, has_grad_lse, has_seqused_k)
     op = torch.ops.varlen_compile._fa4_backward_into.default
     return ir.FallbackKernel.create(
         op, grad_out, query, key, value, out, lse, grad_query, grad_value, cu_seq_q, cu_seq_k,

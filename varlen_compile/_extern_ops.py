@@ -22,6 +22,7 @@ __all__ = [
     "fa4_backward_into",
     "fa4_forward_for_autotune",
     "fa4_forward_into",
+    "split_fa4_backward_optional",
     "split_fa4_optional",
     "flash_backward_for_autotune",
     "flash_backward_into",
@@ -186,6 +187,14 @@ def split_fa4_optional(optional: tuple, has_seqused_k: bool) -> tuple:
     return seqused_k, (optional.pop(0) if optional else None)
 
 
+def split_fa4_backward_optional(optional: tuple, has_grad_lse: bool, has_seqused_k: bool) -> tuple:
+    """The backward template's optional inputs as FA4 takes them: ``(grad_lse or None,
+    seqused_k or None)`` (ALiBi, which may follow, is never offered to FA4)."""
+    optional = list(optional)
+    grad_lse = optional.pop(0) if has_grad_lse else None
+    return grad_lse, (optional.pop(0) if has_seqused_k else None)
+
+
 def _fa4_scalars(options: AttnOptions) -> dict:
     return dict(
         is_causal=options.is_causal, scale=options.scale, window_left=options.window_left,
@@ -247,9 +256,7 @@ def fa4_backward_for_autotune(
 ) -> torch.Tensor:
     """What the autotuner times for the FA4 backward choice, on the backward template's inputs
     (``delta`` is the template's; FA4 computes its own)."""
-    optional = list(optional)
-    grad_lse = optional.pop(0) if has_grad_lse else None
-    seqused_k = optional.pop(0) if has_seqused_k else None
+    grad_lse, seqused_k = split_fa4_backward_optional(optional, has_grad_lse, has_seqused_k)
     return fa4_backward_into(
         grad_out, query, key, value, out, lse, grad_query, grad_value, cu_seq_q, cu_seq_k,
         **_fa4_scalars(options), seqused_k=seqused_k, grad_lse=grad_lse,
