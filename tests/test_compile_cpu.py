@@ -237,3 +237,48 @@ def test_unbacked_token_counts_compile_in_one_graph():
         ):
             _assert_same(a, e, name)
     assert counter.frame_count <= 2
+
+
+def _varlen_entry(case):
+    return varlen_attn(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k, is_causal=True)
+
+
+def _fa2_entry(case):
+    from varlen_compile.flash_attn_compat import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k, None, None, causal=True)
+
+
+def _nested_entry(case):
+    from varlen_compile.nested import scaled_dot_product_attention
+
+    offsets_q, offsets_k = case.cu_seq_q.long(), case.cu_seq_k.long()  # k and v share one structure
+
+    def nested(packed, offsets):
+        return torch.nested.nested_tensor_from_jagged(packed, offsets).transpose(1, 2)
+
+    out = scaled_dot_product_attention(
+        nested(case.q, offsets_q), nested(case.k, offsets_k), nested(case.v, offsets_k), is_causal=True
+    )
+    return out.transpose(1, 2).values()
+
+
+@pytest.mark.parametrize("entry", [_varlen_entry, _fa2_entry, _nested_entry], ids=["varlen_attn", "flash_attn_compat", "nested-sdpa"])
+def test_dynamic_true_compiles_each_entry_point_once(entry):
+    """dynamic=True: one Dynamo frame for batches of different sizes, forward and backward. A
+    float default (softcap, dropout_p) would become a symbolic input that Inductor's
+    tensorify pass cannot keep, and Dynamo would restart its analysis: a second frame."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(entry, backend=counter, fullgraph=True, dynamic=True)
+    # No two sizes of a batch are equal: Dynamo's duck sizing would tie them with a guard.
+    for lengths_q, lengths_k in (([5, 3, 7, 2, 6], [4, 3, 9, 2, 7]), ([2, 11, 1, 6, 4, 3], [2, 10, 3, 6, 5, 3])):
+        case = make_case(lengths_q, lengths_k, heads_q=HEADS, head_dim=HEAD_DIM, requires_grad=True)
+        actual = compiled(case)
+        expected = entry(case)
+        grad_out = torch.randn_like(expected)
+        actual_grads = torch.autograd.grad(actual, (case.q, case.k, case.v), grad_out)
+        expected_grads = torch.autograd.grad(expected, (case.q, case.k, case.v), grad_out)
+        _assert_same(actual, expected, f"out {lengths_q}")
+        for name, a, e in zip(("dq", "dk", "dv"), actual_grads, expected_grads):
+            _assert_same(a, e, f"{name} {lengths_q}")
+    assert counter.frame_count == 1, f"{counter.frame_count} frames (a restart or a recompile)"

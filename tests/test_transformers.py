@@ -195,7 +195,8 @@ def test_gpu_compiled_model_runs_our_templates(layout):
     if layout == "packed":
         batch, flash_kwargs = _packed_batch([130, 7, 64, 1])
         batch = {key: value.cuda() for key, value in batch.items()}
-        batch_ours = {**batch, **{key: value.cuda() for key, value in flash_kwargs.items()}}
+        # The collator's max_length_* are ints (host hints); the offsets are tensors.
+        batch_ours = {**batch, **{key: value.cuda() if torch.is_tensor(value) else value for key, value in flash_kwargs.items()}}
     else:
         mask = torch.ones(3, 96, dtype=torch.long, device="cuda")
         mask[0, 60:] = 0

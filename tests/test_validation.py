@@ -73,7 +73,7 @@ METADATA_ERRORS = [
     ("softcap-negative", lambda b: {"softcap": -1.0}, ValueError,
      r"softcap must be a finite float >= 0 \(0.0 = off\), got -1.0"),
     ("softcap-inf", lambda b: {"softcap": float("inf")}, ValueError, r"softcap must be a finite float >= 0"),
-    ("softcap-string", lambda b: {"softcap": "30"}, TypeError, r"softcap must be a float \(0.0 = off\), got str"),
+    ("softcap-string", lambda b: {"softcap": "30"}, TypeError, r"softcap must be a float \(None or 0.0 = off\), got str"),
     ("sink-wrong-length", lambda b: {"sink": torch.zeros(3)}, ValueError,
      r"sink must have one value per query head \(4\), got 3"),
     ("sink-2d", lambda b: {"sink": torch.zeros(1, 4)}, ValueError,

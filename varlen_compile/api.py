@@ -42,7 +42,7 @@ def varlen_attn(
     window_size: tuple[int, int] = (-1, -1),
     enable_gqa: bool = False,
     return_aux: AuxRequest | None = None,
-    softcap: float = 0.0,
+    softcap: float | None = None,
     sink: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None,
@@ -76,7 +76,9 @@ def varlen_attn(
         return_aux: ``AuxRequest(lse=True)`` also returns the log-sum-exp (torch's own
             ``torch.nn.attention.varlen.AuxRequest`` is accepted too).
         softcap: ``> 0`` caps the scores: ``s = softcap * tanh(scale * q.k / softcap)`` (Gemma 2/3);
-            gradients flow through the tanh. ``0.0`` is off.
+            gradients flow through the tanh. ``None`` (the default) or ``0.0`` is off. (The default is
+            ``None``, not ``0.0``: under ``dynamic=True`` Dynamo would make a float default a
+            symbolic input and restart its analysis to specialize it again.)
         sink: ``(H_q,)`` attention-sink logits (gpt-oss; FlashAttention 4's ``learnable_sink``):
             each joins its head's softmax denominators as an extra logit with no value.
             Differentiable (``d sink_h = sum_rows exp(sink_h - lse) * (grad_lse - rowsum(dO * O))``).
@@ -203,8 +205,10 @@ def _require(condition: bool | torch.SymBool, message: Callable[[], str], generi
 
 
 def _check_softcap(softcap: object) -> float | torch.SymFloat:
+    if softcap is None:
+        return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)):
-        raise TypeError(f"varlen_attn: softcap must be a float (0.0 = off), got {type(softcap).__name__}")
+        raise TypeError(f"varlen_attn: softcap must be a float (None or 0.0 = off), got {type(softcap).__name__}")
     if _compat.is_symbolic(softcap):
         return softcap
     softcap = float(softcap)

@@ -13,6 +13,8 @@ the probabilities only under dropout, for its tests). What differs, and why:
 
 - ``max_seqlen_q``/``max_seqlen_k`` are only hints: ints are passed on, a tensor is ignored
   (reading it would be a host sync). Our kernels do not need them.
+- ``dropout_p`` and ``softcap`` default to ``None`` (off) rather than FA2's ``0.0``; ``0.0`` means
+  the same. A float default would make Dynamo restart its analysis once under ``dynamic=True``.
 - ``deterministic`` is accepted either way: our backward is always deterministic (no atomics).
 - ``softcap`` and ``alibi_slopes`` (``(H_q,)`` float32 slopes, FA2's convention) run in our
   kernels, forward and backward; ``(batch, H_q)`` slopes are not supported.
@@ -40,11 +42,11 @@ def flash_attn_varlen_func(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int | None,
     max_seqlen_k: int | None,
-    dropout_p: float = 0.0,
+    dropout_p: float | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
+    softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
@@ -54,7 +56,7 @@ def flash_attn_varlen_func(
     differences). Returns ``out`` ``(total_q, H_q, D)``, or ``(out, softmax_lse, None)`` with
     ``return_attn_probs=True``."""
     unsupported = {
-        "dropout_p": (dropout_p != 0.0, dropout_p, 0.0),
+        "dropout_p": (dropout_p not in (None, 0.0), dropout_p, 0.0),
         "block_table": (block_table is not None, block_table, None),
     }
     for name, (given, value, default) in unsupported.items():
@@ -67,7 +69,7 @@ def flash_attn_varlen_func(
         q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
         _hint(max_seqlen_q), _hint(max_seqlen_k), bool(causal),
         scale=softmax_scale, window_size=tuple(window_size), enable_gqa=q.shape[1] != k.shape[1],
-        return_aux=AuxRequest(lse=True), softcap=float(softcap), alibi_slopes=alibi_slopes,
+        return_aux=AuxRequest(lse=True), softcap=None if softcap is None else float(softcap), alibi_slopes=alibi_slopes,
     )
     if return_attn_probs:
         return out, lse, None

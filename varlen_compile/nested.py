@@ -50,7 +50,7 @@ def scaled_dot_product_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
+    dropout_p: float | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
@@ -73,7 +73,9 @@ def scaled_dot_product_attention(
     - ``enable_gqa``: ``H_q`` a multiple of ``H_kv``; query head ``h`` uses kv head
       ``h // (H_q // H_kv)``.
     - ``scale``: multiplier of ``Q @ K^T``; default ``1 / sqrt(D)``.
-    - ``attn_mask`` and ``dropout_p > 0`` are not supported (``ValueError``).
+    - ``attn_mask`` and ``dropout_p > 0`` are not supported (``ValueError``). ``dropout_p``
+      defaults to ``None`` (no dropout) rather than SDPA's ``0.0``: a float default would
+      restart Dynamo's analysis once under ``dynamic=True``.
 
     Dense (strided) inputs: all arguments go to ``torch.nn.functional.scaled_dot_product_attention``
     unchanged. Mixing nested and dense inputs is a ``TypeError``.
@@ -88,7 +90,7 @@ def scaled_dot_product_attention(
     """
     if not _check_all_or_none_nested(query, key, value):
         return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+            query, key, value, attn_mask=attn_mask, dropout_p=0.0 if dropout_p is None else dropout_p,
             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )
     _check_nested_call(query, key, value, attn_mask, dropout_p)
@@ -134,7 +136,7 @@ def _check_nested_call(
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None,
-    dropout_p: float,
+    dropout_p: float | None,
 ) -> None:
     """What only the nested path requires; shapes, heads, dtypes and devices of the packed
     values are checked by :func:`varlen_attn`."""
@@ -145,7 +147,7 @@ def _check_nested_call(
             "causal masking, or varlen_compile.varlen_attn(..., window_size=(left, right)) on the "
             "packed values for a sliding window"
         )
-    if dropout_p != 0.0:
+    if dropout_p not in (None, 0.0):
         raise ValueError(
             f"scaled_dot_product_attention: dropout_p={dropout_p} is not supported with nested "
             "inputs; pass dropout_p=0.0, and apply dropout elsewhere (e.g. to the attention "
