@@ -13,4 +13,8 @@ __all__ = ["register_lowerings"]
 
 @functools.cache
 def register_lowerings() -> None:
+    from varlen_compile import _compat
+
     from . import backward, forward  # noqa: F401  (each registers its lowering on import)
+
+    _compat.tag_compile_caches()  # cached graphs must not outlive the kernels they embed

@@ -282,3 +282,57 @@ def test_dynamic_true_compiles_each_entry_point_once(entry):
         for name, a, e in zip(("dq", "dk", "dv"), actual_grads, expected_grads):
             _assert_same(a, e, f"{name} {lengths_q}")
     assert counter.frame_count == 1, f"{counter.frame_count} frames (a restart or a recompile)"
+
+
+def test_compile_caches_are_keyed_on_our_build(monkeypatch):
+    """Inductor's on-disk caches cannot see our sources or whether FA4 is installed: the
+    package puts a fingerprint of both into torch.compiler.config.cache_key_tag, so a graph
+    cached before an upgrade (or before FA4 was installed) is compiled again, not reused."""
+    from torch._dynamo.utils import counters
+
+    from varlen_compile import _compat
+
+    tag = torch.compiler.config.cache_key_tag
+    assert f"varlen_compile={_compat.build_fingerprint()}" in tag.split("|")
+
+    def attention(query, key, value, cu_seq):
+        return varlen_attn(query, key, value, cu_seq, cu_seq, is_causal=True)
+
+    case = make_case([5, 9, 1], heads_q=HEADS, head_dim=HEAD_DIM)
+
+    def compile_and_count() -> tuple[int, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(attention, fullgraph=True)(case.q, case.k, case.v, case.cu_seq_q)
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    with fresh_inductor_cache(), torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+        assert compile_and_count() == (0, 1)
+        assert compile_and_count() == (1, 0)  # the cache works at all
+        monkeypatch.setattr(_compat, "build_fingerprint", lambda: "0123456789abcdef")
+        _compat.tag_compile_caches.cache_clear()
+        monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "user-tag|" + tag)
+        assert _compat.tag_compile_caches() == "user-tag|varlen_compile=0123456789abcdef"  # the user's part kept
+        assert compile_and_count() == (0, 1)  # another build: compiled again
+    _compat.tag_compile_caches.cache_clear()
+
+
+def test_build_fingerprint_follows_the_fa4_version(monkeypatch):
+    import importlib.metadata
+
+    from varlen_compile import _compat
+
+    real_version = importlib.metadata.version
+
+    def version(name, fa4_version):
+        if name == "flash-attn-4":
+            if fa4_version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return fa4_version
+        return real_version(name)
+
+    prints = []
+    for fa4_version in (None, "4.0.0b36", "4.0.0b37"):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=fa4_version: version(name, v))
+        prints.append(_compat.build_fingerprint())
+    assert len(set(prints)) == 3, prints
