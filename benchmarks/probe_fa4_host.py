@@ -16,7 +16,6 @@ import time
 import torch
 
 from varlen_compile import _fa4, config, varlen_attn
-from varlen_compile._extern_ops import fa4_backward_into, fa4_forward_into
 from varlen_compile.lowering.offsets import sanitized
 from varlen_compile.params import AttnOptions, BatchLayout
 
@@ -64,17 +63,19 @@ def main() -> None:
             "sanitized (Triton launch)": lambda: sanitized(cu, cu, None, total, total),
             "FA4 _flash_attn_fwd": lambda: interface._flash_attn_fwd(qd, kd, vd, cu_seqlens_q=cu, cu_seqlens_k=cu, softmax_scale=scale, causal=True, return_lse=True),
             "_fa4.forward (adapter)": lambda: _fa4.forward(qd, kd, vd, layout, options),
-            "custom op _fa4_forward_into": lambda: fa4_forward_into(qd, kd, vd, lse_buffer, cu, cu, True, None, -1, -1),
+            "op _fa4_forward_into (dispatcher)": lambda: torch.ops.varlen_compile._fa4_forward_into.default(qd, kd, vd, lse_buffer, cu, cu, True, None, -1, -1),
             "FA4 _flash_attn_bwd": lambda: interface._flash_attn_bwd(qd, kd, vd, out, dout, lse, scale, True, cu_seqlens_q=cu, cu_seqlens_k=cu),
             "FA4 _flash_attn_bwd dq/dk/dv given": lambda: interface._flash_attn_bwd(
                 qd, kd, vd, out, dout, lse, scale, True, cu_seqlens_q=cu, cu_seqlens_k=cu, dq=dq, dk=torch.empty_like(kd), dv=dv),
             "_fa4.backward (adapter)": lambda: _fa4.backward(dout, qd, kd, vd, out, lse, layout, options, None),
-            "custom op _fa4_backward_into": lambda: fa4_backward_into(dout, qd, kd, vd, out, lse, dq, dv, cu, cu, True, None, -1, -1),
+            "op _fa4_backward_into (dispatcher)": lambda: torch.ops.varlen_compile._fa4_backward_into.default(dout, qd, kd, vd, out, lse, dq, dv, cu, cu, True, None, -1, -1),
         }
         results = {name: host_us(fn) for name, fn in rows.items()}
     with config.patch(kernel="fa4"):
         results["FA4 direct fwd+bwd (autograd)"] = host_us(direct_step)
         results["compiled kernel=fa4 fwd+bwd"] = host_us(compiled_step)
+        with torch.autograd.set_multithreading_enabled(False):
+            results["compiled kernel=fa4 fwd+bwd, autograd single-threaded"] = host_us(compiled_step)
         with torch.no_grad():
             results["compiled kernel=fa4 fwd (no_grad)"] = host_us(lambda: compiled(q, k, v))
     with config.patch(kernel="triton"):
@@ -85,7 +86,7 @@ def main() -> None:
     for name, value in results.items():
         print(f"| {name} | {value:.1f} |")
 
-    for name in ("_fa4.backward (adapter)", "custom op _fa4_backward_into"):
+    for name in ("_fa4.backward (adapter)", "op _fa4_backward_into (dispatcher)"):
         profiler = cProfile.Profile()
         with torch.no_grad():
             profiler.enable()
