@@ -17,20 +17,27 @@ of the features aten does not take). Neither runs in an AOTInductor package or a
 ``cpp_wrapper`` graph: both are Python kernels, so those graphs take the template.
 
 Default table, without ``max-autotune`` (16-bit dtypes): FA4 where it won, the template
-elsewhere. Measured on the H200 (torch 2.11, Triton 3.6, flash-attn-4 4.0.0b36, bf16; issue
-#16's table): FA4 beat the template in forward and in forward+backward on every measured case
-at these head dims, causal or not, GQA 1 and 4, 8 to 128 sequences, 4k to 64k tokens.
+elsewhere. Measured on the H200 (torch 2.11, Triton 3.6, flash-attn-4 4.0.0b36, bf16): issue
+#16's table, ``benchmarks/bench_choice.py`` and ``benchmarks/bench.py`` (session 6). At head dim
+128, FA4 beat the template in forward and forward+backward on every case (causal or not, GQA 1
+and 4, 8 to 128 sequences, 4k to 64k tokens). At head dim 64 it depends on sequence length: with
+16 sequences <= 4096 tokens FA4 won (1.20x forward, 1.41x forward+backward), but with 128
+sequences <= 512 tokens (mean 279) the template won (1.66x forward, 1.08x forward+backward
+against FA4 called directly), so at 64 FA4 is the default from a mean length of 512 tokens.
 
-=====  ==================  ==================================  ========
-arch   (D, D_v)            masking / features                  default
-=====  ==================  ==================================  ========
-sm90   (64, 64), (128, 128)  none or causal; no softcap, sink,   FA4
+=====  ==================  ==================================  ===================  ========
+arch   (D, D_v)            masking / features                  mean sequence length default
+=====  ==================  ==================================  ===================  ========
+sm90   (128, 128)          none or causal; no softcap, sink,   any                  FA4
                            seqused_k
-other  any                 any                                 template
-=====  ==================  ==================================  ========
+sm90   (64, 64)            the same                            >= 512 tokens        FA4
+other  any                 any                                 any                  template
+=====  ==================  ==================================  ===================  ========
 
-"other" is not measured yet (sm100, other head dims, windows, softcap/sinks): it keeps the
-template until ``benchmarks/bench_choice.py`` measures it; ``max-autotune`` measures it per call.
+The mean length is ``T_q / N`` of the batch the graph was compiled for (its size hints under
+dynamic shapes): the choice is made once per compile. "other" is not measured yet (sm100, other
+head dims, windows, softcap/sinks): it keeps the template until ``benchmarks/bench_choice.py``
+measures it; ``max-autotune`` measures it per call.
 """
 
 from __future__ import annotations
@@ -54,15 +61,22 @@ _logged: set[tuple[str, str]] = set()
 
 TEMPLATE, FA4, ATEN = "triton", "fa4", "aten"
 
-FA4_DEFAULT: dict[int, frozenset[tuple[int, int]]] = {9: frozenset({(64, 64), (128, 128)})}
-"""Arch major -> the ``(D, D_v)`` pairs where FA4 is the default (see the table above)."""
+FA4_DEFAULT: dict[int, dict[tuple[int, int], int]] = {9: {(64, 64): 512, (128, 128): 0}}
+"""Arch major -> ``(D, D_v)`` -> the mean sequence length (tokens) from which FA4 is the
+default (see the table above)."""
 
 
-def fa4_is_default(arch_major: int, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions) -> bool:
-    """Whether the default table picks FA4 (where it is eligible)."""
+def fa4_is_default(
+    arch_major: int, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions,
+    mean_length: float | None = None,
+) -> bool:
+    """Whether the default table picks FA4 (where it is eligible). ``mean_length``: ``T_q / N``
+    of the compiled batch (None: unknown, taken as long)."""
     left, right = options.window()
+    min_length = FA4_DEFAULT.get(arch_major, {}).get((head_dim, head_dim_v))
     return (
-        (head_dim, head_dim_v) in FA4_DEFAULT.get(arch_major, frozenset())
+        min_length is not None
+        and (mean_length is None or mean_length >= min_length)
         and left < 0
         and right in (-1, 0)
         and not uses_score_features(options)
@@ -138,5 +152,24 @@ def kernels_for(
         fa4_reason=fa4_reason,
         aten_reason=aten_reason,
         max_autotune=bool(inductor_config.max_autotune),
-        fa4_default=fa4_is_default(torch.cuda.get_device_capability(device)[0], head_dim, head_dim_v, layout, options),
+        fa4_default=fa4_is_default(
+            torch.cuda.get_device_capability(device)[0], head_dim, head_dim_v, layout, options, _mean_length(query, layout)
+        ),
     )
+
+
+def _mean_length(query: ir.IRNode, layout: BatchLayout) -> float | None:
+    """``T_q / N`` from the size hints of the graph being compiled (None when either is unknown
+    or there is no sequence)."""
+    cu_seq_q = layout.cu_seq_q
+    if cu_seq_q is None:
+        return None
+    sizevars = V.graph.sizevars
+    try:
+        tokens = sizevars.size_hint(query.get_size()[0], fallback=-1)
+        sequences = sizevars.size_hint(cu_seq_q.get_size()[0], fallback=-1) - 1
+    except Exception:  # an IR node without sizes: no hint
+        return None
+    if tokens < 0 or sequences <= 0:
+        return None
+    return tokens / sequences

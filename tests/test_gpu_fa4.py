@@ -188,11 +188,31 @@ def test_forcing_triton_or_an_unservable_call_runs_the_template(fa4_calls):
     _check("fp32", case, inputs, out, lse, grads, grad_out, grad_lse)
 
 
-@pytest.mark.parametrize("name", ["d128-causal-gqa", "d64-full"])
+@pytest.mark.parametrize("name", ["d128-causal-gqa"])
 def test_auto_picks_fa4_where_the_default_table_says(name, fa4_calls):
     case = CASES[name]
     *_, source = _run(case, _inputs(**case), compiled=True)
     assert FA4_FWD in source and FA4_BWD in source
+
+
+@pytest.mark.parametrize("lengths, fa4", [([600, 700, 512], True), ([300, 0, 1, 77, 129, 5], False)], ids=["mean-604", "mean-85"])
+def test_auto_at_head_dim_64_follows_the_mean_length(lengths, fa4):
+    """At head dim 64 the default table picks FA4 from a mean sequence length of 512 tokens (the
+    template won on short sequences), judged on the batch the graph is compiled for."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=64)
+    compiled = torch.compile(attention, fullgraph=True)
+
+    def step():
+        out = compiled(q, k, v, cu_q, cu_k, None, None)
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    _, codes = run_and_get_code(step)
+    source = "\n".join(codes)
+    assert (FA4_FWD in source and FA4_BWD in source) is fa4
+    assert (FWD_KERNEL in source) is not fa4
 
 
 def test_auto_keeps_the_template_outside_the_default_table():

@@ -312,6 +312,19 @@ def test_default_table(arch, head_dims, options, layout, expected):
     assert fa4_is_default(arch, *head_dims, layout, options) is expected
 
 
+@pytest.mark.parametrize(
+    "head_dims, mean_length, expected",
+    [((64, 64), 279.0, False), ((64, 64), 511.9, False), ((64, 64), 512.0, True), ((64, 64), 768.0, True),
+     ((128, 128), 1.0, True), ((128, 128), 279.0, True), ((64, 64), None, True)],
+)
+def test_default_table_by_mean_length(head_dims, mean_length, expected):
+    """At head dim 64 the template won on short sequences (128 of mean 279 tokens) and FA4 on
+    long ones: FA4 is the default from a mean of 512 tokens; at 128 FA4 won at every length."""
+    from varlen_compile.lowering.choices import fa4_is_default
+
+    assert fa4_is_default(9, *head_dims, LAYOUT, AttnOptions(is_causal=True), mean_length) is expected
+
+
 # ---------------------------------------------------------------------------- the FA4 adapter
 
 ADAPTER_CASES = {
