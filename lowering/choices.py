@@ -25,17 +25,28 @@ and 4, 8 to 128 sequences, 4k to 64k tokens). At head dim 64 it depends on seque
 sequences <= 512 tokens (mean 279) the template won (1.66x forward, 1.08x forward+backward
 against FA4 called directly), so at 64 FA4 is the default from a mean length of 512 tokens.
 
+FA4 behind our op also costs host time that the template does not: its Python interface runs on
+every call, and the backward runs it on autograd's CUDA device thread, where it is slower
+(``benchmarks/probe_fa4_host.py``, H200: a compiled forward+backward step of a tiny batch takes
+1.10 ms of host time with FA4, 0.29 ms with the template). Small batches are bound by it: with
+8 sequences of mean 768 tokens and 16 heads (``T_q * H_q`` = 98k rows) FA4 behind our op ran at
+0.45x (forward) and 0.42x (forward+backward) of FA4 called directly, while at 196k rows and
+above it matched or beat it (0.99x to 1.07x). So FA4 is the default only from
+``T_q * H_q >= 2**17`` rows.
+
 =====  ==================  ==================================  ===================  ========
 arch   (D, D_v)            masking / features                  mean sequence length default
 =====  ==================  ==================================  ===================  ========
-sm90   (128, 128)          none or causal; no softcap, sink,   any                  FA4
+sm90   (128, 128)          none or causal; no softcap, sink,   any                  FA4 [*]
                            seqused_k
-sm90   (64, 64)            the same                            >= 512 tokens        FA4
+sm90   (64, 64)            the same                            >= 512 tokens        FA4 [*]
 other  any                 any                                 any                  template
 =====  ==================  ==================================  ===================  ========
 
-The mean length is ``T_q / N`` of the batch the graph was compiled for (its size hints under
-dynamic shapes): the choice is made once per compile. "other" is not measured yet (sm100, other
+[*] from ``T_q * H_q >= 2**17`` rows (:data:`FA4_MIN_ROWS`); below that, the template.
+
+The mean length (``T_q / N``) and the rows (``T_q * H_q``) are those of the batch the graph was
+compiled for (its size hints under dynamic shapes): the choice is made once per compile. "other" is not measured yet (sm100, other
 head dims, windows, softcap/sinks): it keeps the template until ``benchmarks/bench_choice.py``
 measures it; ``max-autotune`` measures it per call.
 """
@@ -54,7 +65,7 @@ from varlen_compile import _fa4, backends
 from varlen_compile.config import check_kernel_name
 from varlen_compile.params import AttnOptions, BatchLayout, uses_score_features
 
-__all__ = ["FA4_DEFAULT", "aten_unsupported", "fa4_is_default", "kernels_for", "select"]
+__all__ = ["FA4_DEFAULT", "FA4_MIN_ROWS", "aten_unsupported", "fa4_is_default", "kernels_for", "select"]
 
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
@@ -65,18 +76,23 @@ FA4_DEFAULT: dict[int, dict[tuple[int, int], int]] = {9: {(64, 64): 512, (128, 1
 """Arch major -> ``(D, D_v)`` -> the mean sequence length (tokens) from which FA4 is the
 default (see the table above)."""
 
+FA4_MIN_ROWS = 1 << 17
+"""``T_q * H_q`` from which FA4's host time behind our op is hidden by its GPU time."""
+
 
 def fa4_is_default(
     arch_major: int, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions,
     mean_length: float | None = None,
+    rows: int | None = None,
 ) -> bool:
     """Whether the default table picks FA4 (where it is eligible). ``mean_length``: ``T_q / N``
-    of the compiled batch (None: unknown, taken as long)."""
+    and ``rows``: ``T_q * H_q`` of the compiled batch (None: unknown, taken as large)."""
     left, right = options.window()
     min_length = FA4_DEFAULT.get(arch_major, {}).get((head_dim, head_dim_v))
     return (
         min_length is not None
         and (mean_length is None or mean_length >= min_length)
+        and (rows is None or rows >= FA4_MIN_ROWS)
         and left < 0
         and right in (-1, 0)
         and not uses_score_features(options)
@@ -153,23 +169,21 @@ def kernels_for(
         aten_reason=aten_reason,
         max_autotune=bool(inductor_config.max_autotune),
         fa4_default=fa4_is_default(
-            torch.cuda.get_device_capability(device)[0], head_dim, head_dim_v, layout, options, _mean_length(query, layout)
+            torch.cuda.get_device_capability(device)[0], head_dim, head_dim_v, layout, options,
+            *_batch_size_hints(query, layout),
         ),
     )
 
 
-def _mean_length(query: ir.IRNode, layout: BatchLayout) -> float | None:
-    """``T_q / N`` from the size hints of the graph being compiled (None when either is unknown
-    or there is no sequence)."""
-    cu_seq_q = layout.cu_seq_q
-    if cu_seq_q is None:
-        return None
+def _batch_size_hints(query: ir.IRNode, layout: BatchLayout) -> tuple[float | None, int | None]:
+    """``(T_q / N, T_q * H_q)`` from the size hints of the graph being compiled (None where a size
+    has no hint, or there is no sequence)."""
     sizevars = V.graph.sizevars
     try:
-        tokens = sizevars.size_hint(query.get_size()[0], fallback=-1)
-        sequences = sizevars.size_hint(cu_seq_q.get_size()[0], fallback=-1) - 1
+        tokens, heads = (sizevars.size_hint(size, fallback=-1) for size in query.get_size()[:2])
+        sequences = -1 if layout.cu_seq_q is None else sizevars.size_hint(layout.cu_seq_q.get_size()[0], fallback=-1) - 1
     except Exception:  # an IR node without sizes: no hint
-        return None
-    if tokens < 0 or sequences <= 0:
-        return None
-    return tokens / sequences
+        return None, None
+    mean_length = tokens / sequences if tokens >= 0 and sequences > 0 else None
+    rows = tokens * heads if tokens >= 0 and heads >= 0 else None
+    return mean_length, rows
