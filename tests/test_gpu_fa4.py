@@ -188,15 +188,46 @@ def test_forcing_triton_or_an_unservable_call_runs_the_template(fa4_calls):
     _check("fp32", case, inputs, out, lse, grads, grad_out, grad_lse)
 
 
+@pytest.fixture
+def any_batch_size(monkeypatch):
+    """The default table without its batch-size floor (FA4_MIN_ROWS), for the small test batches;
+    a fresh Inductor cache, since the floor is not part of the cache key."""
+    from torch._inductor.utils import fresh_inductor_cache
+
+    from varlen_compile.lowering import choices
+
+    monkeypatch.setattr(choices, "FA4_MIN_ROWS", 0)
+    with fresh_inductor_cache():
+        yield
+
+
 @pytest.mark.parametrize("name", ["d128-causal-gqa"])
-def test_auto_picks_fa4_where_the_default_table_says(name, fa4_calls):
+def test_auto_picks_fa4_where_the_default_table_says(name, fa4_calls, any_batch_size):
     case = CASES[name]
     *_, source = _run(case, _inputs(**case), compiled=True)
     assert FA4_FWD in source and FA4_BWD in source
 
 
+@pytest.mark.parametrize("lengths, fa4", [([6000, 6000, 5000], True), ([300, 0, 1, 77, 129, 5], False)], ids=["136k-rows", "4k-rows"])
+def test_auto_needs_enough_rows_for_fa4(lengths, fa4):
+    """Behind our op FA4 pays host time the template does not: the default table picks it only
+    from T_q * H_q >= 2**17 rows (here H_q = 8)."""
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=128)
+    compiled = torch.compile(attention, fullgraph=True)
+
+    def step():
+        out = compiled(q, k, v, cu_q, cu_k, None, None)
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    _, codes = run_and_get_code(step)
+    source = "\n".join(codes)
+    assert (FA4_FWD in source and FA4_BWD in source) is fa4
+    assert (FWD_KERNEL in source) is not fa4
+
+
 @pytest.mark.parametrize("lengths, fa4", [([600, 700, 512], True), ([300, 0, 1, 77, 129, 5], False)], ids=["mean-604", "mean-85"])
-def test_auto_at_head_dim_64_follows_the_mean_length(lengths, fa4):
+def test_auto_at_head_dim_64_follows_the_mean_length(lengths, fa4, any_batch_size):
     """At head dim 64 the default table picks FA4 from a mean sequence length of 512 tokens (the
     template won on short sequences), judged on the batch the graph is compiled for."""
     from torch._inductor.utils import run_and_get_code
