@@ -32,6 +32,24 @@ def host_us(fn, calls: int = 300) -> float:
     return elapsed / calls * 1e6
 
 
+def host_us_on_a_thread(fn, calls: int = 300) -> float:
+    """:func:`host_us` run by another thread, as autograd runs CUDA backward nodes on its device
+    thread (the compiled FA4 backward is slower there: this tells which layer is)."""
+    import threading
+
+    result = []
+    device = torch.cuda.current_device()
+
+    def work():
+        torch.cuda.set_device(device)
+        result.append(host_us(fn, calls))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def main() -> None:
     from flash_attn.cute import interface
     from flash_attn.cute.interface import flash_attn_varlen_func
@@ -71,6 +89,8 @@ def main() -> None:
             "op _fa4_backward_into (dispatcher)": lambda: torch.ops.varlen_compile._fa4_backward_into.default(dout, qd, kd, vd, out, lse, dq, dv, cu, cu, True, None, -1, -1),
         }
         results = {name: host_us(fn) for name, fn in rows.items()}
+        for name in ("sanitized (Triton launch)", "FA4 _flash_attn_bwd", "_fa4.backward (adapter)", "op _fa4_backward_into (dispatcher)"):
+            results[name + ", on another thread"] = host_us_on_a_thread(rows[name])
     with config.patch(kernel="fa4"):
         results["FA4 direct fwd+bwd (autograd)"] = host_us(direct_step)
         results["compiled kernel=fa4 fwd+bwd"] = host_us(compiled_step)
