@@ -208,12 +208,11 @@ def test_auto_picks_fa4_where_the_default_table_says(name, fa4_calls, any_batch_
     assert FA4_FWD in source and FA4_BWD in source
 
 
-@pytest.mark.parametrize("lengths, fa4", [([6000, 6000, 5000], True), ([300, 0, 1, 77, 129, 5], False)], ids=["136k-rows", "4k-rows"])
-def test_auto_needs_enough_rows_for_fa4(lengths, fa4):
-    """Behind our op FA4 pays host time the template does not: the default table picks it only
-    from T_q * H_q >= 2**17 rows (here H_q = 8)."""
+def _assert_auto_runs(lengths: list[int], head_dim: int, fa4: bool) -> None:
+    """Compile one causal GQA forward+backward step under the default switch; the generated code
+    calls FA4 (both directions) when ``fa4``, else our template."""
     torch._dynamo.reset()
-    q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=128)
+    q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=head_dim)
     compiled = torch.compile(attention, fullgraph=True)
 
     def step():
@@ -224,26 +223,20 @@ def test_auto_needs_enough_rows_for_fa4(lengths, fa4):
     source = "\n".join(codes)
     assert (FA4_FWD in source and FA4_BWD in source) is fa4
     assert (FWD_KERNEL in source) is not fa4
+
+
+@pytest.mark.parametrize("lengths, fa4", [([6000, 6000, 5000], True), ([300, 0, 1, 77, 129, 5], False)], ids=["136k-rows", "4k-rows"])
+def test_auto_needs_enough_rows_for_fa4(lengths, fa4):
+    """Behind our op FA4 pays host time the template does not: the default table picks it only
+    from T_q * H_q >= 2**17 rows (here H_q = 8)."""
+    _assert_auto_runs(lengths, 128, fa4)
 
 
 @pytest.mark.parametrize("lengths, fa4", [([600, 700, 512], True), ([300, 0, 1, 77, 129, 5], False)], ids=["mean-604", "mean-85"])
 def test_auto_at_head_dim_64_follows_the_mean_length(lengths, fa4, any_batch_size):
     """At head dim 64 the default table picks FA4 from a mean sequence length of 512 tokens (the
     template won on short sequences), judged on the batch the graph is compiled for."""
-    from torch._inductor.utils import run_and_get_code
-
-    torch._dynamo.reset()
-    q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=64)
-    compiled = torch.compile(attention, fullgraph=True)
-
-    def step():
-        out = compiled(q, k, v, cu_q, cu_k, None, None)
-        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-
-    _, codes = run_and_get_code(step)
-    source = "\n".join(codes)
-    assert (FA4_FWD in source and FA4_BWD in source) is fa4
-    assert (FWD_KERNEL in source) is not fa4
+    _assert_auto_runs(lengths, 64, fa4)
 
 
 def test_auto_keeps_the_template_outside_the_default_table():
