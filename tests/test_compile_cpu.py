@@ -306,15 +306,21 @@ def test_compile_caches_are_keyed_on_our_build(monkeypatch):
         torch.compile(attention, fullgraph=True)(case.q, case.k, case.v, case.cu_seq_q)
         return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
-    with fresh_inductor_cache(), torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+    with (
+        fresh_inductor_cache(),
+        torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False),
+        torch.compiler.config.patch(cache_key_tag="user-tag|" + tag),  # restored on exit
+    ):
         assert compile_and_count() == (0, 1)
         assert compile_and_count() == (1, 0)  # the cache works at all
         monkeypatch.setattr(_compat, "build_fingerprint", lambda: "0123456789abcdef")
         _compat.tag_compile_caches.cache_clear()
-        monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "user-tag|" + tag)
-        assert _compat.tag_compile_caches() == "user-tag|varlen_compile=0123456789abcdef"  # the user's part kept
-        assert compile_and_count() == (0, 1)  # another build: compiled again
-    _compat.tag_compile_caches.cache_clear()
+        try:
+            assert _compat.tag_compile_caches() == "user-tag|varlen_compile=0123456789abcdef"  # the user's part kept
+            assert compile_and_count() == (0, 1)  # another build: compiled again
+        finally:
+            _compat.tag_compile_caches.cache_clear()
+    assert torch.compiler.config.cache_key_tag == tag
 
 
 def test_build_fingerprint_follows_the_fa4_version(monkeypatch):
