@@ -65,6 +65,8 @@ from varlen_compile import _fa4, backends
 from varlen_compile.config import check_kernel_name
 from varlen_compile.params import AttnOptions, BatchLayout, uses_score_features
 
+from .common import size_hint
+
 __all__ = ["FA4_DEFAULT", "FA4_MIN_ROWS", "aten_unsupported", "fa4_is_default", "kernels_for", "select"]
 
 log = logging.getLogger(__name__)
@@ -176,14 +178,8 @@ def kernels_for(
 
 
 def _batch_size_hints(query: ir.IRNode, layout: BatchLayout) -> tuple[float | None, int | None]:
-    """``(T_q / N, T_q * H_q)`` from the size hints of the graph being compiled (None where a size
-    has no hint, or there is no sequence)."""
-    sizevars = V.graph.sizevars
-    try:
-        tokens, heads = (sizevars.size_hint(size, fallback=-1) for size in query.get_size()[:2])
-        sequences = -1 if layout.cu_seq_q is None else sizevars.size_hint(layout.cu_seq_q.get_size()[0], fallback=-1) - 1
-    except Exception:  # an IR node without sizes: no hint
-        return None, None
-    mean_length = tokens / sequences if tokens >= 0 and sequences > 0 else None
-    rows = tokens * heads if tokens >= 0 and heads >= 0 else None
-    return mean_length, rows
+    """``(T_q / N, T_q * H_q)`` from the size hints of the graph being compiled (an unbacked size
+    takes Inductor's fallback hint; no mean without a sequence)."""
+    tokens, heads = (size_hint(size) for size in query.get_size()[:2])
+    sequences = 0 if layout.cu_seq_q is None else size_hint(layout.cu_seq_q.get_size()[0]) - 1
+    return (tokens / sequences if sequences > 0 else None), tokens * heads

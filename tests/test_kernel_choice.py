@@ -480,3 +480,18 @@ def test_offsets_kernel_leaves_well_formed_offsets_alone(interpret):
     used = torch.tensor([5, 0, 1, 4], dtype=torch.int32)
     q, k, u = sanitized(cu, cu, used, 15, 15)
     assert torch.equal(q, cu) and torch.equal(k, cu) and torch.equal(u, used)
+
+
+def test_batch_size_hints_from_the_ir_sizes(monkeypatch):
+    """The default table's (mean length, rows) come from the query's (T_q, H_q) and cu_seq_q's
+    N + 1 (Inductor's size hints; plain ints here)."""
+    from types import SimpleNamespace
+
+    from varlen_compile.lowering import choices
+
+    monkeypatch.setattr(choices, "size_hint", int)
+    query = SimpleNamespace(get_size=lambda: [6144, 16, 64])
+    cu_seq = SimpleNamespace(get_size=lambda: [9])
+    assert choices._batch_size_hints(query, BatchLayout(cu_seq, cu_seq)) == (768.0, 98304)
+    empty = SimpleNamespace(get_size=lambda: [1])
+    assert choices._batch_size_hints(query, BatchLayout(empty, empty)) == (None, 98304)
