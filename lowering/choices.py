@@ -46,9 +46,10 @@ other  any                 any                                 any              
 [*] from ``T_q * H_q >= 2**17`` rows (:data:`FA4_MIN_ROWS`); below that, the template.
 
 The mean length (``T_q / N``) and the rows (``T_q * H_q``) are those of the batch the graph was
-compiled for (its size hints under dynamic shapes): the choice is made once per compile. "other" is not measured yet (sm100, other
-head dims, windows, softcap/sinks): it keeps the template until ``benchmarks/bench_choice.py``
-measures it; ``max-autotune`` measures it per call.
+compiled for (its size hints under dynamic shapes): the choice is made once per compile.
+"other" is not measured yet (sm100, other head dims, windows, softcap/sinks): it keeps the
+template until ``benchmarks/bench_choice.py`` measures it; ``max-autotune`` measures it per
+call.
 """
 
 from __future__ import annotations
