@@ -24,6 +24,9 @@ and 4, 8 to 128 sequences, 4k to 64k tokens). At head dim 64 it depends on seque
 16 sequences <= 4096 tokens FA4 won (1.20x forward, 1.41x forward+backward), but with 128
 sequences <= 512 tokens (mean 279) the template won (1.66x forward, 1.08x forward+backward
 against FA4 called directly), so at 64 FA4 is the default from a mean length of 512 tokens.
+With a softcap (30, causal, head dim 128, 16 sequences <= 4096, GQA 4) FA4 won too (1.45x
+forward, 1.54x forward+backward: ``results/h200-choice-quick.md``); softcap at other head dims,
+sinks and ``seqused_k`` are not measured.
 
 FA4 behind our op also costs host time that the template does not: its Python interface runs on
 every call, and the backward runs it on autograd's CUDA device thread, where it is slower
@@ -37,9 +40,10 @@ above it matched or beat it (0.99x to 1.07x). So FA4 is the default only from
 =====  ==================  ==================================  ===================  ========
 arch   (D, D_v)            masking / features                  mean sequence length default
 =====  ==================  ==================================  ===================  ========
-sm90   (128, 128)          none or causal; no softcap, sink,   any                  FA4 [*]
-                           seqused_k
-sm90   (64, 64)            the same                            >= 512 tokens        FA4 [*]
+sm90   (128, 128)          none or causal, softcap or not;     any                  FA4 [*]
+                           no sink, ALiBi, seqused_k
+sm90   (64, 64)            none or causal; no softcap, sink,   >= 512 tokens        FA4 [*]
+                           ALiBi, seqused_k
 other  any                 any                                 any                  template
 =====  ==================  ==================================  ===================  ========
 
@@ -79,6 +83,9 @@ FA4_DEFAULT: dict[int, dict[tuple[int, int], int]] = {9: {(64, 64): 512, (128, 1
 """Arch major -> ``(D, D_v)`` -> the mean sequence length (tokens) from which FA4 is the
 default (see the table above)."""
 
+FA4_SOFTCAP_DEFAULT: dict[int, tuple[tuple[int, int], ...]] = {9: ((128, 128),)}
+"""Arch major -> the ``(D, D_v)`` where FA4 is the default with a softcap too."""
+
 FA4_MIN_ROWS = 1 << 17
 """``T_q * H_q`` from which FA4's host time behind our op is hidden by its GPU time."""
 
@@ -98,7 +105,9 @@ def fa4_is_default(
         and (rows is None or rows >= FA4_MIN_ROWS)
         and left < 0
         and right in (-1, 0)
-        and not uses_score_features(options)
+        and options.sink is None
+        and options.alibi_slopes is None
+        and (options.softcap == 0.0 or (head_dim, head_dim_v) in FA4_SOFTCAP_DEFAULT.get(arch_major, ()))
         and layout.seqused_k is None
     )
 
