@@ -123,6 +123,16 @@ BATCHES = [
 ]
 
 
+def _assert_step_matches(case, actual: torch.Tensor, expected: torch.Tensor, label: str) -> None:
+    """A compiled output equals the eager one, and so do its gradients for one random grad_out."""
+    grad_out = torch.randn_like(expected)
+    actual_grads = torch.autograd.grad(actual, (case.q, case.k, case.v), grad_out)
+    expected_grads = torch.autograd.grad(expected, (case.q, case.k, case.v), grad_out)
+    _assert_same(actual, expected, f"out {label}")
+    for name, a, e in zip(("dq", "dk", "dv"), actual_grads, expected_grads):
+        _assert_same(a, e, f"{name} {label}")
+
+
 @pytest.mark.parametrize("hints", [True, False], ids=["max-hints", "no-hints"])
 def test_varying_batches_compile_at_most_twice(hints):
     """Six batches of different token and sequence counts: a static compile, then at most one
@@ -138,12 +148,7 @@ def test_varying_batches_compile_at_most_twice(hints):
         max_len = case.max_q if hints else None
         actual = compiled(case.q, case.k, case.v, case.cu_seq_q, max_len)
         expected = attention(case.q, case.k, case.v, case.cu_seq_q, max_len)
-        grad_out = torch.randn_like(expected)
-        actual_grads = torch.autograd.grad(actual, (case.q, case.k, case.v), grad_out)
-        expected_grads = torch.autograd.grad(expected, (case.q, case.k, case.v), grad_out)
-        _assert_same(actual, expected, f"out {lengths}")
-        for name, a, e in zip(("dq", "dk", "dv"), actual_grads, expected_grads):
-            _assert_same(a, e, f"{name} {lengths}")
+        _assert_step_matches(case, actual, expected, str(lengths))
     assert 1 <= counter.frame_count <= 2, f"{counter.frame_count} compiles for {len(BATCHES)} batches"
 
 
@@ -273,14 +278,7 @@ def test_dynamic_true_compiles_each_entry_point_once(entry):
     # No two sizes of a batch are equal: Dynamo's duck sizing would tie them with a guard.
     for lengths_q, lengths_k in (([5, 3, 7, 2, 6], [4, 3, 9, 2, 7]), ([2, 11, 1, 6, 4, 3], [2, 10, 3, 6, 5, 3])):
         case = make_case(lengths_q, lengths_k, heads_q=HEADS, head_dim=HEAD_DIM, requires_grad=True)
-        actual = compiled(case)
-        expected = entry(case)
-        grad_out = torch.randn_like(expected)
-        actual_grads = torch.autograd.grad(actual, (case.q, case.k, case.v), grad_out)
-        expected_grads = torch.autograd.grad(expected, (case.q, case.k, case.v), grad_out)
-        _assert_same(actual, expected, f"out {lengths_q}")
-        for name, a, e in zip(("dq", "dk", "dv"), actual_grads, expected_grads):
-            _assert_same(a, e, f"{name} {lengths_q}")
+        _assert_step_matches(case, compiled(case), entry(case), str(lengths_q))
     assert counter.frame_count == 1, f"{counter.frame_count} frames (a restart or a recompile)"
 
 
