@@ -30,7 +30,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 for step in ${STEPS:-tests}; do
   start=$(date +%s)
   case $step in
-    tests) timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz" tests/ -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
+    tests) timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz" tests/ -rfEs --tb=short --durations=${TESTS_DURATIONS:-0} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
     fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=line ${FUZZ_PART:+--fuzz-part "$FUZZ_PART"} \
         ${FUZZ_K:+-k "$FUZZ_K"} --durations=12 2>&1 | tee "$OUT/fuzz.log" | grep -v "DEBUG\|torch.__trace" | tail -25 ;;
     memcheck) PYTORCH_NO_CUDA_MEMORY_CACHING=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${MEMCHECK_TIMEOUT:-300}" \
