@@ -1,20 +1,28 @@
-"""A/B of the standalone Triton kernels: this checkout's against a saved earlier version, in one
+"""A/B of the standalone Triton kernels: this checkout's against an earlier version, in one
 process, same inputs, same configs (``triton.testing.do_bench`` medians, interleaved rounds).
 
-    mkdir -p .ab_base && for f in standalone varlen_common; do
-        git show REV:lowering/templates/$f.py.jinja > .ab_base/$f.py.jinja; done
-    python benchmarks/ab_kernels.py --base .ab_base --cases headline-causal,d128-causal
+    python benchmarks/ab_kernels.py --base-rev 5784b19 --cases headline-causal,d128-causal
+    python benchmarks/ab_kernels.py --base .ab_base      # templates saved in a folder
+    python benchmarks/ab_kernels.py --save-base 5784b19   # write .ab_base/ (for the device
+                                                          # machine, which has no .git: carry it)
 
-The base kernels must take the arguments of the version before session 3 (``GQA_GROUP`` a
-constexpr, no ``total_k``/``gqa_group`` arguments); ``_launch_base`` adapts that call.
+``--base-rev`` reads ``lowering/templates/{standalone,varlen_common}.py.jinja`` of that commit
+(``git show``); ``--base`` a folder holding the two files. A base whose kernels take today's
+arguments runs through today's launcher (only the kernel module is swapped), so any kernel
+change with an unchanged signature can be compared; an older base must take the arguments of
+the version before session 3 (``GQA_GROUP`` a constexpr, no ``total_k``/``gqa_group``),
+which ``_launch_base`` adapts.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import linecache
 import math
+import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -44,6 +52,45 @@ def _load(directory: Path) -> types.ModuleType:
     module = types.ModuleType("ab_base_kernels")
     exec(compile(source, filename, "exec"), module.__dict__)
     return module
+
+
+def _from_rev(rev: str, folder: Path | None = None) -> Path:
+    """The two template files of commit ``rev``, written to ``folder`` (default: a new
+    temporary one)."""
+    root = Path(__file__).resolve().parents[1]
+    folder = folder or Path(tempfile.mkdtemp(prefix=f"ab-{rev}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("standalone", "varlen_common"):
+        text = subprocess.run(["git", "show", f"{rev}:lowering/templates/{name}.py.jinja"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout
+        (folder / f"{name}.py.jinja").write_text(text)
+    return folder
+
+
+def _same_signature(kernels) -> bool:
+    current = launcher._kernels()
+    return all(
+        list(inspect.signature(getattr(kernels, name).fn).parameters) == list(inspect.signature(getattr(current, name).fn).parameters)
+        for name in ("varlen_fwd_kernel", "varlen_bwd_kernel", "varlen_bwd_preprocess_kernel")
+        if hasattr(kernels, name)
+    )
+
+
+def _launch_same_signature(kernels, q, k, v, cu_seq, causal, grad_out):
+    """Forward and backward through today's launcher with the base's kernel module swapped in."""
+    layout, options = BatchLayout(cu_seq, cu_seq), AttnOptions(causal)
+    current = launcher._kernels
+
+    def swapped(call):
+        launcher._kernels = lambda: kernels
+        try:
+            return call()
+        finally:
+            launcher._kernels = current
+
+    out, lse = swapped(lambda: launcher.forward(q, k, v, layout, options))
+    return (lambda: swapped(lambda: launcher.forward(q, k, v, layout, options)),
+            lambda: swapped(lambda: launcher.backward(grad_out, q, k, v, out, lse, layout, options)))
 
 
 def _launch_base(kernels, q, k, v, cu_seq, causal, grad_out):
@@ -93,19 +140,25 @@ def _launch_base(kernels, q, k, v, cu_seq, causal, grad_out):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default=".ab_base")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=".ab_base", help="a folder with the base's two template files")
+    parser.add_argument("--base-rev", default=None, help="a git commit to take the base templates from")
+    parser.add_argument("--save-base", default=None, metavar="REV", help="write REV's templates to --base and exit")
     parser.add_argument("--cases", default="headline-causal,d128,d128-causal,gqa-causal,many-short-causal")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    base = _load(Path(args.base))
+    if args.save_base:
+        print(f"{args.save_base}'s templates in {_from_rev(args.save_base, Path(args.base))}")
+        return
+    base = _load(_from_rev(args.base_rev) if args.base_rev else Path(args.base))
+    launch = _launch_same_signature if _same_signature(base) else _launch_base
     print("| case | fwd base ms | fwd new ms | new/base | bwd base ms | bwd new ms | new/base |")
     print("|---|---|---|---|---|---|---|")
     for name in args.cases.split(","):
         case = all_cases()[name]
         x = make_inputs(case)
         q, k, v, grad_out = (t.detach() for t in (x.q, x.k, x.v, x.grad_out))
-        base_fwd, base_bwd = _launch_base(base, q, k, v, x.cu_seq, case.causal, grad_out)
+        base_fwd, base_bwd = launch(base, q, k, v, x.cu_seq, case.causal, grad_out)
         layout, options = BatchLayout(x.cu_seq, x.cu_seq), AttnOptions(case.causal)
         new_out, new_lse = launcher.forward(q, k, v, layout, options)
         base_out, _ = base_fwd()

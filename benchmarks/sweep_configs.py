@@ -1,24 +1,46 @@
 """Sweep tile configs of the shared kernels (through the standalone launcher: same math as the
 templates, no Inductor compile per config) against aten flash, on the benchmark's shapes.
 
-    python benchmarks/sweep_configs.py --head-dims 64,128 [--backward]
+    python benchmarks/sweep_configs.py --head-dims 64,128 [--backward]          # on a GPU
+    python benchmarks/sweep_configs.py --regs --head-dims 128 [--backward]      # any machine
 
 Prints, per (head dim, causal), each config's median ms and its speed relative to aten flash;
 use it to choose the defaults in lowering/configs.py.
+
+``--regs`` needs no GPU: it compiles the same candidates (and the defaults) for sm_90 with
+Triton's NVIDIA backend and prints registers, spill stack (bytes per thread) and shared memory
+per block from the cubin (``cuobjdump``; ``results/sm90-regs.md``). Spills cost local-memory
+traffic in the inner loops; a config that spills less is a candidate to time, not a result by
+itself. Run it with ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
-from triton.testing import do_bench
 
-from bench import all_cases, forward_flops, make_inputs
-from varlen_compile.lowering import launcher
-from varlen_compile.params import AttnOptions, BatchLayout
-from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "tools"))
+from bench import all_cases, forward_flops, make_inputs  # noqa: E402
+
+from varlen_compile.lowering import launcher  # noqa: E402
+from varlen_compile.lowering.configs import (  # noqa: E402
+    BackwardConfig,
+    ForwardConfig,
+    backward_constexprs,
+    default_backward_config,
+    default_forward_config,
+    kernel_constexprs,
+)
+from varlen_compile.params import AttnOptions, BatchLayout  # noqa: E402
 
 FORWARD_CANDIDATES = {
     64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2)],
@@ -26,18 +48,82 @@ FORWARD_CANDIDATES = {
 }
 BACKWARD_CANDIDATES = {
     64: [(32, 128, 128, 32, 4, 3), (64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 3), (64, 64, 64, 64, 4, 2), (32, 128, 128, 32, 8, 3), (64, 128, 128, 64, 8, 3)],
-    128: [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 4, 2), (64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 8, 3), (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3)],
+    128: [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 4, 2), (64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 8, 3), (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3),
+          # the least-spilling tiles at sm_90 (--regs, results/sm90-regs.md)
+          (32, 64, 64, 32, 8, 2), (64, 64, 128, 64, 8, 2), (64, 64, 64, 64, 8, 2), (64, 32, 64, 32, 4, 2)],
 }
 SHAPES = {64: "headline", 128: "d128"}
 
 
+def _resource_usage(compiled) -> dict[str, int]:
+    """``{"REG": .., "STACK": .., "SHARED": ..}`` of a compiled kernel (REG and STACK per thread
+    from ``cuobjdump --dump-resource-usage``, SHARED from Triton's metadata)."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(compiled.asm["cubin"])
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = subprocess.run([str(cuobjdump), "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+    os.unlink(handle.name)
+    usage = {"SHARED": compiled.metadata.shared}
+    for part in text.split():
+        key, _, value = part.partition(":")
+        if key in ("REG", "STACK") and value.isdigit():
+            usage[key] = int(value)
+    return usage
+
+
+def _compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
+    import compile_sm90  # tests/tools: the sm_90 compile check's signature helper
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = compile_sm90._signature(kernel, constexprs, "bf16")
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def regs(head_dims: list[int], backward: bool) -> None:
+    """The ``--regs`` table: every candidate (defaults first, marked) compiled for sm_90, bf16."""
+    layout = BatchLayout(torch.empty(1), torch.empty(1))
+    kernels = launcher._kernels()
+    print("| kernel | head dim | mask | config | REG | STACK (B/thread) | shared (B) |\n|---|---|---|---|---|---|---|")
+    for head_dim in head_dims:
+        if backward:
+            default = dataclasses.astuple(default_backward_config(head_dim, torch.bfloat16))
+        else:
+            default = dataclasses.astuple(default_forward_config(head_dim, torch.bfloat16))
+        candidates = (BACKWARD_CANDIDATES if backward else FORWARD_CANDIDATES).get(head_dim, [])
+        for cfg in [default] + [c for c in candidates if c != default]:
+            for mask, options in (("causal", AttnOptions(is_causal=True)), ("full", AttnOptions())):
+                if backward:
+                    constexprs = dict(backward_constexprs(options, layout, head_dim, head_dim, torch.bfloat16),
+                                      HAS_GRAD_LSE=False, BLOCK_M1=cfg[0], BLOCK_N1=cfg[1], BLOCK_M2=cfg[2], BLOCK_N2=cfg[3])
+                    kernel = kernels.varlen_bwd_kernel
+                else:
+                    constexprs = dict(kernel_constexprs(options, layout, head_dim, head_dim, torch.bfloat16),
+                                      BLOCK_M=cfg[0], BLOCK_N=cfg[1])
+                    kernel = kernels.varlen_fwd_kernel
+                usage = _resource_usage(_compile_sm90(kernel, constexprs, cfg[-2], cfg[-1]))
+                label = ("bwd" if backward else "fwd") + (" (default)" if cfg == default else "")
+                fields = "/".join(map(str, cfg))
+                print(f"| {label} | {head_dim} | {mask} | {fields} | {usage.get('REG')} | {usage.get('STACK')} | {usage['SHARED']} |",
+                      flush=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--cases", default=None, help="bench case names (default: one per head dim)")
+    parser.add_argument("--regs", action="store_true", help="registers and spills at sm_90 instead of timings (no GPU)")
     args = parser.parse_args()
+    if args.regs:
+        regs([int(d) for d in args.head_dims.split(",")], args.backward)
+        return
     from torch.nn.attention.varlen import varlen_attn as aten_varlen
+    from triton.testing import do_bench
 
     results = []
     if args.cases:
