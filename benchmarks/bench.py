@@ -153,25 +153,33 @@ def build_fa4(case: Case, inputs: Inputs):
 KERNEL_SWITCH = {"ours": "triton", "ours-auto": "auto"}
 
 
-def build_ours_eager(case: Case, inputs: Inputs):
-    from varlen_compile.lowering import launcher
-    from varlen_compile.params import AttnOptions, BatchLayout
+def attention_function(forward: Callable, backward: Callable) -> Callable:
+    """An autograd function of q, k, v from ``forward(q, k, v) -> (out, lse)`` and
+    ``backward(grad_out, q, k, v, out, lse) -> (dq, dk, dv)`` (eager kernels, uncompiled)."""
 
-    layout, options = BatchLayout(inputs.cu_seq, inputs.cu_seq), AttnOptions(case.causal)
-
-    class StandaloneAttention(torch.autograd.Function):
+    class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out, lse = launcher.forward(q, k, v, layout, options)
+            out, lse = forward(q, k, v)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
-            q, k, v, out, lse = ctx.saved_tensors
-            return launcher.backward(grad_out, q, k, v, out, lse, layout, options)
+            return backward(grad_out, *ctx.saved_tensors)
 
-    return StandaloneAttention.apply, {}
+    return Attention.apply
+
+
+def build_ours_eager(case: Case, inputs: Inputs):
+    from varlen_compile.lowering import launcher
+    from varlen_compile.params import AttnOptions, BatchLayout
+
+    layout, options = BatchLayout(inputs.cu_seq, inputs.cu_seq), AttnOptions(case.causal)
+    return attention_function(
+        lambda q, k, v: launcher.forward(q, k, v, layout, options),
+        lambda grad_out, q, k, v, out, lse: launcher.backward(grad_out, q, k, v, out, lse, layout, options),
+    ), {}
 
 
 def build_aten(case: Case, inputs: Inputs):

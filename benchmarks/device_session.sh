@@ -4,7 +4,7 @@
 #   STEPS="tests sweep bench" bash benchmarks/device_session.sh
 # (TESTS_FILES picks test files for the tests step; it is time-boxed with SIGINT, so pytest still
 # prints its summary and --durations=$TESTS_DURATIONS.)
-# steps: tests fuzz memcheck ab sweep inspect compile host model features fa4tests choice bench. Wheels in
+# steps: tests fuzz memcheck ab sweep profile model features fa4tests choice bench. Wheels in
 # .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
 # installed when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/
 # to /tmp/fa4 on the warm machine, this call carries .fa4b/).
@@ -41,9 +41,8 @@ for step in ${STEPS:-tests}; do
         -rfE --tb=short 2>&1 | tee "$OUT/memcheck.log" | tail -15; echo "memcheck exit ${PIPESTATUS[0]}" ;;
     ab) timeout "${AB_TIMEOUT:-200}" python3 benchmarks/ab_kernels.py ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep -v DEBUG | tail -12 ;;
     sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
-    inspect) (cd benchmarks && timeout 120 python3 inspect_template.py ${INSPECT_CASES:-d128}) 2>&1 | tee "$OUT/inspect.log" | grep -v DEBUG | tail -5 ;;
-    compile) timeout 120 python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile_time.log" | grep -v DEBUG | tail -3 ;;
-    host) (cd benchmarks && timeout "${HOST_TIMEOUT:-400}" python3 host_overhead.py ${HOST_CASES:-headline-causal headline}) 2>&1 | tee "$OUT/host.log" | grep -v DEBUG | tail -${HOST_TAIL:-20} ;;
+    profile) (cd benchmarks && timeout "${PROFILE_TIMEOUT:-400}" python3 profile_step.py ${PROFILE_ARGS:-host headline-causal headline}) 2>&1 \
+        | tee "$OUT/profile.log" | grep -v DEBUG | tail -${PROFILE_TAIL:-30} ;;
     model) (cd benchmarks && timeout "${MODEL_TIMEOUT:-300}" python3 bench_model.py --out "$OUT" ${MODEL_ARGS:-}) 2>&1 | tee "$OUT/model.log" | grep -v '^{' | grep -v DEBUG | tail -12 ;;
     features) timeout "${FEATURES_TIMEOUT:-300}" python3 benchmarks/bench_features.py --tag "${FEATURES_TAG:-h200-features}" ${FEATURES_ARGS:-} 2>&1 \
         | tee "$OUT/features.log" | grep -v DEBUG | tail -25; cp benchmarks/results/"${FEATURES_TAG:-h200-features}".* "$OUT"/ 2>/dev/null ;;

@@ -30,7 +30,7 @@ sinks and ``seqused_k`` are not measured.
 
 FA4 behind our op also costs host time that the template does not: its Python interface runs on
 every call, and the backward runs it on autograd's CUDA device thread, where it is slower
-(``benchmarks/probe_fa4_host.py``, H200: a compiled forward+backward step of a tiny batch takes
+(``benchmarks/profile_step.py fa4-host``, H200: a compiled forward+backward step of a tiny batch takes
 1.10 ms of host time with FA4, 0.29 ms with the template). Small batches are bound by it: with
 8 sequences of mean 768 tokens and 16 heads (``T_q * H_q`` = 98k rows) FA4 behind our op ran at
 0.45x (forward) and 0.42x (forward+backward) of FA4 called directly, while at 196k rows and
