@@ -95,6 +95,23 @@ def test_more_sequences_than_one_search_step():
     _run_and_check(spec, spec.make())
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_running_max_jumps_between_key_blocks(is_causal):
+    """Logits that jump between key blocks (by a little and by ~21 in log2 units, then drop
+    back): the online softmax's rescaling of acc and the running sum meets the reference, in
+    masked and unmasked blocks alike."""
+    spec = AttnSpec((41, 7), (48, 7), heads_q=4, heads_kv=2, is_causal=is_causal)
+    case = spec.make()
+    direction = torch.randn(spec.head_dim)
+    direction /= direction.norm()
+    with torch.no_grad():
+        case.q += 3.0 * direction  # every query points the same way (plus noise)
+        # Key blocks of 16 rows: score offsets ~0, ~+3, ~+15, then back to ~+1 (natural log units).
+        offsets = torch.tensor([0.0] * 16 + [3.0] * 16 + [15.0] * 8 + [1.0] * 8 + [2.0] * 7)
+        case.k += (offsets * spec.head_dim**0.5 / 3.0)[:, None, None] * direction
+    _run_and_check(spec, case)
+
+
 @pytest.mark.parametrize(
     "forward_config, backward_config",
     [
