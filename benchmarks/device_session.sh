@@ -2,8 +2,9 @@
 # One device-machine session: install, then the steps named in $STEPS, each time-boxed, logs
 # under $OUT (the device tool's folder that comes back). Usage:
 #   STEPS="tests sweep bench" bash benchmarks/device_session.sh
-# (TESTS_FILES picks test files for the tests step; it is time-boxed with SIGINT, so pytest still
-# prints its summary and --durations=$TESTS_DURATIONS.)
+# (TESTS_FILES picks test files for the tests step, TESTS_WORKERS runs them in that many pytest-xdist
+# processes (its wheels in .whl/); it is time-boxed with SIGINT, so pytest still prints its summary
+# and --durations=$TESTS_DURATIONS.)
 # steps: tests fuzz memcheck ab sweep profile model features fa4tests choice bench. Wheels in
 # .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
 # installed when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/
@@ -32,7 +33,8 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 for step in ${STEPS:-tests}; do
   start=$(date +%s)
   case $step in
-    tests) timeout -s INT "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz" ${TESTS_FILES:-tests/} -rfEs --tb=short --durations=${TESTS_DURATIONS:-0} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
+    tests) timeout -s INT "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz and not fa4" ${TESTS_FILES:-tests/} -rfEs --tb=short \
+        --durations=${TESTS_DURATIONS:-0} ${TESTS_WORKERS:+-n "$TESTS_WORKERS"} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
     fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=line ${FUZZ_PART:+--fuzz-part "$FUZZ_PART"} \
         ${FUZZ_K:+-k "$FUZZ_K"} --durations=12 2>&1 | tee "$OUT/fuzz.log" | grep -v "DEBUG\|torch.__trace" | tail -25 ;;
     memcheck) PYTORCH_NO_CUDA_MEMORY_CACHING=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${MEMCHECK_TIMEOUT:-300}" \

@@ -20,7 +20,7 @@ from torch.utils._sympy.functions import FloorDiv
 from varlen_compile import backends
 from varlen_compile.params import AttnOptions, BatchLayout, unflatten
 
-from ._sources import load_template
+from ._sources import template_source
 from .configs import backward_constexprs, kernel_constexprs, supported_head_dim
 
 __all__ = [
@@ -45,7 +45,7 @@ _logged_fallbacks: set[tuple[str, str]] = set()
 def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
     """A TritonTemplate whose source is ``templates/<entry>.py.jinja`` + the shared math."""
     return TritonTemplate(
-        name=name, grid=grid, source=load_template(entry) + load_template("varlen_common")
+        name=name, grid=grid, source=template_source(entry)
     )
 
 

@@ -40,6 +40,7 @@ def test_package_runs_new_sizes_on_cpu(tmp_path, capsys):
 
 _PLAIN_LINEAR = textwrap.dedent("""
     import sys, torch
+    torch._inductor.config.aot_inductor.compile_wrapper_opt_level = "O0"  # a probe: compile it fast
     model = torch.nn.Linear(64, 64).cuda().eval()
     x = torch.randn(8, 64, device="cuda")
     program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("n", min=2)},))

@@ -72,14 +72,16 @@ def _reference(inputs, case, dtype, grad_out, grad_lse):
     return (out, lse, *grads)
 
 
-# Each feature alone in bf16; fp32 (the slowest kernels to compile, 9-15 s a test on the H200)
-# once, with every feature at the same time.
-FEATURE_DTYPES = [(name, torch.bfloat16) for name in CASES] + [("all", torch.float32)]
+# Each feature alone in bf16, eager and compiled; fp32 (the slowest kernels to compile, 9-20 s a
+# test on the H200) once, compiled, with every feature at the same time (the eager fp32 kernels
+# are test_gpu.py's fp32 launcher case and the interpreter tests' business).
+FEATURE_RUNS = [(name, torch.bfloat16, mode) for name in CASES for mode in ("eager", "compiled")]
+FEATURE_RUNS.append(("all", torch.float32, "compiled"))
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize(
-    ("name", "dtype"), FEATURE_DTYPES, ids=[f"{name}-{'bf16' if dtype is torch.bfloat16 else 'fp32'}" for name, dtype in FEATURE_DTYPES]
+    ("name", "dtype", "mode"), FEATURE_RUNS,
+    ids=[f"{name}-{'bf16' if dtype is torch.bfloat16 else 'fp32'}-{mode}" for name, dtype, mode in FEATURE_RUNS],
 )
 def test_feature_matches_reference(name, dtype, mode):
     case = CASES[name]

@@ -12,6 +12,7 @@ import inspect
 import json
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 import triton
@@ -108,7 +109,7 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__" and "--templates" not in sys.argv:
+if __name__ == "__main__" and not {"--templates", "--static-vs-dynamic"} & set(sys.argv):
     sys.exit(main())
 
 
@@ -126,18 +127,21 @@ _TEMPLATE_POINTER_TYPES = {
 
 
 def _contiguous_strides(shape):
-    strides, running = [], 1
-    for size in reversed(shape):
-        strides.append(running)
+    strides, running = [1], 1
+    for size in reversed(shape[1:]):
         running *= size
+        strides.append(running)
     return tuple(reversed(strides))
 
 
-def render_template(entry: str, shapes: dict, output_shape: tuple, constants: dict) -> tuple[str, list[str]]:
-    """(source, argument names) of the template ``entry`` rendered with stand-ins."""
+def render_template(entry: str, shapes: dict, output_shape: tuple, constants: dict,
+                    size_args: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """(source, argument names) of the template ``entry`` rendered with stand-ins. A size given
+    as a name (listed in ``size_args``) is rendered as Inductor renders a dynamic size: a
+    kernel argument (int32) after the pointers."""
     import jinja2
 
-    from varlen_compile.lowering._sources import load_template
+    from varlen_compile.lowering._sources import template_source
 
     names_seen: list[str] = []
     defines = "".join(f"    {name} : tl.constexpr = {value}\n" for name, value in constants.items())
@@ -146,6 +150,7 @@ def render_template(entry: str, shapes: dict, output_shape: tuple, constants: di
     def def_kernel(*names):
         names_seen.extend(names)
         names_seen.append("OUT_PTR")
+        names_seen.extend(size_args)
         return f"@triton.jit\ndef template_kernel({', '.join(names_seen)}):\n{defines}"
 
     def size(name, index):
@@ -161,7 +166,7 @@ def render_template(entry: str, shapes: dict, output_shape: tuple, constants: di
         return f"tl.store(OUT_PTR + {offset}, {value}.to(OUT_PTR.dtype.element_ty), {mask})"
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    source = load_template(entry) + load_template("varlen_common")
+    source = template_source(entry)
     text = env.from_string(source).render(
         def_kernel=def_kernel, size=size, stride=stride, store_output=store_output, **constants
     )
@@ -204,7 +209,9 @@ def template_cases():
                 yield f"tpl-bwd-{feature}-d{head_dim}v{head_dim_v}{suffix}", source, names, bwd_config
 
 
-def compile_template(source: str, names: list[str], config, target) -> object:
+def compile_template(source: str, names: list[str], config, target, aligned: bool = False) -> object:
+    """``aligned``: every argument divisible by 16, as Triton specializes the launches Inductor
+    makes on 16-byte aligned tensors and sizes (so it compiles the code the GPU runs)."""
     import hashlib
     import linecache
     import types
@@ -215,9 +222,10 @@ def compile_template(source: str, names: list[str], config, target) -> object:
     module.__file__ = filename
     exec(compile(source, filename, "exec"), module.__dict__)
     kernel = module.template_kernel
-    signature = {name: _TEMPLATE_POINTER_TYPES.get(name, "*bf16") for name in names}
+    signature = {name: "i32" if name.islower() else _TEMPLATE_POINTER_TYPES.get(name, "*bf16") for name in names}
+    attrs = {(index,): [["tt.divisibility", 16]] for index in range(len(names))} if aligned else None
     return triton.compile(
-        ASTSource(kernel, signature, constexprs={}),
+        ASTSource(kernel, signature, constexprs={}, attrs=attrs),
         target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
 
@@ -254,6 +262,46 @@ def compile_offsets_kernel(target) -> dict:
         except Exception:  # noqa: BLE001 - reported to the test
             results.append({"case": name, "ok": False, "shared": 0, "error": traceback.format_exc(limit=4)[-2500:]})
     return results
+
+
+def static_vs_dynamic_tokens() -> dict:
+    """Resource use at sm_90 of the d128 causal backward template (default MHA config, T =
+    23040, 16 heads, 16 sequences) rendered with T static and with T a kernel argument: what
+    ``torch.compile`` without and with dynamic shapes builds. ``cuobjdump`` gives registers and
+    stack per thread."""
+    import subprocess
+    import tempfile
+
+    from varlen_compile.lowering.common import template_constants
+
+    tokens, heads, num_seqs, head_dim = 23040, 16, 16, 128
+    config = default_backward_config(head_dim, torch.bfloat16, 1)
+    constants = dict(
+        template_constants(AttnOptions(is_causal=True), _layout(False, False), head_dim, head_dim, torch.bfloat16,
+                           backward=True),
+        HAS_GRAD_LSE=False, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1, BLOCK_M2=config.block_m2,
+        BLOCK_N2=config.block_n2,
+    )
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    result = {}
+    for label, t in (("static", tokens), ("dynamic", "ks0")):
+        shapes = {name: (t, heads, head_dim) for name in ("Q", "K", "V", "DO", "FWD_OUT", "DQ", "DV")}
+        shapes.update({"CU_Q": (num_seqs + 1,), "CU_K": (num_seqs + 1,), "LSE": (heads, t), "DELTA": (heads, t)})
+        source, names = render_template("varlen_bwd", shapes, shapes["K"], constants,
+                                         size_args=("ks0",) if label == "dynamic" else ())
+        compiled = compile_template(source, names, config, GPUTarget("cuda", 90, 32), aligned=True)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+            handle.write(compiled.asm["cubin"])
+            handle.flush()
+            text = subprocess.run([str(cuobjdump), "--dump-resource-usage", handle.name], capture_output=True,
+                                  text=True, check=True).stdout
+        usage = dict(part.partition(":")[::2] for part in text.split() if part.startswith(("REG:", "STACK:")))
+        result[label] = {key: int(value) for key, value in usage.items()}
+    return result
+
+
+if __name__ == "__main__" and "--static-vs-dynamic" in sys.argv:
+    print(json.dumps(static_vs_dynamic_tokens()), flush=True)
 
 
 if __name__ == "__main__" and "--templates" in sys.argv:
