@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import triton
 
-from varlen_compile import varlen_attn
+from varlen_compile import config, varlen_attn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,7 +63,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tag", default="features")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--kernel", default="triton", help="varlen_compile.config.kernel for every call (default: "
+                        "our Triton kernels; \"auto\" would hand some cases to FA4 when it is installed)")
     args = parser.parse_args()
+    with config.patch(kernel=args.kernel):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     rows = []
     for case_name, shape in (("16 x <=4096, 16x128", (16, 4096, 16, 128, 128)), ("8 x <=2048, 16x64", (8, 2048, 16, 64, 64)),
                              ("MLA 16 x <=4096, 16 x 192/128", (16, 4096, 16, 192, 128))):
@@ -104,7 +111,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.md").write_text(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{table}\n")
+    (RESULTS / f"{args.tag}.md").write_text(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, kernel={args.kernel}\n\n{table}\n")
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -38,7 +38,7 @@ for step in ${STEPS:-tests}; do
     fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=line ${FUZZ_PART:+--fuzz-part "$FUZZ_PART"} \
         ${FUZZ_K:+-k "$FUZZ_K"} --durations=12 2>&1 | tee "$OUT/fuzz.log" | grep -v "DEBUG\|torch.__trace" | tail -25 ;;
     memcheck) PYTORCH_NO_CUDA_MEMORY_CACHING=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${MEMCHECK_TIMEOUT:-300}" \
-        compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -q -m gpu \
+        compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ${MEMCHECK_FLAGS:-} python3 -m pytest -q -m gpu \
         ${MEMCHECK_TESTS:-tests/test_gpu.py tests/test_gpu_compile.py} -k "${MEMCHECK_K:-not training and not autotune and not cuda_graphs and not 100_batches}" \
         -rfE --tb=short 2>&1 | tee "$OUT/memcheck.log" | tail -15; echo "memcheck exit ${PIPESTATUS[0]}" ;;
     ab) timeout "${AB_TIMEOUT:-200}" python3 benchmarks/ab_kernels.py ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep -v DEBUG | tail -12 ;;
