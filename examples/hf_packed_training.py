@@ -15,7 +15,12 @@ attention implementations:
 - ``flex_attention``: packed, with its document block mask;
 - ``eager``: padded.
 It reports tokens/s and peak memory of each, checks that our loss curve matches ``sdpa``'s within
-bf16 noise, and writes the table (JSON and markdown) and the curves.
+bf16 noise, and writes the table (JSON and markdown) and the curves. Tokens/s counts only steps
+that compiled nothing (the padded batches change shape, so ``sdpa`` recompiles a few times after
+the warm-up steps). Results are written after each implementation and merged with those already
+in ``--out`` for the same settings, so the comparison can run one implementation per process
+(``--impls sdpa``, then ``--impls flex_attention,eager``). A run that exhausts GPU memory (padded
+``eager`` materializes every batch row's full attention matrix) is reported as such.
 
     python examples/hf_packed_training.py                    # 50 steps, ours only (CUDA)
     python examples/hf_packed_training.py --compare          # + sdpa, flex_attention, eager
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 import varlen_compile.integrations.transformers  # noqa: F401  (registers "varlen_compile")
@@ -98,7 +104,8 @@ def padded_inputs(docs: list[list[int]], device: torch.device) -> dict:
 
 
 def train(name: str, config, state: dict, batches, args, device) -> dict:
-    """Train one implementation from ``state`` on ``batches``: losses, tokens/s, peak memory."""
+    """Train one implementation from ``state`` on ``batches``: losses, tokens/s, peak memory
+    (``error`` set when it ran out of GPU memory)."""
     settings = IMPLEMENTATIONS[name]
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=name).to(device)
     model.load_state_dict(state)
@@ -111,24 +118,37 @@ def train(name: str, config, state: dict, batches, args, device) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    losses, tokens, seconds = [], 0, 0.0
+    losses, tokens, seconds, compiling_steps, error = [], 0, 0.0, 0, None
     bar = tqdm(batches, desc=f"{name:>15}", unit="step", dynamic_ncols=True)
     for step, docs in enumerate(bar):
         inputs = make(docs, device)
+        graphs = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
-        with autocast:
-            loss = step_fn(**inputs, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # synchronizes: the step's time ends here
-        if step >= args.warmup:  # the first steps compile
+        try:
+            with autocast:
+                loss = step_fn(**inputs, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()  # synchronizes: the step's time ends here
+        except torch.OutOfMemoryError:
+            error = f"out of GPU memory at step {step + 1}"
+            break
+        compiled_now = counters["stats"]["unique_graphs"] != graphs
+        compiling_steps += compiled_now
+        if step >= args.warmup and not compiled_now:  # steady-state steps only
             seconds += time.perf_counter() - start
             tokens += sum(len(doc) for doc in docs)
         losses.append(loss_value)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / seconds:,.0f}" if seconds else "warm-up")
+    bar.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"losses": losses, "tokens_per_s": tokens / seconds if seconds else float("nan"), "peak_gib": peak}
+    del model, optimizer, step_fn
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"losses": losses, "tokens_per_s": tokens / seconds if seconds else float("nan"), "peak_gib": peak,
+            "compiling_steps": compiling_steps, "error": error}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,20 +182,30 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{device}: {config.num_hidden_layers} layers, d_model {config.hidden_size}, "
           f"{config.num_attention_heads}/{config.num_key_value_heads} heads, {args.steps} steps of "
           f"~{args.tokens_per_batch} tokens in {sum(map(len, batches)) / len(batches):.0f} documents")
-    results = {name: train(name, config, state, batches, args, device) for name in names}
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings_key = dict({k: v for k, v in vars(args).items() if k not in ("compare", "impls", "out")}, device=str(device))
+    saved = out / "hf_packed_training.json"
+    results: dict = {}
+    if saved.exists():  # earlier runs of other implementations with the same settings
+        earlier = json.loads(saved.read_text())
+        if earlier.get("settings") == settings_key:
+            results = earlier["results"]
+    for name in names:
+        results[name] = dict(train(name, config, state, batches, args, device),
+                             compiled="no" if args.no_compile else IMPLEMENTATIONS[name]["compile"])
+        saved.write_text(json.dumps({"settings": settings_key, "results": results}, indent=1))
+
     rows = ["| implementation | batch layout | compiled | tokens/s | peak memory GiB | final loss |", "|---|---|---|---|---|---|"]
-    for name, result in results.items():
-        settings = IMPLEMENTATIONS[name]
-        compiled = "no" if args.no_compile else settings["compile"]
-        rows.append(f"| {name} | {settings['layout']} | {compiled} | {result['tokens_per_s']:,.0f} | "
-                    f"{result['peak_gib']:.2f} | {result['losses'][-1]:.4f} |")
+    for name in [n for n in IMPLEMENTATIONS if n in results]:
+        result = results[name]
+        speed = result["error"] or f"{result['tokens_per_s']:,.0f}"
+        final = f"{result['losses'][-1]:.4f}" if result["losses"] else "-"
+        rows.append(f"| {name} | {IMPLEMENTATIONS[name]['layout']} | {result['compiled']} | {speed} | "
+                    f"{result['peak_gib']:.2f} | {final} |")
     table = "\n".join(rows)
     print(table)
     (out / "hf_packed_training.md").write_text(table + "\n")
-    (out / "hf_packed_training.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     if "varlen_compile" in results and "sdpa" in results:
         ours, sdpa = results["varlen_compile"]["losses"], results["sdpa"]["losses"]
         gap = max(abs(a - b) / b for a, b in zip(ours, sdpa))
@@ -195,11 +225,13 @@ def _plot(results: dict, path: Path) -> None:
         return
     figure, axes = plt.subplots(figsize=(7, 4))
     for name, result in results.items():
+        if not result["losses"]:
+            continue
         axes.plot(range(1, len(result["losses"]) + 1), result["losses"], label=name)
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("packed training, same documents and initial weights")
-    axes.set_yscale("log" if max(max(r["losses"]) for r in results.values()) > 10 * math.e else "linear")
+    axes.set_yscale("log" if max(max(r["losses"], default=0) for r in results.values()) > 10 * math.e else "linear")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

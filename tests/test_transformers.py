@@ -233,3 +233,12 @@ def test_packed_training_example_runs(tmp_path):
     results = example.main(["--tiny", "--steps", "3", "--no-compile", "--impls", "varlen_compile,sdpa", "--out", str(tmp_path)])
     torch.testing.assert_close(results["varlen_compile"]["losses"], results["sdpa"]["losses"], rtol=1e-4, atol=1e-4)
     assert (tmp_path / "hf_packed_training.md").exists()
+    # A later run with the same settings adds its implementation to the table (the GPU
+    # comparison runs one implementation per process); other settings start a new table.
+    more = example.main(["--tiny", "--steps", "3", "--no-compile", "--impls", "eager", "--out", str(tmp_path)])
+    assert set(more) == {"varlen_compile", "sdpa", "eager"}
+    torch.testing.assert_close(more["eager"]["losses"], results["sdpa"]["losses"], rtol=1e-4, atol=1e-4)
+    table = (tmp_path / "hf_packed_training.md").read_text()
+    assert all(f"| {name} |" in table for name in ("varlen_compile", "sdpa", "eager")), table
+    other = example.main(["--tiny", "--steps", "2", "--no-compile", "--impls", "eager", "--out", str(tmp_path)])
+    assert set(other) == {"eager"}
