@@ -20,16 +20,14 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "tools"))
+import compile_sm90  # noqa: E402  (tests/tools: the sm_90 compile check's helpers)
 from bench import all_cases, forward_flops, make_inputs  # noqa: E402
 
 from varlen_compile.lowering import launcher  # noqa: E402
@@ -56,26 +54,7 @@ BACKWARD_CANDIDATES = {
 SHAPES = {64: "headline", 128: "d128"}
 
 
-def _resource_usage(compiled) -> dict[str, int]:
-    """``{"REG": .., "STACK": .., "SHARED": ..}`` of a compiled kernel (REG and STACK per thread
-    from ``cuobjdump --dump-resource-usage``, SHARED from Triton's metadata)."""
-    import triton
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
-        handle.write(compiled.asm["cubin"])
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    text = subprocess.run([str(cuobjdump), "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
-    os.unlink(handle.name)
-    usage = {"SHARED": compiled.metadata.shared}
-    for part in text.split():
-        key, _, value = part.partition(":")
-        if key in ("REG", "STACK") and value.isdigit():
-            usage[key] = int(value)
-    return usage
-
-
 def _compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
-    import compile_sm90  # tests/tools: the sm_90 compile check's signature helper
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -114,7 +93,7 @@ def regs(head_dims: list[int], backward: bool) -> None:
                     constexprs = dict(kernel_constexprs(options, layout, head_dim, head_dim, torch.bfloat16),
                                       BLOCK_M=cfg[0], BLOCK_N=cfg[1])
                     kernel = kernels.varlen_fwd_kernel
-                usage = _resource_usage(_compile_sm90(kernel, constexprs, cfg[-2], cfg[-1]))
+                usage = compile_sm90.resource_usage(_compile_sm90(kernel, constexprs, cfg[-2], cfg[-1]))
                 label = ("bwd" if backward else "fwd") + (" (default)" if cfg == default else "")
                 fields = "/".join(map(str, cfg))
                 print(f"| {label} | {head_dim} | {mask} | {fields} | {usage.get('REG')} | {usage.get('STACK')} | {usage['SHARED']} |",

@@ -43,7 +43,8 @@ _logged_fallbacks: set[tuple[str, str]] = set()
 
 
 def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
-    """A TritonTemplate whose source is ``templates/<entry>.py.jinja`` + the shared math."""
+    """A TritonTemplate whose source is ``templates/<entry>.py.jinja`` with the shared Jinja
+    macros before it and the shared math after it (``_sources.template_source``)."""
     return TritonTemplate(
         name=name, grid=grid, source=template_source(entry)
     )

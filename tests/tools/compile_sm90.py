@@ -264,14 +264,31 @@ def compile_offsets_kernel(target) -> dict:
     return results
 
 
+def resource_usage(compiled) -> dict[str, int]:
+    """``{"REG": .., "STACK": .., "SHARED": ..}`` of a compiled kernel (REG and STACK per thread
+    from ``cuobjdump --dump-resource-usage``, SHARED from Triton's metadata)."""
+    import subprocess
+    import tempfile
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", handle.name], capture_output=True,
+                              text=True, check=True).stdout
+    usage = {"SHARED": compiled.metadata.shared}
+    for part in text.split():
+        key, _, value = part.partition(":")
+        if key in ("REG", "STACK") and value.isdigit():
+            usage[key] = int(value)
+    return usage
+
+
 def static_vs_dynamic_tokens() -> dict:
     """Resource use at sm_90 of the d128 causal backward template (default MHA config, T =
     23040, 16 heads, 16 sequences) rendered with T static and with T a kernel argument: what
     ``torch.compile`` without and with dynamic shapes builds. ``cuobjdump`` gives registers and
     stack per thread."""
-    import subprocess
-    import tempfile
-
     from varlen_compile.lowering.common import template_constants
 
     tokens, heads, num_seqs, head_dim = 23040, 16, 16, 128
@@ -282,21 +299,14 @@ def static_vs_dynamic_tokens() -> dict:
         HAS_GRAD_LSE=False, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1, BLOCK_M2=config.block_m2,
         BLOCK_N2=config.block_n2,
     )
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     result = {}
     for label, t in (("static", tokens), ("dynamic", "ks0")):
         shapes = {name: (t, heads, head_dim) for name in ("Q", "K", "V", "DO", "FWD_OUT", "DQ", "DV")}
         shapes.update({"CU_Q": (num_seqs + 1,), "CU_K": (num_seqs + 1,), "LSE": (heads, t), "DELTA": (heads, t)})
         source, names = render_template("varlen_bwd", shapes, shapes["K"], constants,
                                          size_args=("ks0",) if label == "dynamic" else ())
-        compiled = compile_template(source, names, config, GPUTarget("cuda", 90, 32), aligned=True)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-            handle.write(compiled.asm["cubin"])
-            handle.flush()
-            text = subprocess.run([str(cuobjdump), "--dump-resource-usage", handle.name], capture_output=True,
-                                  text=True, check=True).stdout
-        usage = dict(part.partition(":")[::2] for part in text.split() if part.startswith(("REG:", "STACK:")))
-        result[label] = {key: int(value) for key, value in usage.items()}
+        usage = resource_usage(compile_template(source, names, config, GPUTarget("cuda", 90, 32), aligned=True))
+        result[label] = {key: usage[key] for key in ("REG", "STACK")}
     return result
 
 
