@@ -25,6 +25,7 @@ __all__ = [
     "default_backward_config",
     "default_forward_config",
     "dot_precision",
+    "fast_tanh",
     "forward_autotune_configs",
     "kernel_constexprs",
     "padded_head_dim",
@@ -51,8 +52,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def fast_tanh(softcap: float, dtype: torch.dtype, on_gpu: bool = True) -> bool:
+    """Whether the softcap's tanh runs as ``tanh.approx.f32`` (one special-function op,
+    relative error ~2^-11) instead of the exp2-and-divide formula: for fp16/bf16 inputs, whose
+    own rounding is as coarse, on the GPU (the interpreter has no inline PTX). fp32 inputs keep
+    the exact formula."""
+    return softcap > 0 and on_gpu and dtype in (torch.float16, torch.bfloat16)
+
+
 def kernel_constexprs(
-    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
+    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+    on_gpu: bool = True,
 ) -> dict[str, Any]:
     """The constexprs of both kernels (template and standalone) that follow from the attention
     options, the batch layout, the head dims and the dtype: the one place options become kernel
@@ -60,7 +70,8 @@ def kernel_constexprs(
 
     The softmax scale is not among them: the standalone kernel takes it as an argument (no
     recompile per scale in eager mode), the templates add it as ``SCALE``. The softcap is
-    (a model uses one value; 0.0 compiles the tanh away).
+    (a model uses one value; 0.0 compiles the tanh away). ``on_gpu``: False when the kernels run
+    in Triton's interpreter (CPU tensors), which cannot run inline PTX.
     """
     window_left, window_right = options.window()
     return {
@@ -73,6 +84,7 @@ def kernel_constexprs(
         "SEARCH_WIDTH": SEARCH_WIDTH,
         "DOT_PRECISION": dot_precision(dtype),
         "SOFTCAP": float(options.softcap),
+        "FAST_TANH": fast_tanh(float(options.softcap), dtype, on_gpu),
         "HAS_SINK": options.sink is not None,
         "HAS_ALIBI": options.alibi_slopes is not None,
         "HAS_SEQUSED_K": layout.seqused_k is not None,
@@ -81,11 +93,12 @@ def kernel_constexprs(
 
 
 def backward_constexprs(
-    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype
+    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+    on_gpu: bool = True,
 ) -> dict[str, Any]:
     """:func:`kernel_constexprs` of the backward kernels: all but ``PAGED`` (paged K/V has no
     backward). ``HAS_GRAD_LSE`` and the tile sizes are added per call."""
-    constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype)
+    constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype, on_gpu)
     del constexprs["PAGED"]
     return constexprs
 

@@ -108,7 +108,7 @@ def forward(
         stride_kp, stride_vp, stride_bt, page_size, num_pages, max_pages,
         out.stride(0), out.stride(1), options.scale_for(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        **kernel_constexprs(options, layout, head_dim, head_dim_v, query.dtype),
+        **kernel_constexprs(options, layout, head_dim, head_dim_v, query.dtype, query.is_cuda),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
@@ -176,7 +176,7 @@ def backward(
         options.scale_for(head_dim),
         BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
         BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2, HAS_GRAD_LSE=grad_lse is not None,
-        **backward_constexprs(options, layout, head_dim, head_dim_v, query.dtype),
+        **backward_constexprs(options, layout, head_dim, head_dim_v, query.dtype, query.is_cuda),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return dq, dk, dv
