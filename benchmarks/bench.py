@@ -22,7 +22,12 @@ Implementations (all on the same packed random bf16 inputs):
                 autograd engine, a launch each way), which any compiled implementation pays;
                 where it is near aten's time, a one-op compiled graph cannot beat aten
 
-Times are medians of ``triton.testing.do_bench`` after warm-up; TFLOP/s count the attended
+    python benchmarks/bench.py --cases headline --impls ours,fa4 --rounds 9   # small cases
+
+Times are medians of ``triton.testing.do_bench`` after warm-up. Small cases are bound by host
+time per call, which drifts within a process: ``--rounds N`` builds every implementation of a
+case once and times them in N interleaved rounds, reporting each one's median over the rounds
+and the range (``results/<tag>-rounds.md``). TFLOP/s count the attended
 (query, key) pairs only (causal counts half), the same for every implementation. Writes
 ``results/<tag>.md``, ``results/<tag>.json`` and ``results/<tag>.png`` (with --plot).
 """
@@ -33,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -348,6 +354,65 @@ def run(cases: list[Case], impls: list[str], backward: bool, log) -> list[dict]:
     return rows
 
 
+def run_rounds(cases: list[Case], impls: list[str], backward: bool, rounds: int, log) -> list[dict]:
+    """Each case's implementations built once, then timed in ``rounds`` interleaved rounds
+    (so drift in host time hits all alike): rows with the median over rounds in ``fwd_ms`` /
+    ``fwdbwd_ms`` and every round's time in ``fwd_rounds`` / ``fwdbwd_rounds``."""
+    rows = []
+    for case in cases:
+        torch._dynamo.reset()
+        inputs = make_inputs(case)
+        built = {}
+        for impl in impls:  # no reset in between: each keeps its compiled code, guarded on the switch
+            with config.patch(kernel=KERNEL_SWITCH.get(impl, "auto")):
+                attention, notes = BUILDERS[impl](case, inputs)
+                leaves = notes.pop("inputs", [inputs.q, inputs.k, inputs.v])
+                attention(inputs.q, inputs.k, inputs.v)
+            built[impl] = (attention, leaves)
+        times: dict[str, dict[str, list[float]]] = {impl: {"fwd": [], "fwdbwd": []} for impl in impls}
+        for _ in range(rounds):
+            for impl, (attention, leaves) in built.items():
+                with config.patch(kernel=KERNEL_SWITCH.get(impl, "auto")):
+                    times[impl]["fwd"].append(time_forward(attention, inputs))
+                    if backward:
+                        times[impl]["fwdbwd"].append(time_forward_backward(attention, inputs, leaves))
+        for impl in impls:
+            row = {"case": case.name, "impl": impl, "tokens": case.total, "seqs": len(case.lengths)}
+            for key, rate in (("fwd", 1.0), ("fwdbwd", 3.5)):
+                if times[impl][key]:
+                    row[f"{key}_rounds"] = times[impl][key]
+                    row[f"{key}_ms"] = statistics.median(times[impl][key])
+                    row[f"{key}_tflops"] = rate * forward_flops(case) / row[f"{key}_ms"] / 1e9
+            log(json.dumps(row))
+            rows.append(row)
+        del built
+        torch.cuda.empty_cache()
+    return rows
+
+
+def rounds_markdown(rows: list[dict], impls: list[str]) -> str:
+    """Per case and direction: each implementation's times over the rounds, median and range,
+    and the per-round ratio of each implementation to the last one listed."""
+    lines = []
+    for case in dict.fromkeys(row["case"] for row in rows):
+        by_impl = {r["impl"]: r for r in rows if r["case"] == case}
+        for key, title in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+            if not all(f"{key}_rounds" in by_impl[i] for i in impls):
+                continue
+            lines.append(f"## {case}: {title} ms per round")
+            for impl in impls:
+                values = by_impl[impl][f"{key}_rounds"]
+                lines.append(f"{impl:>10}: " + " ".join(f"{v:.3f}" for v in values)
+                             + f"   median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}")
+            peer = impls[-1]
+            for impl in impls[:-1]:
+                ratios = [p / o for o, p in zip(by_impl[impl][f"{key}_rounds"], by_impl[peer][f"{key}_rounds"])]
+                lines.append(f"{impl} vs {peer} per round: " + " ".join(f"{r:.2f}" for r in ratios)
+                             + f"   median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def speedups(rows: list[dict], metric: str, baseline: str = "aten", ours_impl: str = "ours") -> dict[str, float]:
     """ours / baseline speed per case (time ratio baseline_ms / ours_ms)."""
     by_case: dict[str, dict[str, dict]] = {}
@@ -427,6 +492,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (GPU time only)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per case (small cases)")
     args = parser.parse_args()
     global CUDA_GRAPH
     CUDA_GRAPH = args.cuda_graph
@@ -434,7 +500,15 @@ def main() -> None:
     impls = args.impls.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run(cases, impls, not args.no_backward, log=lambda line: print(line, flush=True))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.rounds > 1:
+        rows = run_rounds(cases, impls, not args.no_backward, args.rounds, log)
+        table = markdown(rows, impls, not args.no_backward) + "\n" + rounds_markdown(rows, impls)
+        (out / f"{args.tag}-rounds.md").write_text(table + "\n")
+        (out / f"{args.tag}-rounds.json").write_text(json.dumps(rows, indent=1))
+        print(table)
+        return
+    rows = run(cases, impls, not args.no_backward, log)
     table = markdown(rows, impls, not args.no_backward)
     (out / f"{args.tag}.md").write_text(table + "\n")
     (out / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))

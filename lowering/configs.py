@@ -9,6 +9,7 @@ dataclass docstrings and checked in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "fast_tanh",
     "forward_autotune_configs",
     "kernel_constexprs",
+    "page_tile",
     "padded_head_dim",
     "supported_head_dim",
 ]
@@ -89,17 +91,27 @@ def kernel_constexprs(
         "HAS_ALIBI": options.alibi_slopes is not None,
         "HAS_SEQUSED_K": layout.seqused_k is not None,
         "PAGED": layout.block_table is not None,
+        # Per config (it depends on BLOCK_N): the forward sets it with page_tile().
+        "PAGE_TILE": False,
     }
+
+
+def page_tile(paged: bool, page_size_multiple_of: Callable[[int], bool], block_n: int) -> dict[str, bool]:
+    """The forward's ``PAGE_TILE`` constexpr for a config with key tiles of ``block_n``: True
+    when K/V are paged and the page size is known to be a multiple of ``block_n`` (each key
+    tile then lies in one page: one scalar block-table read per tile instead of a gather).
+    ``page_size_multiple_of(n)``: whether that is known (never a guard under dynamic shapes)."""
+    return {"PAGE_TILE": paged and page_size_multiple_of(block_n)}
 
 
 def backward_constexprs(
     options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     on_gpu: bool = True,
 ) -> dict[str, Any]:
-    """:func:`kernel_constexprs` of the backward kernels: all but ``PAGED`` (paged K/V has no
-    backward). ``HAS_GRAD_LSE`` and the tile sizes are added per call."""
+    """:func:`kernel_constexprs` of the backward kernels: all but ``PAGED`` and ``PAGE_TILE``
+    (paged K/V has no backward). ``HAS_GRAD_LSE`` and the tile sizes are added per call."""
     constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype, on_gpu)
-    del constexprs["PAGED"]
+    del constexprs["PAGED"], constexprs["PAGE_TILE"]
     return constexprs
 
 

@@ -14,6 +14,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import empty_strided, register_lowering
+from torch._inductor.virtualized import V
 from torch._inductor.select_algorithm import (
     ExternKernelChoice,
     SymbolicGridFn,
@@ -36,7 +37,7 @@ from .common import (
     template_constants,
 )
 from .choices import ATEN, FA4, TEMPLATE, kernels_for
-from .configs import ForwardConfig, default_forward_config, forward_autotune_configs
+from .configs import ForwardConfig, default_forward_config, forward_autotune_configs, page_tile
 
 __all__ = ["varlen_attn_lowering"]
 
@@ -125,6 +126,11 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
 
     kernels = kernels_for(bound["kernel"], query, key.get_size()[-2], head_dim, head_dim_v, layout, options)
     constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
+    page_size = key.get_size()[1] if layout.paged else 1
+
+    def page_size_multiple_of(block_n: int) -> bool:  # known statically; never a guard
+        return V.graph.sizevars.statically_known_multiple_of(page_size, block_n)
+
     choices: list[Any] = []
     for config in _configs(max(head_dim, head_dim_v), query.get_dtype()) if TEMPLATE in kernels else ():
         varlen_fwd_template.maybe_append_choice(
@@ -137,7 +143,7 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
             num_warps=config.num_warps,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
-            **constants,
+            **{**constants, **page_tile(layout.paged, page_size_multiple_of, config.block_n)},
         )
     if ATEN in kernels:
         aten_flash_forward_choice.maybe_append_choice(

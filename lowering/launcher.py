@@ -26,6 +26,7 @@ from .configs import (
     default_backward_config,
     default_forward_config,
     kernel_constexprs,
+    page_tile,
     padded_head_dim,
 )
 
@@ -108,7 +109,8 @@ def forward(
         stride_kp, stride_vp, stride_bt, page_size, num_pages, max_pages,
         out.stride(0), out.stride(1), options.scale_for(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        **kernel_constexprs(options, layout, head_dim, head_dim_v, query.dtype, query.is_cuda),
+        **{**kernel_constexprs(options, layout, head_dim, head_dim_v, query.dtype, query.is_cuda),
+           **page_tile(layout.paged, lambda block_n: page_size % block_n == 0, config.block_n)},
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

@@ -170,8 +170,9 @@ def test_sink_makes_single_key_gradients_nonzero():
 )
 def test_paged_forward(feature, page_size):
     """Paged K/V: the keys of each sequence in pages scattered over a pool (page_size 4 is
-    smaller than a 16-key block, 32 larger), partial last pages, unused pages; compared with the
-    reference on the same pages and on the contiguous layout."""
+    smaller than a 16-key block: a block-table read per key; 32 is a multiple of it: one read
+    per key tile, PAGE_TILE), partial last pages, unused pages; compared with the reference on
+    the same pages and on the contiguous layout."""
     inputs = _inputs(feature)
     used = [9, 3, 0, 1, 40]
     max_pages = -(-max(used) // page_size)

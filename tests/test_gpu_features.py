@@ -115,9 +115,14 @@ def test_feature_matches_reference(name, dtype, mode):
         assert_meets_error_rule(mine.detach(), exact.detach(), budget.detach(), name=f"{name}/{label}")
 
 
-def test_paged_forward_compiled_matches_contiguous():
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+def test_paged_forward_compiled_matches_contiguous(page_size):
+    """Pages of 16 keys are read with a block-table lookup per key; 64 and 256 are multiples
+    of the d128 forward's 64-key tile, so each tile lies in one page (PAGE_TILE). A fresh
+    Dynamo per page size: a recompile would make the page size dynamic (then never PAGE_TILE)."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    page_size, used = 16, [300, 0, 1, 77, 129, 5]
+    used = [300, 0, 1, 77, 129, 5]
     max_pages = -(-max(used) // page_size)
     num_pages = len(used) * max_pages
     block_table = torch.randperm(num_pages, device=DEVICE).view(len(used), max_pages).to(torch.int32)
@@ -130,7 +135,9 @@ def test_paged_forward_compiled_matches_contiguous():
         return varlen_attn(q, k, v, cu_seq_q, None, is_causal=True, enable_gqa=True, seqused_k=seqused, block_table=block_table)
 
     out, codes = run_and_get_code(torch.compile(paged, fullgraph=True), q, key_pages, value_pages)
-    assert FWD_KERNEL in "\n".join(codes)
+    source = "\n".join(codes)
+    assert FWD_KERNEL in source
+    assert f"PAGE_TILE : tl.constexpr = {page_size % 64 == 0}" in source
     rows = [torch.cat([torch.arange(p * page_size, (p + 1) * page_size) for p in block_table[s].tolist()])[:n] for s, n in enumerate(used)]
     key = torch.cat([key_pages.flatten(0, 1)[r.to(DEVICE)] for r in rows])
     value = torch.cat([value_pages.flatten(0, 1)[r.to(DEVICE)] for r in rows])

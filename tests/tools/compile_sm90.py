@@ -78,6 +78,9 @@ def cases():
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             )
             yield f"fwd-{feature}-d{head_dim}v{head_dim_v}", kernels.varlen_fwd_kernel, constexprs, config
+            if paged:  # pages a multiple of the key tile: one block-table read per tile
+                yield (f"fwd-{feature}-d{head_dim}v{head_dim_v}-page-tile", kernels.varlen_fwd_kernel,
+                       dict(constexprs, PAGE_TILE=True), config)
         if paged:
             continue
         for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
