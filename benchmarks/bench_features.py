@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--kernel", default="triton", help="varlen_compile.config.kernel for every call (default: "
                         "our Triton kernels; \"auto\" would hand some cases to FA4 when it is installed)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants to time (base always runs; 'paged' selects every page size)")
     args = parser.parse_args()
     with config.patch(kernel=args.kernel):
         _run(args)
@@ -81,6 +83,9 @@ def _run(args: argparse.Namespace) -> None:
                     "softcap+sink": {"softcap": 30.0, "sink": sink}, "seqused_k": {"seqused_k": lengths.to(torch.int32).cuda()}}
         if shape[3] != shape[4]:
             variants = {"base": {}}
+        wanted = None if args.variants is None else set(args.variants.split(",")) | {"base"}
+        if wanted is not None:
+            variants = {name: kwargs for name, kwargs in variants.items() if name in wanted}
         base_fwd = base_fb = None
         for variant, kwargs in variants.items():
             torch._dynamo.reset()
@@ -95,7 +100,7 @@ def _run(args: argparse.Namespace) -> None:
             base_fb = base_fb or fb
             rows.append({"case": case_name, "variant": variant, "fwd_ms": fwd, "fwd_cost": fwd / base_fwd - 1,
                          "fwdbwd_ms": fb, "fwdbwd_cost": (fb / base_fb - 1) if fb else None})
-        if shape[3] == shape[4]:
+        if shape[3] == shape[4] and (wanted is None or "paged" in wanted):
             for page_size in (16, 64, 256):
                 key_pages, value_pages, block_table, seqused = _paged(k, v, lengths, page_size)
                 torch._dynamo.reset()
