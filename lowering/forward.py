@@ -14,12 +14,12 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import empty_strided, register_lowering
-from torch._inductor.virtualized import V
 from torch._inductor.select_algorithm import (
     ExternKernelChoice,
     SymbolicGridFn,
     autotune_select_algorithm,
 )
+from torch._inductor.virtualized import V
 
 from varlen_compile import _extern_ops
 from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs
