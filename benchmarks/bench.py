@@ -314,15 +314,22 @@ def time_forward_backward(attention, inputs: Inputs, leaves: list[torch.Tensor])
     return _bench(step, grad_to_none=leaves)
 
 
+def build(case: Case, impl: str, inputs: Inputs) -> tuple[Callable, list[torch.Tensor], dict]:
+    """(attention, the leaves its gradients go to, notes) of one implementation, compiled and
+    warmed up by one call."""
+    attention, notes = BUILDERS[impl](case, inputs)
+    leaves = notes.pop("inputs", [inputs.q, inputs.k, inputs.v])
+    attention(inputs.q, inputs.k, inputs.v)  # compile / warm up
+    return attention, leaves, notes
+
+
 def measure(case: Case, impl: str, inputs: Inputs, backward: bool) -> dict:
     """One implementation on one case: setup time, forward (and forward+backward) times and
     rates, or the error that stopped it (one failing impl must not hide the rest)."""
     row: dict = {}
     try:
         start = time.perf_counter()
-        attention, notes = BUILDERS[impl](case, inputs)
-        leaves = notes.pop("inputs", [inputs.q, inputs.k, inputs.v])
-        attention(inputs.q, inputs.k, inputs.v)  # compile / warm up
+        attention, leaves, notes = build(case, impl, inputs)
         torch.cuda.synchronize()
         row["setup_s"] = round(time.perf_counter() - start, 2)
         row.update(notes)
@@ -365,9 +372,7 @@ def run_rounds(cases: list[Case], impls: list[str], backward: bool, rounds: int,
         built = {}
         for impl in impls:  # no reset in between: each keeps its compiled code, guarded on the switch
             with config.patch(kernel=KERNEL_SWITCH.get(impl, "auto")):
-                attention, notes = BUILDERS[impl](case, inputs)
-                leaves = notes.pop("inputs", [inputs.q, inputs.k, inputs.v])
-                attention(inputs.q, inputs.k, inputs.v)
+                attention, leaves, _ = build(case, impl, inputs)
             built[impl] = (attention, leaves)
         times: dict[str, dict[str, list[float]]] = {impl: {"fwd": [], "fwdbwd": []} for impl in impls}
         for _ in range(rounds):
