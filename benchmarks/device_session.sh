@@ -5,7 +5,7 @@
 # (TESTS_FILES picks test files for the tests step, TESTS_WORKERS runs them in that many pytest-xdist
 # processes (its wheels in .whl/); it is time-boxed with SIGINT, so pytest still prints its summary
 # and --durations=$TESTS_DURATIONS.)
-# steps: tests fuzz memcheck ab sweep profile model features fa4tests choice bench. Wheels in
+# steps: tests fuzz memcheck ab abfeatures sweep profile model features fa4tests choice bench. Wheels in
 # .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
 # installed when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/
 # to /tmp/fa4 on the warm machine, this call carries .fa4b/).
@@ -42,6 +42,7 @@ for step in ${STEPS:-tests}; do
         ${MEMCHECK_TESTS:-tests/test_gpu.py tests/test_gpu_compile.py} -k "${MEMCHECK_K:-not training and not autotune and not cuda_graphs and not 100_batches}" \
         -rfE --tb=short 2>&1 | tee "$OUT/memcheck.log" | tail -15; echo "memcheck exit ${PIPESTATUS[0]}" ;;
     ab) timeout "${AB_TIMEOUT:-200}" python3 benchmarks/ab_kernels.py ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep -v DEBUG | tail -12 ;;
+    abfeatures) timeout "${AB_TIMEOUT:-300}" python3 benchmarks/ab_features.py ${ABF_ARGS:-} 2>&1 | tee "$OUT/ab_features.log" | grep -v DEBUG | tail -30 ;;
     sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
     profile) (cd benchmarks && timeout "${PROFILE_TIMEOUT:-400}" python3 profile_step.py ${PROFILE_ARGS:-host headline-causal headline}) 2>&1 \
         | tee "$OUT/profile.log" | grep -v DEBUG | tail -${PROFILE_TAIL:-30} ;;

@@ -30,6 +30,7 @@ __all__ = [
     "forward_autotune_configs",
     "kernel_constexprs",
     "page_tile",
+    "paged_config",
     "padded_head_dim",
     "supported_head_dim",
 ]
@@ -94,6 +95,16 @@ def kernel_constexprs(
         # Per config (it depends on BLOCK_N): the forward sets it with page_tile().
         "PAGE_TILE": False,
     }
+
+
+def paged_config(config: ForwardConfig, paged: bool) -> ForwardConfig:
+    """``config`` for a paged forward: with K/V addresses that depend on a block-table read in
+    the loop, Triton's software pipeliner splits ``num_stages - 1`` between the two loads, so
+    K/V get ``2 * num_stages - 1`` to stay as deep as without paging (sm_90 TTGIR of the d128
+    forward: K/V buffered 3 deep at 5 stages, 2 deep at 3 or 4, as at 3 without paging)."""
+    if not paged or config.num_stages <= 1:
+        return config
+    return dataclasses.replace(config, num_stages=2 * config.num_stages - 1)
 
 
 def page_tile(paged: bool, page_size_multiple_of: Callable[[int], bool], block_n: int) -> dict[str, bool]:

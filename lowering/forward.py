@@ -37,7 +37,7 @@ from .common import (
     template_constants,
 )
 from .choices import ATEN, FA4, TEMPLATE, kernels_for
-from .configs import ForwardConfig, default_forward_config, forward_autotune_configs, page_tile
+from .configs import ForwardConfig, default_forward_config, forward_autotune_configs, page_tile, paged_config
 
 __all__ = ["varlen_attn_lowering"]
 
@@ -132,7 +132,8 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
         return V.graph.sizevars.statically_known_multiple_of(page_size, block_n)
 
     choices: list[Any] = []
-    for config in _configs(max(head_dim, head_dim_v), query.get_dtype()) if TEMPLATE in kernels else ():
+    configs = [paged_config(c, layout.paged) for c in _configs(max(head_dim, head_dim_v), query.get_dtype())]
+    for config in configs if TEMPLATE in kernels else ():
         varlen_fwd_template.maybe_append_choice(
             choices,
             input_nodes=input_nodes,

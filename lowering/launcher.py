@@ -27,6 +27,7 @@ from .configs import (
     default_forward_config,
     kernel_constexprs,
     page_tile,
+    paged_config,
     padded_head_dim,
 )
 
@@ -80,7 +81,7 @@ def forward(
     head_dim_v = value.shape[-1]
     heads_kv = key.shape[-2]
     num_seqs = layout.cu_seq_q.shape[0] - 1
-    config = config or default_forward_config(max(head_dim, head_dim_v), query.dtype)
+    config = config or paged_config(default_forward_config(max(head_dim, head_dim_v), query.dtype), layout.paged)
     if out is None:
         out = query.new_empty((total_q, heads_q, head_dim_v))
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
