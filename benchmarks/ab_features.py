@@ -5,7 +5,8 @@ the median round reported).
     python benchmarks/ab_features.py [--ab softcap,paged] [--rounds 5] [--paged-stages 3,5,7]
 
 ``softcap``: the forward with and without a softcap (the tanh is ``tanh.approx.f32``, a second
-special-function op per score next to the exp2): its cost, and the max error of the output
+special-function op per score next to the exp2): its cost, next to what it costs FlashAttention
+4 called directly (when installed), and the max error of the output
 against the float64 reference on a small batch, next to the error of the same computation in
 bf16 (the DESIGN.md budget is twice that).
 
@@ -88,15 +89,38 @@ def _interleaved(runs: dict, rounds: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _fa4_forward(softcap: float, q, k, v, cu_seq, max_len: int, causal: bool):
+    """FlashAttention 4 called directly (the peer: what softcap costs the fastest Hopper kernel)."""
+    from flash_attn.cute.interface import flash_attn_varlen_func
+
+    return lambda: flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seq, cu_seqlens_k=cu_seq, max_seqlen_q=max_len,
+                                          max_seqlen_k=max_len, causal=causal, softcap=softcap)
+
+
 def ab_softcap(rounds: int, _stages: list[int]) -> list[str]:
     errors = _errors()
     print("max abs error of out vs float64: " + ", ".join(f"{name} {value:.3e}" for name, value in errors.items()))
-    rows = ["| case | base ms | softcap ms | softcap cost |", "|---|---|---|---|"]
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+        fa4 = True
+    except ImportError:
+        fa4 = False
+    rows = ["| case | base ms | softcap ms | softcap cost | FA4 base ms | FA4 softcap ms | FA4 softcap cost |",
+            "|---|---|---|---|---|---|---|"]
     for name, (num_seqs, max_len, heads, head_dim, causal) in CASES.items():
         q, k, v, cu_seq = _batch(num_seqs, max_len, heads, head_dim)
         layout = BatchLayout(cu_seq, cu_seq)
-        ms = _interleaved({variant: _forward(variant, q, k, v, layout, causal) for variant in VARIANTS}, rounds)
-        rows.append(f"| {name} | {ms['base']:.3f} | {ms['softcap']:.3f} | {ms['softcap'] / ms['base'] - 1:+.1%} |")
+        runs = {variant: _forward(variant, q, k, v, layout, causal) for variant in VARIANTS}
+        if fa4:
+            longest = int((cu_seq[1:] - cu_seq[:-1]).max())
+            runs.update({f"fa4-{variant}": _fa4_forward(softcap, q, k, v, cu_seq, longest, causal)
+                         for variant, softcap in VARIANTS.items()})
+            for run in runs.values():
+                run()  # FA4 compiles per shape and softcap on its first call
+        ms = _interleaved(runs, rounds)
+        peer = (f"{ms['fa4-base']:.3f} | {ms['fa4-softcap']:.3f} | {ms['fa4-softcap'] / ms['fa4-base'] - 1:+.1%}"
+                if fa4 else "- | - | -")
+        rows.append(f"| {name} | {ms['base']:.3f} | {ms['softcap']:.3f} | {ms['softcap'] / ms['base'] - 1:+.1%} | {peer} |")
         print(rows[-1], flush=True)
     return rows
 

@@ -5,7 +5,7 @@
 # (TESTS_FILES picks test files for the tests step, TESTS_WORKERS runs them in that many pytest-xdist
 # processes (its wheels in .whl/); it is time-boxed with SIGINT, so pytest still prints its summary
 # and --durations=$TESTS_DURATIONS.)
-# steps: tests fuzz memcheck ab abfeatures sweep profile model features fa4tests choice bench. Wheels in
+# steps: tests fuzz memcheck ab abfeatures sweep profile ncu model features fa4tests choice bench. Wheels in
 # .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
 # installed when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/
 # to /tmp/fa4 on the warm machine, this call carries .fa4b/).
@@ -46,6 +46,12 @@ for step in ${STEPS:-tests}; do
     sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
     profile) (cd benchmarks && timeout "${PROFILE_TIMEOUT:-400}" python3 profile_step.py ${PROFILE_ARGS:-host headline-causal headline}) 2>&1 \
         | tee "$OUT/profile.log" | grep -v DEBUG | tail -${PROFILE_TAIL:-30} ;;
+    ncu) for impl in ${NCU_IMPLS:-ours fa4}; do for case in ${NCU_CASES:-d128}; do
+          timeout "${NCU_TIMEOUT:-150}" ncu -k regex:"varlen_fwd|flash_fwd" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+            --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+            python3 benchmarks/profile_step.py ncu "$case" --impl "$impl" > "$OUT/ncu_${case}_${impl}.txt" 2>&1
+          grep -E "^  [a-z]|Duration|Throughput|Pipe|Issue|Warp Cycles|Registers|Theoretical Occ|Achieved Occ|Shared Memory Config" \
+            "$OUT/ncu_${case}_${impl}.txt" | grep -v "^    ---" | head -${NCU_TAIL:-45}; done; done ;;
     model) (cd benchmarks && timeout "${MODEL_TIMEOUT:-300}" python3 bench_model.py --out "$OUT" ${MODEL_ARGS:-}) 2>&1 | tee "$OUT/model.log" | grep -v '^{' | grep -v DEBUG | tail -12 ;;
     features) timeout "${FEATURES_TIMEOUT:-300}" python3 benchmarks/bench_features.py --tag "${FEATURES_TAG:-h200-features}" ${FEATURES_ARGS:-} 2>&1 \
         | tee "$OUT/features.log" | grep -v DEBUG | tail -25; cp benchmarks/results/"${FEATURES_TAG:-h200-features}".* "$OUT"/ 2>/dev/null ;;

@@ -10,6 +10,7 @@ headline-causal, d128, ...); files are written to $OUT (default /tmp).
     python benchmarks/profile_step.py fa4-host           # host time per call of each layer between FA4 and our op
     python benchmarks/profile_step.py fa4-path [--cases headline,d128]  # FA4 called directly vs behind our op
     python benchmarks/profile_step.py compile-time       # cold-cache compile time of a forward+backward graph
+    ncu ... python benchmarks/profile_step.py ncu CASE --impl ours|fa4   # forward kernels for Nsight Compute
 
 Each subcommand's --help says what it measures.
 """
@@ -551,10 +552,30 @@ def compile_time_child(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+# ----------------------------------------------------------------------------- ncu
+
+
+def cmd_ncu(args: argparse.Namespace) -> None:
+    """Run one case's forward kernel a few times, for Nsight Compute to profile one launch."""
+    case = all_cases()[args.cases[0]]
+    x = make_inputs(case)
+    if args.impl == "fa4":
+        attention = fa4_direct(case, x, hint=True)
+    else:
+        from varlen_compile.lowering import launcher
+
+        layout, options = BatchLayout(x.cu_seq, x.cu_seq), AttnOptions(case.causal)
+        attention = lambda q, k, v: launcher.forward(q, k, v, layout, options)  # noqa: E731
+    with torch.no_grad():
+        for _ in range(args.launches):
+            attention(x.q, x.k, x.v)
+    torch.cuda.synchronize()
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = root.add_subparsers(dest="command", required=True,
-                                   metavar="{host,trace,template,fa4-host,fa4-path,compile-time}")
+                                   metavar="{host,trace,template,fa4-host,fa4-path,compile-time,ncu}")
     case_names = list(all_cases())
 
     def command(name: str, func: Callable, description: str, cases: bool = False, kernel: str | None = None
@@ -614,6 +635,17 @@ Cold-cache compile time of a forward+backward graph that calls varlen_attn (no m
 a qkv projection, varlen_attn (causal, 16 heads of 64) and an output projection on 4 sequences.
 Runs in a fresh Python process whose Inductor and Triton caches are new empty folders, so nothing
 is reused from earlier runs.""")
+    ncu = command("ncu", cmd_ncu, """\
+The forward kernel of one case, launched --launches times (our standalone kernel, the same
+@triton.jit code as the template, or FlashAttention 4 called directly), for Nsight Compute:
+
+    ncu -k regex:"varlen_fwd|flash_fwd" --launch-skip 3 --launch-count 1 --section SpeedOfLight \\
+        --section ComputeWorkloadAnalysis --section WarpStateStats \\
+        python benchmarks/profile_step.py ncu d128 --impl ours
+
+(benchmarks/device_session.sh's ncu step runs both). FA4 needs flash-attn-4.""", cases=True)
+    ncu.add_argument("--impl", choices=("ours", "fa4"), default="ours")
+    ncu.add_argument("--launches", type=int, default=5)
     commands.add_parser(COMPILE_TIME_CHILD).set_defaults(func=compile_time_child)  # internal, not in --help
     return root
 

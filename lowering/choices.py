@@ -35,7 +35,12 @@ every call, and the backward runs it on autograd's CUDA device thread, where it 
 8 sequences of mean 768 tokens and 16 heads (``T_q * H_q`` = 98k rows) FA4 behind our op ran at
 0.45x (forward) and 0.42x (forward+backward) of FA4 called directly, while at 196k rows and
 above it matched or beat it (0.99x to 1.07x). So FA4 is the default only from
-``T_q * H_q >= 2**17`` rows.
+``T_q * H_q >= 2**17`` rows, unless the graph runs in Inductor's CUDA graphs
+(``mode="reduce-overhead"``, ``triton.cudagraphs``): replays cost no per-kernel host time, and
+in GPU time FA4 wins those small batches too (session 10, ``results/h200-s10-cudagraph.md``,
+``do_bench_cudagraph``: at 98k rows FA4 direct 0.084 ms forward vs the template's 0.097 on 8
+sequences of mean 768 at 16 x 64, 0.269 vs 0.367 forward+backward; causal 0.062 vs 0.064 and
+0.193 vs 0.234).
 
 =====  ==================  ==================================  ===================  ========
 arch   (D, D_v)            masking / features                  mean sequence length default
@@ -47,7 +52,8 @@ sm90   (64, 64)            none or causal; no softcap, sink,   >= 512 tokens    
 other  any                 any                                 any                  template
 =====  ==================  ==================================  ===================  ========
 
-[*] from ``T_q * H_q >= 2**17`` rows (:data:`FA4_MIN_ROWS`); below that, the template.
+[*] from ``T_q * H_q >= 2**17`` rows (:data:`FA4_MIN_ROWS`); below that, the template, except
+    in graphs compiled for CUDA graphs (no row floor there).
 
 The mean length (``T_q / N``) and the rows (``T_q * H_q``) are those of the batch the graph was
 compiled for (its size hints under dynamic shapes): the choice is made once per compile.
@@ -94,15 +100,18 @@ def fa4_is_default(
     arch_major: int, head_dim: int, head_dim_v: int, layout: BatchLayout, options: AttnOptions,
     mean_length: float | None = None,
     rows: int | None = None,
+    cuda_graphs: bool = False,
 ) -> bool:
     """Whether the default table picks FA4 (where it is eligible). ``mean_length``: ``T_q / N``
-    and ``rows``: ``T_q * H_q`` of the compiled batch (None: unknown, taken as large)."""
+    and ``rows``: ``T_q * H_q`` of the compiled batch (None: unknown, taken as large).
+    ``cuda_graphs``: the graph is compiled for Inductor's CUDA graphs, where FA4's host time
+    behind our op is not paid per call (no row floor)."""
     left, right = options.window()
     min_length = FA4_DEFAULT.get(arch_major, {}).get((head_dim, head_dim_v))
     return (
         min_length is not None
         and (mean_length is None or mean_length >= min_length)
-        and (rows is None or rows >= FA4_MIN_ROWS)
+        and (rows is None or cuda_graphs or rows >= FA4_MIN_ROWS)
         and left < 0
         and right in (-1, 0)
         and options.sink is None
@@ -182,7 +191,7 @@ def kernels_for(
         max_autotune=bool(inductor_config.max_autotune),
         fa4_default=fa4_is_default(
             torch.cuda.get_device_capability(device)[0], head_dim, head_dim_v, layout, options,
-            *_batch_size_hints(query, layout),
+            *_batch_size_hints(query, layout), cuda_graphs=bool(inductor_config.triton.cudagraphs),
         ),
     )
 

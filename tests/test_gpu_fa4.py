@@ -208,12 +208,12 @@ def test_auto_picks_fa4_where_the_default_table_says(name, fa4_calls, any_batch_
     assert FA4_FWD in source and FA4_BWD in source
 
 
-def _assert_auto_runs(lengths: list[int], head_dim: int, fa4: bool) -> None:
+def _assert_auto_runs(lengths: list[int], head_dim: int, fa4: bool, **compile_kwargs) -> None:
     """Compile one causal GQA forward+backward step under the default switch; the generated code
     calls FA4 (both directions) when ``fa4``, else our template."""
     torch._dynamo.reset()
     q, k, v, cu_q, cu_k, *_ = _batch(lengths, head_dim=head_dim)
-    compiled = torch.compile(attention, fullgraph=True)
+    compiled = torch.compile(attention, fullgraph=True, **compile_kwargs)
 
     def step():
         out = compiled(q, k, v, cu_q, cu_k, None, None)
@@ -230,6 +230,15 @@ def test_auto_needs_enough_rows_for_fa4(lengths, fa4):
     """Behind our op FA4 pays host time the template does not: the default table picks it only
     from T_q * H_q >= 2**17 rows (here H_q = 8)."""
     _assert_auto_runs(lengths, 128, fa4)
+
+
+def test_auto_has_no_row_floor_under_cuda_graphs():
+    """Compiled for CUDA graphs (mode="reduce-overhead") the 4k-row batch runs FA4: replays pay
+    no per-call host time, and in GPU time FA4 wins small batches too."""
+    from torch._inductor.utils import fresh_inductor_cache
+
+    with fresh_inductor_cache():
+        _assert_auto_runs([300, 0, 1, 77, 129, 5], 128, True, mode="reduce-overhead")
 
 
 @pytest.mark.parametrize("lengths, fa4", [([600, 700, 512], True), ([300, 0, 1, 77, 129, 5], False)], ids=["mean-604", "mean-85"])

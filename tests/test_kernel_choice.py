@@ -338,6 +338,43 @@ def test_default_table_needs_enough_rows(rows, expected):
     assert fa4_is_default(9, 128, 128, LAYOUT, AttnOptions(is_causal=True), 768.0, rows) is expected
 
 
+@pytest.mark.parametrize("rows", [6144 * 16, (1 << 17) - 1, 1 << 17, None])
+def test_default_table_has_no_row_floor_in_cuda_graphs(rows):
+    """In a graph compiled for CUDA graphs (mode="reduce-overhead") FA4's host time is not paid
+    per call, and in GPU time it wins small batches too (H200, do_bench_cudagraph: 0.084 vs
+    0.097 ms forward at 98k rows): no row floor. The other rules stay (mean length at D=64)."""
+    from varlen_compile.lowering.choices import fa4_is_default
+
+    causal = AttnOptions(is_causal=True)
+    assert fa4_is_default(9, 128, 128, LAYOUT, causal, 768.0, rows, cuda_graphs=True)
+    assert fa4_is_default(9, 64, 64, LAYOUT, causal, 768.0, rows, cuda_graphs=True)
+    assert not fa4_is_default(9, 64, 64, LAYOUT, causal, 279.0, rows, cuda_graphs=True)
+
+
+def test_kernels_for_reads_the_cudagraphs_setting(monkeypatch):
+    """kernels_for passes Inductor's triton.cudagraphs (set by mode="reduce-overhead") to the
+    default table."""
+    from types import SimpleNamespace
+
+    from torch._inductor import config as inductor_config
+
+    from varlen_compile.lowering import choices
+
+    seen = []
+    monkeypatch.setattr(choices, "fa4_is_default", lambda *args, **kwargs: seen.append(kwargs["cuda_graphs"]) or False)
+    monkeypatch.setattr(choices, "_batch_size_hints", lambda query, layout: (768.0, 98304))
+    monkeypatch.setattr(choices._fa4, "unsupported", lambda *args, **kwargs: None)
+    monkeypatch.setattr(choices, "aten_unsupported", lambda *args, **kwargs: None)
+    monkeypatch.setattr(choices.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(choices, "V", SimpleNamespace(graph=SimpleNamespace(
+        cpp_wrapper=False, sizevars=SimpleNamespace(statically_known_equals=lambda a, b: True))))
+    query = SimpleNamespace(get_device=lambda: "cuda", get_dtype=lambda: torch.bfloat16, get_size=lambda: [6144, 16, 64])
+    for cudagraphs in (False, True):
+        with inductor_config.patch({"triton.cudagraphs": cudagraphs, "max_autotune": False}):
+            choices.kernels_for("auto", query, 16, 64, 64, LAYOUT, AttnOptions(is_causal=True))
+    assert seen == [False, True]
+
+
 # ---------------------------------------------------------------------------- the FA4 adapter
 
 ADAPTER_CASES = {
