@@ -178,3 +178,12 @@ def test_poison_fixture_catches_unwritten_outputs():
         config=FORWARD_CONFIG,
     )
     assert torch.isnan(lse[:, 8]).all() and not torch.isnan(lse[:, :8]).any()
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_non_positive_scale(scale):
+    """The forward takes row maxima before the scale (varlen_logits): a negative scale must
+    still pick each row's largest score, and a zero one gives uniform weights, also next to
+    masked keys (causal, a window, q_len != k_len, a sequence without keys)."""
+    spec = AttnSpec((9, 1, 4, 17), (5, 1, 0, 23), heads_q=4, heads_kv=2, is_causal=True, window_size=(6, 0), scale=scale)
+    _run_and_check(spec, spec.make())
