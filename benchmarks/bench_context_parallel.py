@@ -1,10 +1,17 @@
-"""Context-parallel varlen attention on several GPUs against one GPU: fwd+bwd time, peak memory.
+"""Context-parallel varlen attention on several GPUs against one GPU: fwd+bwd time, memory.
 
 One packed batch of ``--docs`` documents of ``--doc-len`` tokens (default 2 x 65536), 16 heads x
 128, causal, bf16. Every rank times ``context_parallel_varlen_attn`` on its zig-zag share
 (compiled, fullgraph); then rank 0 alone times ``varlen_attn`` on the whole batch on one GPU
 (compiled, the same kernels), while the other ranks wait. Scaling efficiency =
-(one-GPU time / W) / W-GPU time.
+(one-GPU time / W) / W-GPU time. Also measured: the communication alone (the exchange's NCCL
+collectives at the same sizes: all-gather of K and V forward and again backward, reduce-scatter
+of dK and dV), the memory attention holds from forward to backward (its output and saved
+tensors) and the peak during the step, per GPU.
+
+Times are medians of a fixed number of steps timed with CUDA events, the same count on every rank
+(``do_bench`` picks its repeat count from a first timing, which can differ between ranks and would
+mismatch their collectives).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py --doc-len 131072
@@ -15,33 +22,66 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 
 import torch
 import torch.distributed as dist
-from triton.testing import do_bench
 
 from varlen_compile import varlen_attn
 from varlen_compile.distributed import context_parallel_varlen_attn, zigzag_shard
 
 
-def fwd_bwd(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor):
+def timed(step, warmup: int = 3, iters: int = 10) -> float:
+    """Median ms of ``iters`` calls after ``warmup`` calls (CUDA events)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def measure(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor, iters: int) -> dict:
+    """fwd+bwd median ms; GiB held from forward to backward (output + saved tensors) and peak GiB
+    during a step, above what was allocated before it."""
+
     def step():
         out = fn(*inputs)
         torch.autograd.grad(out, inputs, grad_out)
 
-    return step
-
-
-def measure(step) -> tuple[float, float]:
-    """Median ms (do_bench after warm-up) and the peak GiB allocated during one step."""
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    step()
+    out = fn(*inputs)
+    torch.cuda.synchronize()
+    held = (torch.cuda.memory_allocated() - base) / 2**30
+    torch.autograd.grad(out, inputs, grad_out)
+    del out
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return do_bench(step, warmup=5, rep=30, return_mode="median"), peak
+    return {"ms": timed(step, iters=iters), "held_gib": held, "peak_gib": peak}
+
+
+def communication_ms(local: torch.Tensor, world_size: int, iters: int) -> float:
+    """The exchange's collectives alone, at the benchmark's sizes: all-gather K and V (forward),
+    again (backward), reduce-scatter dK and dV."""
+    gathered = torch.empty((local.shape[0] * world_size, *local.shape[1:]), device=local.device, dtype=local.dtype)
+    scattered = torch.empty_like(local)
+
+    def step():
+        for _ in range(4):
+            dist.all_gather_into_tensor(gathered, local)
+        for _ in range(2):
+            dist.reduce_scatter_tensor(scattered, gathered)
+
+    return timed(step, iters=iters)
 
 
 def main() -> None:
@@ -50,7 +90,8 @@ def main() -> None:
     parser.add_argument("--doc-len", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default=None, help="rank 0 appends one JSON line here")
     args = parser.parse_args()
     dist.init_process_group("nccl")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -64,31 +105,34 @@ def main() -> None:
         lambda q, k, v: context_parallel_varlen_attn(q, k, v, cu_seq, args.doc_len, True), fullgraph=True
     )
     local = [zigzag_shard(x).detach().requires_grad_() for x in (q, k, v)]
-    cp_ms, cp_peak = measure(fwd_bwd(parallel, local, zigzag_shard(grad_out)))
-    times = [None] * world_size
-    dist.all_gather_object(times, (cp_ms, cp_peak))
+    cp = measure(parallel, local, zigzag_shard(grad_out), args.iters)
+    cp["comm_ms"] = communication_ms(local[1].detach(), world_size, args.iters)
+    per_rank = [None] * world_size
+    dist.all_gather_object(per_rank, cp)
 
     dist.barrier()
-    result = None
     if rank == 0:
         single = torch.compile(lambda q, k, v: varlen_attn(q, k, v, cu_seq, cu_seq, args.doc_len, args.doc_len, True), fullgraph=True)
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        one_ms, one_peak = measure(fwd_bwd(single, inputs, grad_out))
-        slowest = max(ms for ms, _ in times)
+        one = measure(single, inputs, grad_out, args.iters)
+        slowest = max(r["ms"] for r in per_rank)
         result = {
-            "tokens": total, "docs": args.docs, "heads": args.heads, "head_dim": args.head_dim, "world_size": world_size,
-            "one_gpu_ms": one_ms, "one_gpu_peak_gib": one_peak, "cp_ms_per_rank": [ms for ms, _ in times],
-            "cp_peak_gib_per_rank": [peak for _, peak in times], "speedup": one_ms / slowest,
-            "efficiency": one_ms / slowest / world_size,
+            "tokens": total, "docs": args.docs, "doc_len": args.doc_len, "heads": args.heads, "head_dim": args.head_dim,
+            "world_size": world_size, "one_gpu": one, "per_rank": per_rank, "speedup": one["ms"] / slowest,
+            "efficiency": one["ms"] / slowest / world_size,
         }
-        print("| GPUs | tokens | fwd+bwd ms | speed-up | efficiency | peak GiB per GPU (attention) |")
-        print("|---|---|---|---|---|---|")
-        print(f"| 1 | {total} | {one_ms:.2f} | 1.00x | 100% | {one_peak:.2f} |")
-        print(f"| {world_size} | {total} | {slowest:.2f} | {result['speedup']:.2f}x | {result['efficiency']:.0%} | "
-              f"{max(p for _, p in times):.2f} |")
+        print(f"{args.docs} x {args.doc_len} tokens, {args.heads} x {args.head_dim}, causal, bf16, fwd+bwd")
+        print("| GPUs | fwd+bwd ms | speed-up | efficiency | communication ms (share) | held GiB per GPU | peak GiB per GPU |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| 1 | {one['ms']:.2f} | 1.00x | 100% | - | {one['held_gib']:.2f} | {one['peak_gib']:.2f} |")
+        comm = max(r["comm_ms"] for r in per_rank)
+        ranks = ", ".join(f"{r['ms']:.2f}" for r in per_rank)
+        print(f"| {world_size} | {slowest:.2f} (ranks: {ranks}) | "
+              f"{result['speedup']:.2f}x | {result['efficiency']:.0%} | {comm:.2f} ({comm / slowest:.1%}) | "
+              f"{max(r['held_gib'] for r in per_rank):.2f} | {max(r['peak_gib'] for r in per_rank):.2f} |", flush=True)
         if args.out:
-            with open(args.out, "w") as file:
-                json.dump(result, file, indent=1)
+            with open(args.out, "a") as file:
+                file.write(json.dumps(result) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 

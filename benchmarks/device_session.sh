@@ -5,12 +5,16 @@
 # (TESTS_FILES picks test files for the tests step, TESTS_WORKERS runs them in that many pytest-xdist
 # processes (its wheels in .whl/); it is time-boxed with SIGINT, so pytest still prints its summary
 # and --durations=$TESTS_DURATIONS.)
-# steps: tests fuzz memcheck ab abfeatures sweep profile ncu model features fa4tests choice bench. Wheels in
+# steps: tests fuzz memcheck ab abfeatures sweep profile ncu model features fa4tests choice bench, and on a
+# machine with 2 GPUs: multigpu (the multigpu tests) and scaleout (bench_context_parallel.py for
+# each of $CP_SHAPES, then examples/train_fsdp.py for each GPUs:tokens of $FSDP_RUNS, tokens/s). Wheels in
 # .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
 # installed when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/
 # to /tmp/fa4 on the warm machine, this call carries .fa4b/).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# NVLink multicast stays off in every process (the 2-GPU machine requires it; harmless elsewhere).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -59,6 +63,16 @@ for step in ${STEPS:-tests}; do
         | tee "$OUT/fa4_tests.log" | tail -${TESTS_TAIL:-40} ;;
     choice) timeout "${CHOICE_TIMEOUT:-400}" python3 benchmarks/bench_choice.py --out "$OUT" --tag "${CHOICE_TAG:-h200-choice}" ${CHOICE_ARGS:-} 2>&1 \
         | tee "$OUT/choice.log" | grep -v '^{' | grep -v DEBUG | tail -20 ;;
+    multigpu) timeout -s INT "${MULTIGPU_TIMEOUT:-500}" python3 -m pytest -q -m multigpu tests/test_distributed.py -rfEs --tb=short \
+        --durations=5 2>&1 | tee "$OUT/multigpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
+    scaleout) for shape in ${CP_SHAPES:-2x65536 2x131072 32x4096}; do
+          timeout "${CP_TIMEOUT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py --docs "${shape%x*}" \
+            --doc-len "${shape#*x}" --out "$OUT/context_parallel.jsonl" >> "$OUT/context_parallel.log" 2>&1
+          grep -E "^\||tokens, " "$OUT/context_parallel.log" | tail -5 | grep -v "^|---"; done
+        for run in ${FSDP_RUNS:-1:65536 2:65536 2:131072}; do  # GPUs:tokens per global batch
+          timeout "${FSDP_TIMEOUT:-240}" torchrun --nproc-per-node "${run%:*}" examples/train_fsdp.py --tokens "${run#*:}" \
+            --out "$OUT/fsdp_${run%:*}gpu_${run#*:}.json" ${FSDP_ARGS:-} > "$OUT/fsdp_${run%:*}gpu_${run#*:}.log" 2>&1
+          echo "FSDP, ${run%:*} GPU(s), ${run#*:} tokens per step: $(grep "^step" "$OUT/fsdp_${run%:*}gpu_${run#*:}.log" | tail -1)"; done ;;
     bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"

@@ -72,17 +72,21 @@ class LanguageModel(nn.Module):
 
 
 def global_batches(steps: int, tokens: int, vocab: int, max_doc: int, seed: int = 0) -> list[list[list[int]]]:
-    """``steps`` lists of documents of about ``tokens`` tokens; each document repeats a random
-    motif (learnable), lengths heavy-tailed."""
+    """``steps`` lists of documents of exactly ``tokens`` tokens together (a batch size that
+    changes from step to step would recompile the blocks on one GPU); each document repeats a
+    random motif (learnable), lengths heavy-tailed, at least 2."""
     rng = random.Random(seed)
     batches = []
     for _ in range(steps):
-        docs, total = [], 0
-        while total < tokens:
-            length = max(2, min(int(rng.paretovariate(1.2) * 32), max_doc, tokens - total))
+        lengths = []
+        while sum(lengths) < tokens:
+            lengths.append(min(max(2, int(rng.paretovariate(1.2) * 32)), max_doc, tokens - sum(lengths)))
+        if len(lengths) > 1 and lengths[-1] == 1:  # a 1-token remainder joins the previous document
+            lengths[-2:] = [lengths[-2] + 1]
+        docs = []
+        for length in lengths:
             motif = [rng.randrange(vocab) for _ in range(rng.randint(3, 16))]
             docs.append([motif[i % len(motif)] for i in range(length)])
-            total += length
         batches.append(docs)
     return batches
 

@@ -3,8 +3,10 @@
 CPU: the gloo backend, two processes spawned by the test (CI runs this). Every case compares
 each rank's output and gradients with single-process attention on the whole batch, under the
 error rule against the float64 reference: documents spanning ranks, empty and single-token
-documents, causal and not, a causal window, GQA, and a compiled call. The GPU variant runs the
-same cases with NCCL on two GPUs (marked gpu and multigpu).
+documents, causal and not, a causal window, GQA, and a compiled call; and that a compiled graph
+keeps only the rank's own tensors from forward to backward. The GPU variant runs the
+same cases with NCCL on two GPUs (marked gpu and multigpu), then real sizes (bf16, head dim 128,
+16384 tokens, compiled with Inductor, the reference on each rank's GPU).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ CASES = {
     "causal-gqa-window": AttnSpec((64,), heads_q=6, heads_kv=2, is_causal=True, window_size=(9, 0)),
     "causal-many-short": AttnSpec((3, 1, 0, 12, 5, 17, 2, 24), heads_q=3, heads_kv=1, is_causal=True),
 }
+# Real sizes for two GPUs: 16384 tokens (chunks of 4096), bf16, head dim 128; documents spanning
+# two and three chunks, an empty and a one-token document.
+GPU_CASES = {
+    "gpu-causal-gqa": AttnSpec((3000, 1, 0, 6000, 5000, 2383), heads_q=16, heads_kv=4, head_dim=128, is_causal=True),
+    "gpu-full": AttnSpec((7000, 1, 9383), heads_q=8, heads_kv=8, head_dim=128),
+    "gpu-causal-window": AttnSpec((9000, 7384), heads_q=4, heads_kv=4, head_dim=128, is_causal=True, window_size=(3000, 0)),
+}
 
 
 def _free_port() -> int:
@@ -36,12 +45,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _check_case(name: str, spec: AttnSpec, device: str, compiled: bool) -> None:
-    """On every rank: the rank's outputs and gradients against the global reference."""
+def _check_case(name: str, spec: AttnSpec, device: str, compiled: bool, real_size: bool = False) -> None:
+    """On every rank: the rank's outputs and gradients against the global reference (computed on
+    the CPU, or for real sizes on the rank's GPU)."""
     from varlen_compile.distributed import context_parallel_varlen_attn, zigzag_shard
 
     torch.manual_seed(sum(map(ord, name)))  # the same global batch on every rank (hash() is salted)
-    case = spec.make(device=device)
+    case = spec.make(device=device, dtype=torch.bfloat16 if real_size else torch.float32)
     leaves = [zigzag_shard(x).detach().requires_grad_() for x in (case.q, case.k, case.v)]
     grad_out = torch.randn_like(case.q)
 
@@ -51,17 +61,20 @@ def _check_case(name: str, spec: AttnSpec, device: str, compiled: bool) -> None:
             enable_gqa=spec.heads_q != spec.kv_heads,
         )
 
-    fn = torch.compile(attention, fullgraph=True, backend="aot_eager") if compiled else attention
+    backend = "inductor" if real_size else "aot_eager"  # real sizes: our templates between collectives
+    fn = torch.compile(attention, fullgraph=True, backend=backend) if compiled else attention
     out = fn(*leaves)
     grads = torch.autograd.grad(out, leaves, zigzag_shard(grad_out))
 
     # The global reference, sharded the same way, under the error rule.
-    cpu_case = VarlenCase(
-        *(x.detach().cpu() for x in (case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k)),
+    ref_device = device if real_size else "cpu"
+    ref_case = VarlenCase(
+        *(x.detach().to(ref_device) for x in (case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k)),
         case.lengths_q, case.lengths_k,
     )
-    oracle = reference_outputs(cpu_case, torch.float64, grad_out=grad_out.cpu(), **spec.ref_kwargs)
-    plain = reference_outputs(cpu_case, cpu_case.q.dtype, grad_out=grad_out.cpu(), **spec.ref_kwargs)
+    grad_ref = grad_out.to(ref_device)
+    oracle = reference_outputs(ref_case, torch.float64, grad_out=grad_ref, **spec.ref_kwargs)
+    plain = reference_outputs(ref_case, ref_case.q.dtype, grad_out=grad_ref, **spec.ref_kwargs)
 
     def shard(x: torch.Tensor) -> torch.Tensor:
         return zigzag_shard(x.to(device)).cpu()
@@ -71,6 +84,42 @@ def _check_case(name: str, spec: AttnSpec, device: str, compiled: bool) -> None:
         assert_meets_error_rule(grad.cpu(), shard(grad_oracle), shard(grad_plain), name=f"{name} {label}")
 
 
+def _check_compiled_saves_local_tensors(device: str) -> None:
+    """Compiled with the min-cut partitioner (Inductor's): nothing kept from forward to backward
+    has the global token count (the whole batch's gathered K and V would), and the backward
+    gathers K and V itself."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from varlen_compile.distributed import context_parallel_varlen_attn, zigzag_shard
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return gm
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+    total = 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(total, 2, 16, device=device) for _ in range(3))
+    cu_seq = torch.tensor([0, 40, 64], dtype=torch.int32, device=device)
+    local = [zigzag_shard(x).requires_grad_() for x in (q, k, v)]
+    fn = torch.compile(lambda q, k, v: context_parallel_varlen_attn(q, k, v, cu_seq, None, True), fullgraph=True,
+                       backend=backend)
+    fn(*local).sum().backward()
+    (output,) = [node for node in graphs["forward"].graph.nodes if node.op == "output"]
+    kept = [tuple(node.meta["val"].shape) for node in output.args[0] if isinstance(node, torch.fx.Node)
+            and isinstance(node.meta.get("val"), torch.Tensor)]
+    assert all(total not in shape for shape in kept), f"forward keeps global-size tensors: {kept}"
+    backward_ops = {str(node.target) for node in graphs["backward"].graph.nodes}
+    assert "varlen_compile.gather_key_value_after.default" in backward_ops, backward_ops
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = "cpu"
@@ -78,11 +127,18 @@ def _worker(rank: int, world_size: int, port: int, backend: str, results) -> Non
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
+    cases = [(name, spec, False) for name, spec in CASES.items()]
+    if backend == "nccl":
+        cases += [(name, spec, True) for name, spec in GPU_CASES.items()]
     try:
-        for name, spec in CASES.items():
+        try:
+            _check_compiled_saves_local_tensors(device)
+        except Exception:
+            results.put((rank, "compiled graph keeps local tensors only", traceback.format_exc()))
+        for name, spec, real_size in cases:
             for compiled in (False, True):
                 try:
-                    _check_case(name, spec, device, compiled)
+                    _check_case(name, spec, device, compiled, real_size)
                 except Exception:  # reported by the test in the parent process
                     results.put((rank, f"{name}{' compiled' if compiled else ''}", traceback.format_exc()))
         results.put((rank, "done", ""))

@@ -75,6 +75,24 @@ def test_eager_bf16_aten_path_matches_reference(causal):
     check_forward_backward(case, out, lse, grads, grad_out, is_causal=causal)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+def test_eager_backward_reads_a_strided_lse(kernel):
+    """The backward op given ``lse`` as a column slice of a wider ``(H, 2T)`` buffer (the rest NaN),
+    as context parallelism passes each chunk's rows: the gradients meet the error rule. aten flash
+    (the auto path here) read such an lse as contiguous and returned dQ off by 1e3."""
+    from varlen_compile.ops import call_backward, call_forward
+
+    case = gpu_case([300, 1, 0, 517], heads_q=4, head_dim=128)
+    grad_out = torch.randn_like(case.q)
+    layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k, case.max_q, case.max_k), AttnOptions(True)
+    qkv = (case.q.detach(), case.k.detach(), case.v.detach())
+    out, lse = call_forward(*qkv, layout, options, kernel)
+    wide = torch.full((lse.shape[0], 2 * lse.shape[1]), float("nan"), device=DEVICE)
+    wide[:, lse.shape[1]:] = lse
+    grads = call_backward(grad_out, *qkv, out, wide[:, lse.shape[1]:], layout, options, kernel=kernel)
+    check_forward_backward(case, out, lse, grads, grad_out, is_causal=True)
+
+
 @pytest.mark.parametrize(
     "dtype,head_dim,window",
     [  # fp32 once (its kernels take 11 s to compile; test_gpu_features.py has fp32 compiled)

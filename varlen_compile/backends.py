@@ -152,7 +152,10 @@ def backward(
     grad_lse: torch.Tensor | None,
     kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``."""
+    """``(dq, dk, dv)``, contiguous, shaped like ``(query, key, value)``. ``lse`` may be any
+    strided ``(H_q, T_q)`` view (context parallelism passes column slices); aten flash and FA4
+    read it as contiguous, so it is made contiguous here."""
+    lse = lse.contiguous()
     if _use_fa4(query, value, layout, options, kernel, grad_lse is not None):
         dq, dk, dv = _fa4.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse)
         return dq.contiguous(), dk, dv.contiguous()

@@ -19,9 +19,10 @@ the packed batch with one extra document). ``cu_seq`` stays global, the same on 
 collective each) and runs one varlen call per local chunk, with keys clamped to what that chunk's
 queries can see: the prefix up to the chunk's end for causal attention. Between forward and
 backward it keeps only its own tensors (q, k, v, out, lse: ``1/W`` of the batch each); the
-backward gathers K and V again, runs our backward op per chunk and reduce-scatters dK and dV to
-their ranks. So attention's saved activations per rank are ``1/W`` of one GPU's, for one extra
-all-gather per backward. A ring exchange (P2P, overlapped with compute) would also hide the
+backward gathers K and V again (one collective of both, which compiled graphs cannot merge with
+the forward's), runs our backward op per chunk and reduce-scatters dK and dV to their ranks. So
+attention's saved activations per rank are ``1/W`` of one GPU's, for one extra all-gather per
+backward. A ring exchange (P2P, overlapped with compute) would also hide the
 communication; this module starts with the collectives, which are graph-friendly and need no
 merging of partial results.
 
@@ -109,6 +110,28 @@ def _chunk_calls(cu_seq: torch.Tensor, total: int, world_size: int, rank: int, m
     return calls
 
 
+@torch.library.custom_op("varlen_compile::gather_key_value_after", mutates_args=())
+def gather_key_value_after(key: torch.Tensor, value: torch.Tensor, after: torch.Tensor, group_name: str) -> torch.Tensor:
+    """All-gather ``key`` ``(T / W, H_kv, D)`` and ``value`` ``(T / W, H_kv, D_v)`` over the
+    group named ``group_name`` in one collective: ``(T, H_kv * (D + D_v))``, each row K's then V's
+    features, tokens rank-major. ``after`` is not read; it orders the gather after ``after``
+    exists. The backward passes its incoming gradient there, so a compiled graph gathers K and V
+    in the backward. A gather that depends on forward values only (a functional collective in the
+    backward, say) is computed in the forward and its output kept until the backward: the
+    partitioner never recomputes collectives, and CSE merges it with the forward's own gathers.
+    That would keep the whole batch's K and V on every rank."""
+    del after
+    rows = torch.cat([key.flatten(1), value.flatten(1)], dim=1)
+    gathered = _compat.all_gather(rows, 0, group_name)
+    return gathered.wait() if hasattr(gathered, "wait") else gathered
+
+
+@gather_key_value_after.register_fake
+def _(key: torch.Tensor, value: torch.Tensor, after: torch.Tensor, group_name: str) -> torch.Tensor:
+    world_size = dist.distributed_c10d._get_group_size_by_name(group_name)
+    return key.new_empty((key.shape[0] * world_size, key[0].numel() + value[0].numel()))
+
+
 class _ContextParallelAttention(torch.autograd.Function):
     """Zig-zag context-parallel attention. The forward all-gathers K and V and runs one varlen
     call per local chunk; it saves only this rank's tensors (q, k, v, out, lse: 1/W of the
@@ -138,9 +161,11 @@ class _ContextParallelAttention(torch.autograd.Function):
         group, options = ctx.group, ctx.options
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         total = query.shape[0] * world_size
-        keys = _to_token_order(_compat.all_gather(key.contiguous(), 0, group), world_size)
-        values = _to_token_order(_compat.all_gather(value.contiguous(), 0, group), world_size)
-        grad_keys, grad_values = torch.zeros_like(keys), torch.zeros_like(values)
+        gathered = _to_token_order(gather_key_value_after(key, value, grad_out, group.group_name), world_size)
+        keys = gathered[:, : key[0].numel()].unflatten(1, key.shape[1:])
+        values = gathered[:, key[0].numel():].unflatten(1, value.shape[1:])
+        grad_keys = key.new_zeros((total, *key.shape[1:]))
+        grad_values = value.new_zeros((total, *value.shape[1:]))
         grad_query = []
         grad_out = grad_out.contiguous()
         for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, ctx.max_len, _is_causal(options)):
