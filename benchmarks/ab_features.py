@@ -2,7 +2,7 @@
 launcher (bf16; medians of ``triton.testing.do_bench``, variants interleaved over the rounds,
 the median round reported).
 
-    python benchmarks/ab_features.py [--ab softcap,paged] [--rounds 5] [--paged-stages 3,5,7]
+    python benchmarks/ab_features.py [--ab softcap,paged,gqa-pack] [--rounds 5] [--paged-stages 3,5,7]
 
 ``softcap``: the forward with and without a softcap (the tanh is ``tanh.approx.f32``, a second
 special-function op per score next to the exp2): its cost, next to what it costs FlashAttention
@@ -13,6 +13,13 @@ bf16 (the DESIGN.md budget is twice that).
 ``paged``: the paged forward (pages of 16, 64, 256) at several pipeline depths
 (``--paged-stages``, default: the contiguous config's and ``configs.paged_config``'s), against
 the contiguous forward on the same keys.
+
+``gqa-pack``: the forward with ``ForwardConfig.pack_gqa`` (the query heads of a GQA group in one
+program: block_m // G positions x G heads per tile, each K/V tile loaded once for the group)
+against the default config on GQA batches (d128; groups of 4 and 8; prefill, and one
+decode-like batch of 1-16 queries per sequence, where unpacked tiles are mostly empty rows);
+outputs checked equal to bf16 tolerances (the same rows, but differently tiled: other causal
+block splits).
 
 Session 10 also timed P = 2^s by an FMA-pipe polynomial (FA4's Blackwell trick) here, all or
 half of the exps: 1.14-1.24x and 1.04-1.12x slower than ``ex2.approx`` with a softcap, 1.06x
@@ -46,14 +53,23 @@ CASES = {  # name: (sequences, max length, heads, head dim, causal)
     "8 x <=2048, 16x64": (8, 2048, 16, 64, False),
 }
 VARIANTS = {"base": 0.0, "softcap": SOFTCAP}  # name: softcap
+GQA_CASES = {  # name: (sequences, max length, query heads, kv heads, head dim, causal, max queries)
+    "8 x <=4096, 32/8x128, causal": (8, 4096, 32, 8, 128, True, None),
+    "8 x <=4096, 32/8x128": (8, 4096, 32, 8, 128, False, None),
+    "16 x <=2048, 16/2x128, causal": (16, 2048, 16, 2, 128, True, None),
+    "64 x q 1-16 / k <=4096, 32/8x128, causal": (64, 4096, 32, 8, 128, True, 16),
+}
 
 
-def _batch(num_seqs: int, max_len: int, heads: int, head_dim: int, seed: int = 0):
+def _batch(num_seqs: int, max_len: int, heads: int, head_dim: int, seed: int = 0, heads_kv: int | None = None):
+    """bf16 q ``(T, heads, D)``, k and v ``(T, heads_kv or heads, D)``, cu_seq: ``num_seqs``
+    sequences of ``max_len // 2 .. max_len`` tokens."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max_len // 2, max_len + 1, (num_seqs,), generator=generator)
     cu_seq = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
     total = int(lengths.sum())
-    q, k, v = (torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q = torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(total, heads_kv or heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     return q, k, v, cu_seq
 
 
@@ -159,9 +175,45 @@ def ab_paged(rounds: int, stages: list[int]) -> list[str]:
     return rows
 
 
+def _gqa_batch(num_seqs: int, max_len: int, heads_q: int, heads_kv: int, head_dim: int, max_q: int | None):
+    """(q, k, v, layout): :func:`_batch`'s sequences, GQA; with ``max_q``, each sequence's
+    queries are its last 1..max_q positions (bottom-right causal), as in decoding."""
+    q, k, v, cu_seq = _batch(num_seqs, max_len, heads_q, head_dim, heads_kv=heads_kv)
+    if max_q is None:
+        return q, k, v, BatchLayout(cu_seq, cu_seq)
+    lengths_q = torch.randint(1, max_q + 1, (num_seqs,), generator=torch.Generator().manual_seed(1))
+    cu_seq_q = torch.nn.functional.pad(lengths_q.cumsum(0), (1, 0)).to(torch.int32).cuda()
+    q = torch.randn(int(lengths_q.sum()), heads_q, head_dim, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, BatchLayout(cu_seq_q, cu_seq)
+
+
+def ab_gqa_pack(rounds: int, _stages: list[int]) -> list[str]:
+    rows = ["| case | G | default ms | packed ms | packed / default | max abs diff of out |", "|---|---|---|---|---|---|"]
+    for name, (num_seqs, max_len, heads_q, heads_kv, head_dim, causal, max_q) in GQA_CASES.items():
+        q, k, v, layout = _gqa_batch(num_seqs, max_len, heads_q, heads_kv, head_dim, max_q)
+        options = AttnOptions(causal)
+        default = configs.default_forward_config(head_dim, q.dtype)
+        packed = dataclasses.replace(default, pack_gqa=True)
+        group = heads_q // heads_kv
+        assert configs.pack_gqa_group(packed, group) == group, f"{packed} does not pack a group of {group}"
+        runs = {
+            "default": functools.partial(launcher.forward, q, k, v, layout, options, config=default),
+            "packed": functools.partial(launcher.forward, q, k, v, layout, options, config=packed),
+        }
+        (out, lse), (out_packed, lse_packed) = runs["default"](), runs["packed"]()
+        # bf16 tolerances (torch's defaults for bf16), for lse too: the same rows, tiled differently.
+        torch.testing.assert_close(out_packed, out, rtol=1.6e-2, atol=1e-5)
+        torch.testing.assert_close(lse_packed, lse, rtol=1.6e-2, atol=1e-5)
+        diff = (out_packed.float() - out.float()).abs().max().item()
+        ms = _interleaved(runs, rounds)
+        rows.append(f"| {name} | {group} | {ms['default']:.3f} | {ms['packed']:.3f} | {ms['packed'] / ms['default']:.3f} | {diff:.2e} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ab", default="softcap,paged", help="comma-separated: softcap, paged")
+    parser.add_argument("--ab", default="softcap,paged", help="comma-separated: softcap, paged, gqa-pack")
     parser.add_argument("--paged-stages", default="", help="comma-separated pipeline depths for the paged A/B")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -169,7 +221,7 @@ def main() -> None:
     tables = []
     for ab in args.ab.split(","):
         stages = [int(n) for n in args.paged_stages.split(",") if n]
-        tables.append({"softcap": ab_softcap, "paged": ab_paged}[ab](args.rounds, stages))
+        tables.append({"softcap": ab_softcap, "paged": ab_paged, "gqa-pack": ab_gqa_pack}[ab](args.rounds, stages))
     print("\n\n".join("\n".join(rows) for rows in tables))
 
 

@@ -3,6 +3,7 @@ templates, no Inductor compile per config) against aten flash, on the benchmark'
 
     python benchmarks/sweep_configs.py --head-dims 64,128 [--backward]          # on a GPU
     python benchmarks/sweep_configs.py --regs --head-dims 128 [--backward]      # any machine
+    python benchmarks/sweep_configs.py --regs --head-dims 128 --gqa-group 4     # + GQA-packed forward
 
 Prints, per (head dim, causal), each config's median ms and its speed relative to aten flash;
 use it to choose the defaults in lowering/configs.py.
@@ -38,6 +39,7 @@ from varlen_compile.lowering.configs import (  # noqa: E402
     default_backward_config,
     default_forward_config,
     kernel_constexprs,
+    pack_gqa_group,
 )
 from varlen_compile.params import AttnOptions, BatchLayout  # noqa: E402
 
@@ -54,7 +56,7 @@ BACKWARD_CANDIDATES = {
 SHAPES = {64: "headline", 128: "d128"}
 
 
-def _compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
+def _compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int, gqa_group: int = 1):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,8 +64,10 @@ def _compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
     # As launched on MHA tensors from torch: gqa_group == 1 (Triton specializes 1 to a constant),
     # pointers 16-byte aligned and strides multiples of 16 (its divisibility hints). Without the
     # hints the compile differs a lot (d128 causal backward: 1656 B of stack instead of 160).
+    # A GQA launch (gqa_group > 1) passes the group as a plain int32 argument, as Triton does
+    # for 4 or 8 (no constant, no divisibility hint).
     constexprs = dict(constexprs)
-    if "gqa_group" in inspect.signature(kernel.fn).parameters:
+    if "gqa_group" in inspect.signature(kernel.fn).parameters and gqa_group == 1:
         constexprs["gqa_group"] = 1
     signature = compile_sm90._signature(kernel, constexprs, "bf16")
     attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(signature)
@@ -72,32 +76,38 @@ def _compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def regs(head_dims: list[int], backward: bool) -> None:
-    """The ``--regs`` table: every candidate (defaults first, marked) compiled for sm_90, bf16."""
+def regs(head_dims: list[int], backward: bool, gqa_group: int = 1) -> None:
+    """The ``--regs`` table: every candidate (defaults first, marked) compiled for sm_90, bf16.
+    ``gqa_group`` > 1 (forward only): each config compiled for that GQA group, unpacked and
+    with ``pack_gqa`` (one row each, "fwd packed" for the latter where the group packs)."""
     layout = BatchLayout(torch.empty(1), torch.empty(1))
     kernels = launcher._kernels()
     print("| kernel | head dim | mask | config | REG | STACK (B/thread) | shared (B) |\n|---|---|---|---|---|---|---|")
     for head_dim in head_dims:
         if backward:
             default = dataclasses.astuple(default_backward_config(head_dim, torch.bfloat16))
-        else:
-            default = dataclasses.astuple(default_forward_config(head_dim, torch.bfloat16))
+        else:  # (block_m, block_n, num_warps, num_stages): pack_gqa is chosen below
+            default = dataclasses.astuple(default_forward_config(head_dim, torch.bfloat16))[:4]
         candidates = (BACKWARD_CANDIDATES if backward else FORWARD_CANDIDATES).get(head_dim, [])
         for cfg in [default] + [c for c in candidates if c != default]:
             for mask, options in (("causal", AttnOptions(is_causal=True)), ("full", AttnOptions())):
+                label = ("bwd" if backward else "fwd") + (" (default)" if cfg == default else "")
                 if backward:
                     constexprs = dict(backward_constexprs(options, layout, head_dim, head_dim, torch.bfloat16),
                                       HAS_GRAD_LSE=False, BLOCK_M1=cfg[0], BLOCK_N1=cfg[1], BLOCK_M2=cfg[2], BLOCK_N2=cfg[3])
-                    kernel = kernels.varlen_bwd_kernel
+                    variants = [(label, kernels.varlen_bwd_kernel, constexprs)]
                 else:
                     constexprs = dict(kernel_constexprs(options, layout, head_dim, head_dim, torch.bfloat16),
-                                      BLOCK_M=cfg[0], BLOCK_N=cfg[1])
-                    kernel = kernels.varlen_fwd_kernel
-                usage = compile_sm90.resource_usage(_compile_sm90(kernel, constexprs, cfg[-2], cfg[-1]))
-                label = ("bwd" if backward else "fwd") + (" (default)" if cfg == default else "")
+                                      BLOCK_M=cfg[0], BLOCK_N=cfg[1], PACK_GQA=1)
+                    variants = [(label, kernels.varlen_fwd_kernel, constexprs)]
+                    pack = pack_gqa_group(ForwardConfig(*cfg, pack_gqa=True), gqa_group)
+                    if pack > 1:
+                        variants.append((f"fwd packed G={pack}", kernels.varlen_fwd_kernel, dict(constexprs, PACK_GQA=pack)))
                 fields = "/".join(map(str, cfg))
-                print(f"| {label} | {head_dim} | {mask} | {fields} | {usage.get('REG')} | {usage.get('STACK')} | {usage['SHARED']} |",
-                      flush=True)
+                for name, kernel, variant in variants:
+                    usage = compile_sm90.resource_usage(_compile_sm90(kernel, variant, cfg[-2], cfg[-1], gqa_group))
+                    print(f"| {name} | {head_dim} | {mask} | {fields} | {usage.get('REG')} | {usage.get('STACK')} | {usage['SHARED']} |",
+                          flush=True)
 
 
 def main() -> None:
@@ -106,9 +116,11 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--cases", default=None, help="bench case names (default: one per head dim)")
     parser.add_argument("--regs", action="store_true", help="registers and spills at sm_90 instead of timings (no GPU)")
+    parser.add_argument("--gqa-group", type=int, default=1,
+                        help="with --regs (forward): compile for this GQA group, unpacked and packed (pack_gqa)")
     args = parser.parse_args()
     if args.regs:
-        regs([int(d) for d in args.head_dims.split(",")], args.backward)
+        regs([int(d) for d in args.head_dims.split(",")], args.backward, args.gqa_group)
         return
     from torch.nn.attention.varlen import varlen_attn as aten_varlen
     from triton.testing import do_bench

@@ -29,6 +29,7 @@ __all__ = [
     "fast_tanh",
     "forward_autotune_configs",
     "kernel_constexprs",
+    "pack_gqa_group",
     "page_tile",
     "paged_config",
     "padded_head_dim",
@@ -136,13 +137,17 @@ class ForwardConfig:
 
     ``block_m``: query rows per program; ``block_n``: key rows per inner step. Both powers of two
     >= 16 (``tl.dot`` tiles). ``num_warps`` in {4, 8}; ``num_stages`` >= 1 (software pipelining
-    depth of the key/value loads).
+    depth of the key/value loads). ``pack_gqa`` (standalone launcher only, an experiment; the
+    Inductor template ignores it): a program's ``block_m`` rows are ``block_m // G`` positions
+    in all ``G`` query heads of a GQA group, so each K/V tile is loaded once for the group (see
+    :func:`pack_gqa_group` for when it applies).
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    pack_gqa: bool = False
 
     def __post_init__(self) -> None:
         if not (_is_pow2(self.block_m) and _is_pow2(self.block_n)):
@@ -168,6 +173,17 @@ class BackwardConfig:
         blocks = (self.block_m1, self.block_n1, self.block_m2, self.block_n2)
         if not all(_is_pow2(b) for b in blocks):
             raise ValueError(f"block sizes must be powers of two >= 16: {self}")
+
+
+def pack_gqa_group(config: ForwardConfig, gqa_group: int) -> int:
+    """The forward kernel's ``PACK_GQA``: query heads one program packs. ``gqa_group`` (query
+    heads per kv head) when ``config.pack_gqa`` is set and the group is a power of two >= 2 that
+    leaves at least 16 positions per tile (``block_m // gqa_group >= 16``); otherwise 1, the
+    unpacked kernel (one query head per program). Every feature (window, softcap, sink, ALiBi,
+    seqused_k, paged K/V) works packed: the masks, the sink and the ALiBi slope are per row."""
+    group = int(gqa_group)
+    packs = config.pack_gqa and group >= 2 and group & (group - 1) == 0 and config.block_m // group >= 16
+    return group if packs else 1
 
 
 def default_forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:

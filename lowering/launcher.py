@@ -26,6 +26,7 @@ from .configs import (
     default_backward_config,
     default_forward_config,
     kernel_constexprs,
+    pack_gqa_group,
     page_tile,
     paged_config,
     padded_head_dim,
@@ -75,7 +76,10 @@ def forward(
 
     Inputs as in :func:`varlen_compile.varlen_attn` (any strides with a contiguous last dim;
     paged K/V ``(pages, page_size, H_kv, D)`` with ``layout.block_table``). Grid
-    ``(cdiv(T_q, BLOCK_M) + N, H_q)``: one program per query tile slot and head.
+    ``(cdiv(T_q, BLOCK_M) + N, H_q)``: one program per query tile slot and head; with
+    ``config.pack_gqa`` where :func:`~.configs.pack_gqa_group` allows it (group G = H_q // H_kv),
+    ``(cdiv(T_q, BLOCK_M // G) + N, H_kv)``: one program per slot of ``BLOCK_M // G`` positions
+    and kv head, all G query heads in one tile.
     """
     total_q, heads_q, head_dim = query.shape
     head_dim_v = value.shape[-1]
@@ -85,7 +89,8 @@ def forward(
     if out is None:
         out = query.new_empty((total_q, heads_q, head_dim_v))
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
-    grid = (_cdiv(total_q, config.block_m) + num_seqs, heads_q)
+    pack = pack_gqa_group(config, heads_q // max(heads_kv, 1))
+    grid = (_cdiv(total_q, config.block_m // pack) + num_seqs, heads_q // pack)
     if grid[0] * grid[1] == 0:
         return out, lse
     if layout.paged:
@@ -109,7 +114,7 @@ def forward(
         query.stride(0), query.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         stride_kp, stride_vp, stride_bt, page_size, num_pages, max_pages,
         out.stride(0), out.stride(1), options.scale_for(head_dim),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, PACK_GQA=pack,
         **{**kernel_constexprs(options, layout, head_dim, head_dim_v, query.dtype, query.is_cuda),
            **page_tile(layout.paged, lambda block_n: page_size % block_n == 0, config.block_n)},
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -6,7 +6,8 @@ Each case runs the standalone launcher (the same ``@triton.jit`` math the Induct
 append) forward and backward, and checks out, lse, dq, dk, dv and the sink gradient against the
 float64 reference (autograd through ``reference.attention_forward``) under DESIGN.md's error
 rule, the budget being the same computation in float32. Outputs start NaN-filled
-(``poison_empty``): an element no kernel writes fails.
+(``poison_empty``): an element no kernel writes fails. The GQA-packed forward
+(``ForwardConfig.pack_gqa``) runs every feature too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from factory import assert_meets_error_rule, make_cu_seq
 from varlen_compile import reference
 from varlen_compile.lowering import launcher
-from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig
+from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig, pack_gqa_group
 from varlen_compile.params import AttnOptions, BatchLayout
 
 pytestmark = [
@@ -30,6 +31,8 @@ pytestmark = [
 
 FORWARD_CONFIG = ForwardConfig(16, 16, 4, 1)
 BACKWARD_CONFIG = BackwardConfig(16, 16, 16, 16, 4, 1)
+# The GQA-packed forward for groups of 2 and 4: tiles of G heads x 16 positions.
+PACKED_CONFIGS = {2: ForwardConfig(32, 16, 4, 1, pack_gqa=True), 4: ForwardConfig(64, 16, 4, 1, pack_gqa=True)}
 # q > k, q < k, queries without keys, length 1 both ways, a sequence over two tiles.
 LENGTHS_Q, LENGTHS_K = (5, 20, 3, 1, 33), (17, 3, 0, 1, 40)
 
@@ -142,6 +145,28 @@ def test_feature_forward_backward(feature):
             assert torch.equal(dv[start + used:end], torch.zeros_like(dv[start + used:end]))
 
 
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: f.name)
+def test_feature_forward_packed_gqa(feature):
+    """Each feature through the GQA-packed forward, 8 query heads on 2 kv heads (4 heads x 16
+    positions per tile): per-row masks, per-head sinks and ALiBi slopes, seqused_k. out and lse
+    against the reference; the sequence without keys gets out 0 and lse = its head's sink."""
+    feature = dataclasses.replace(feature, heads_q=8, heads_kv=2)
+    config = PACKED_CONFIGS[4]
+    assert pack_gqa_group(config, 4) == 4
+    inputs = _inputs(feature)
+    layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_k"], seqused_k=inputs["seqused_k"])
+    out, lse = launcher.forward(inputs["q"], inputs["k"], inputs["v"], layout, _options(feature, inputs), config=config)
+    grad_out, grad_lse = torch.zeros(out.shape), torch.zeros(lse.shape)
+    oracle = _reference(feature, inputs, torch.float64, grad_out, grad_lse)
+    plain = _reference(feature, inputs, torch.float32, grad_out, grad_lse)
+    for name, mine, exact, budget in zip(("out", "lse"), (out, lse), oracle, plain):
+        assert_meets_error_rule(mine, exact, budget, name=f"{feature.name} packed: {name}")
+    if inputs["sink"] is not None:
+        rows = slice(int(inputs["cu_seq_q"][2]), int(inputs["cu_seq_q"][3]))
+        assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+        torch.testing.assert_close(lse[:, rows], inputs["sink"][:, None].expand(-1, 3), rtol=1e-6, atol=1e-6)
+
+
 def test_sink_makes_single_key_gradients_nonzero():
     """Without a sink, one key per sequence means zero dQ/dK (exactly: see the kernels'
     varlen_keep_softmax_grad); a sink makes the softmax two logits wide, so they are not."""
@@ -162,17 +187,20 @@ def test_sink_makes_single_key_gradients_nonzero():
         assert_meets_error_rule(mine, exact, budget, name=name)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed-gqa"])
 @pytest.mark.parametrize("page_size", [4, 32], ids=["page4", "page32"])
 @pytest.mark.parametrize(
     "feature",
     [Feature("paged-causal", is_causal=True), Feature("paged-softcap-sink-alibi-dv", softcap=4.0, sink=True, alibi=True, head_dim_v=24, window=(9, 0))],
     ids=lambda f: f.name,
 )
-def test_paged_forward(feature, page_size):
+def test_paged_forward(feature, page_size, packed):
     """Paged K/V: the keys of each sequence in pages scattered over a pool (page_size 4 is
     smaller than a 16-key block: a block-table read per key; 32 is a multiple of it: one read
     per key tile, PAGE_TILE), partial last pages, unused pages; compared with the reference on
-    the same pages and on the contiguous layout."""
+    the same pages and on the contiguous layout. ``packed``: the GQA-packed forward (2 heads x
+    16 positions per tile) for both layouts."""
+    config = PACKED_CONFIGS[2] if packed else FORWARD_CONFIG
     inputs = _inputs(feature)
     used = [9, 3, 0, 1, 40]
     max_pages = -(-max(used) // page_size)
@@ -185,7 +213,7 @@ def test_paged_forward(feature, page_size):
     seqused = torch.tensor(used, dtype=torch.int32)
     layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_q"], seqused_k=seqused, block_table=block_table)
     options = _options(feature, inputs)
-    out, lse = launcher.forward(inputs["q"], key_pages, value_pages, layout, options, config=FORWARD_CONFIG)
+    out, lse = launcher.forward(inputs["q"], key_pages, value_pages, layout, options, config=config)
 
     def run_reference(dtype):
         ref_options = dataclasses.replace(
@@ -206,6 +234,6 @@ def test_paged_forward(feature, page_size):
     contiguous_k = torch.cat([flat_k[r] for r in rows])
     contiguous_v = torch.cat([flat_v[r] for r in rows])
     contiguous = BatchLayout(inputs["cu_seq_q"], make_cu_seq(used))
-    out_c, lse_c = launcher.forward(inputs["q"], contiguous_k, contiguous_v, contiguous, options, config=FORWARD_CONFIG)
+    out_c, lse_c = launcher.forward(inputs["q"], contiguous_k, contiguous_v, contiguous, options, config=config)
     torch.testing.assert_close(out, out_c, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, lse_c, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ Run on a CUDA machine: ``python -m pytest -q -m gpu tests/``. Skipped without CU
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -113,6 +114,36 @@ def test_eager_triton_launcher_matches_reference(dtype, head_dim, window):
     out, lse = launcher.forward(*qkv, layout, options)
     dq, dk, dv = launcher.backward(grad_out, *qkv, out, lse, layout, options)
     check_forward_backward(case, out, lse, (dq, dk, dv), grad_out, scale=scale, window_size=window)
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,heads,window",
+    [
+        (torch.bfloat16, 128, (8, 2), (-1, 0)),
+        (torch.float16, 64, (4, 2), (32, 8)),
+        (torch.bfloat16, 128, (16, 2), (-1, -1)),
+    ],
+    ids=["bf16-D128-G4-causal", "fp16-D64-G2-window", "bf16-D128-G8-full"],
+)
+def test_eager_packed_gqa_forward_matches_reference(dtype, head_dim, heads, window):
+    """The GQA-packed forward (ForwardConfig.pack_gqa, an experiment) at the default tiles: out
+    and lse meet the error rule, and match the unpacked forward to bf16 tolerances."""
+    from varlen_compile.lowering.configs import default_forward_config, pack_gqa_group
+
+    case = gpu_case([100, 0, 1, 300], [77, 5, 1, 300], heads_q=heads[0], heads_kv=heads[1], head_dim=head_dim, dtype=dtype)
+    default = default_forward_config(head_dim, dtype)
+    packed = dataclasses.replace(default, pack_gqa=True)
+    assert pack_gqa_group(packed, heads[0] // heads[1]) == heads[0] // heads[1]
+    layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(False, None, *window)
+    qkv = (case.q.detach(), case.k.detach(), case.v.detach())
+    out, lse = launcher.forward(*qkv, layout, options, config=packed)
+    ref_out, ref_lse, _ = reference_outputs(case, torch.float64, window_size=window)
+    plain_out, plain_lse, _ = reference_outputs(case, dtype, window_size=window)
+    assert_meets_error_rule(out, ref_out, plain_out, name="out")
+    assert_meets_error_rule(lse, ref_lse, plain_lse, name="lse")
+    unpacked_out, unpacked_lse = launcher.forward(*qkv, layout, options, config=default)
+    torch.testing.assert_close(out, unpacked_out, rtol=1.6e-2, atol=1e-5)
+    torch.testing.assert_close(lse, unpacked_lse, rtol=1.6e-2, atol=1e-5)
 
 
 def test_eager_grad_through_lse_uses_triton_and_is_right():

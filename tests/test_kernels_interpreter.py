@@ -12,7 +12,7 @@ import torch
 
 from factory import AttnSpec, assert_matches_reference, make_case, spec_id
 from varlen_compile.lowering import launcher
-from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig
+from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig, pack_gqa_group
 from varlen_compile.params import AttnOptions, BatchLayout
 
 pytestmark = [
@@ -41,6 +41,23 @@ SPECS = [
     # Head dim 24, padded to 32 inside the kernel.
     AttnSpec((19, 1, 26), (19, 1, 26), heads_q=4, heads_kv=2, head_dim=24, is_causal=True),
 ]
+
+# The GQA-packed forward (ForwardConfig.pack_gqa): every spec above (groups of 2), and groups of 4.
+PACKED_SPECS = SPECS + [
+    AttnSpec(MIXED_Q, MIXED_K, heads_q=8, heads_kv=2, is_causal=True),
+    AttnSpec(MIXED_Q, MIXED_K, heads_q=4, heads_kv=1),
+    AttnSpec((30, 9, 1), (23, 9, 1), heads_q=8, heads_kv=2, window_size=(4, 2)),
+    AttnSpec((34, 2), (34, 5), heads_q=8, heads_kv=2, is_causal=True, window_size=(6, -1), scale=0.3),
+]
+
+
+def packed_config(spec: AttnSpec, block_n: int = 16) -> ForwardConfig:
+    """A forward config packing ``spec``'s GQA group G: tiles of G heads x 16 positions (the
+    fewest positions that pack), so sequences above 16 tokens span several, partial, tiles."""
+    group = spec.heads_q // spec.kv_heads
+    config = ForwardConfig(16 * group, block_n, 4, 1, pack_gqa=True)
+    assert pack_gqa_group(config, group) == group, "the test must run the packed kernel, not the fallback"
+    return config
 
 
 def _run_and_check(
@@ -117,12 +134,43 @@ def test_running_max_jumps_between_key_blocks(is_causal):
     [
         (ForwardConfig(32, 16, 4, 1), BackwardConfig(16, 32, 32, 16, 4, 1)),
         (None, None),  # the launcher's defaults for float32
+        (ForwardConfig(32, 32, 4, 1, pack_gqa=True), BACKWARD_CONFIG),  # 2 heads x 16 positions
     ],
-    ids=["asymmetric-blocks", "default-configs"],
+    ids=["asymmetric-blocks", "default-configs", "packed-gqa"],
 )
 def test_other_configs(forward_config, backward_config):
     spec = SPECS[0]
     _run_and_check(spec, spec.make(), forward_config=forward_config, backward_config=backward_config)
+
+
+@pytest.mark.parametrize("spec", PACKED_SPECS, ids=spec_id)
+def test_forward_packed_gqa(spec):
+    """The forward with the query heads of each GQA group packed into one program (G heads x
+    16 positions per tile, each K/V tile serving the group): out and lse against the reference
+    (causal, windows, q_len != k_len, lengths 0 and 1, rows without keys). The backward does not
+    depend on the forward's packing."""
+    case = spec.make()
+    options = AttnOptions(spec.is_causal, spec.scale, *spec.window_size)
+    out, lse = launcher.forward(
+        case.q, case.k, case.v, BatchLayout(case.cu_seq_q, case.cu_seq_k), options, config=packed_config(spec)
+    )
+    assert_matches_reference(case, out, lse, plain_dtype=torch.float32, **spec.ref_kwargs)
+
+
+def test_pack_gqa_falls_back_where_it_cannot_pack():
+    """pack_gqa packs groups that are powers of two >= 2 with at least 16 positions per tile;
+    otherwise the launcher runs the unpacked kernel (PACK_GQA = 1)."""
+    packed = ForwardConfig(64, 16, 4, 1, pack_gqa=True)
+    assert [pack_gqa_group(packed, group) for group in (1, 2, 3, 4, 6, 8)] == [1, 2, 1, 4, 1, 1]
+    assert pack_gqa_group(ForwardConfig(64, 16, 4, 1), 4) == 1
+    assert ForwardConfig(64, 16, 4, 1) == ForwardConfig(64, 16, 4, 1, False) != packed
+    # A group that cannot pack still gives the right answer (through the unpacked kernel).
+    spec = AttnSpec((20, 1), (9, 1), heads_q=6, heads_kv=2, is_causal=True)
+    case = spec.make()
+    out, lse = launcher.forward(
+        case.q, case.k, case.v, BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(True), config=packed
+    )
+    assert_matches_reference(case, out, lse, plain_dtype=torch.float32, **spec.ref_kwargs)
 
 
 @pytest.mark.parametrize("grad_lse", [None, "zeros"])

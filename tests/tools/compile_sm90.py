@@ -75,9 +75,12 @@ def cases():
             config = default_forward_config(max(head_dim, head_dim_v), torch.bfloat16)
             constexprs = dict(
                 kernel_constexprs(options, _layout(seqused, paged), head_dim, head_dim_v, torch.bfloat16),
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, PACK_GQA=1,
             )
             yield f"fwd-{feature}-d{head_dim}v{head_dim_v}", kernels.varlen_fwd_kernel, constexprs, config
+            # The GQA-packed forward (ForwardConfig.pack_gqa): 4 query heads per program.
+            yield (f"fwd-{feature}-d{head_dim}v{head_dim_v}-pack4", kernels.varlen_fwd_kernel,
+                   dict(constexprs, PACK_GQA=4), config)
             if paged:  # pages a multiple of the key tile: one block-table read per tile
                 yield (f"fwd-{feature}-d{head_dim}v{head_dim_v}-page-tile", kernels.varlen_fwd_kernel,
                        dict(constexprs, PAGE_TILE=True), config)
