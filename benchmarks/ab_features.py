@@ -201,8 +201,11 @@ def ab_gqa_pack(rounds: int, _stages: list[int]) -> list[str]:
             "packed": functools.partial(launcher.forward, q, k, v, layout, options, config=packed),
         }
         (out, lse), (out_packed, lse_packed) = runs["default"](), runs["packed"]()
-        # bf16 tolerances (torch's defaults for bf16), for lse too: the same rows, tiled differently.
-        torch.testing.assert_close(out_packed, out, rtol=1.6e-2, atol=1e-5)
+        # The same rows, tiled differently: a row's key blocks split into masked and unmasked
+        # ones elsewhere, so fp32 rescaling rounds differently and a bf16 output can move by an
+        # ulp (6e-4 at 0.1; 28 of 99M elements on the H200). Correctness is the GPU test's
+        # error rule against float64; here only that nothing moved by more than a few ulps.
+        torch.testing.assert_close(out_packed, out, rtol=1.6e-2, atol=2e-3)
         torch.testing.assert_close(lse_packed, lse, rtol=1.6e-2, atol=1e-5)
         diff = (out_packed.float() - out.float()).abs().max().item()
         ms = _interleaved(runs, rounds)

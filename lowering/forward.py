@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import sympy
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
@@ -20,6 +21,7 @@ from torch._inductor.select_algorithm import (
     autotune_select_algorithm,
 )
 from torch._inductor.virtualized import V
+from torch.utils._sympy.functions import FloorDiv
 
 from varlen_compile import _extern_ops
 from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs
@@ -37,7 +39,14 @@ from .common import (
     template_constants,
 )
 from .choices import ATEN, FA4, TEMPLATE, kernels_for
-from .configs import ForwardConfig, default_forward_config, forward_autotune_configs, page_tile, paged_config
+from .configs import (
+    ForwardConfig,
+    default_forward_config,
+    forward_autotune_configs,
+    pack_gqa_group,
+    page_tile,
+    paged_config,
+)
 
 __all__ = ["varlen_attn_lowering"]
 
@@ -49,9 +58,12 @@ def varlen_fwd_grid(total_q, heads_q, num_seqs, meta, *, cdiv):
     """How is the forward parallelized? One program per (query tile slot, query head).
 
     ``cdiv(T_q, BLOCK_M) + N`` slots cover every tile of every sequence (see
-    ``varlen_find_tile``): bounded by total tokens, never ``max_len * N``.
+    ``varlen_find_tile``): bounded by total tokens, never ``max_len * N``. With GQA packing
+    (``PACK_GQA`` = G > 1) a slot is ``BLOCK_M // G`` positions and a program serves the G query
+    heads of one kv head: ``(cdiv(T_q, BLOCK_M // G) + N, H_q // G)``.
     """
-    return (cdiv(total_q, meta["BLOCK_M"]) + num_seqs, heads_q, 1)
+    pack = meta["PACK_GQA"]
+    return (cdiv(total_q, meta["BLOCK_M"] // pack) + num_seqs, heads_q // pack, 1)
 
 
 varlen_fwd_template = make_template("varlen_attn_fwd", varlen_fwd_grid, "varlen_fwd")
@@ -131,6 +143,10 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
     def page_size_multiple_of(block_n: int) -> bool:  # known statically; never a guard
         return V.graph.sizevars.statically_known_multiple_of(page_size, block_n)
 
+    # GQA packing needs the group statically (never a guard): symbolic head counts run unpacked.
+    group = sympy.sympify(FloorDiv(heads_q, key.get_size()[-2]))
+    static_group = int(group) if group.is_Integer else 1
+
     choices: list[Any] = []
     configs = [paged_config(c, layout.paged) for c in _configs(max(head_dim, head_dim_v), query.get_dtype())]
     for config in configs if TEMPLATE in kernels else ():
@@ -144,6 +160,7 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
             num_warps=config.num_warps,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
+            PACK_GQA=pack_gqa_group(config, static_group),
             **{**constants, **page_tile(layout.paged, page_size_multiple_of, config.block_n)},
         )
     if ATEN in kernels:

@@ -126,13 +126,14 @@ def test_eager_triton_launcher_matches_reference(dtype, head_dim, window):
     ids=["bf16-D128-G4-causal", "fp16-D64-G2-window", "bf16-D128-G8-full"],
 )
 def test_eager_packed_gqa_forward_matches_reference(dtype, head_dim, heads, window):
-    """The GQA-packed forward (ForwardConfig.pack_gqa, an experiment) at the default tiles: out
-    and lse meet the error rule, and match the unpacked forward to bf16 tolerances."""
+    """The GQA-packed forward (ForwardConfig.pack_gqa, the default) at the default tiles: out and
+    lse meet the error rule, and match the unpacked forward within a few bf16 ulps (a row's key
+    blocks split into masked and unmasked ones elsewhere, so fp32 rescaling rounds differently)."""
     from varlen_compile.lowering.configs import default_forward_config, pack_gqa_group
 
     case = gpu_case([100, 0, 1, 300], [77, 5, 1, 300], heads_q=heads[0], heads_kv=heads[1], head_dim=head_dim, dtype=dtype)
-    default = default_forward_config(head_dim, dtype)
-    packed = dataclasses.replace(default, pack_gqa=True)
+    packed = default_forward_config(head_dim, dtype)
+    unpacked = dataclasses.replace(packed, pack_gqa=False)
     assert pack_gqa_group(packed, heads[0] // heads[1]) == heads[0] // heads[1]
     layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(False, None, *window)
     qkv = (case.q.detach(), case.k.detach(), case.v.detach())
@@ -141,9 +142,9 @@ def test_eager_packed_gqa_forward_matches_reference(dtype, head_dim, heads, wind
     plain_out, plain_lse, _ = reference_outputs(case, dtype, window_size=window)
     assert_meets_error_rule(out, ref_out, plain_out, name="out")
     assert_meets_error_rule(lse, ref_lse, plain_lse, name="lse")
-    unpacked_out, unpacked_lse = launcher.forward(*qkv, layout, options, config=default)
-    torch.testing.assert_close(out, unpacked_out, rtol=1.6e-2, atol=1e-5)
-    torch.testing.assert_close(lse, unpacked_lse, rtol=1.6e-2, atol=1e-5)
+    unpacked_out, unpacked_lse = launcher.forward(*qkv, layout, options, config=unpacked)
+    torch.testing.assert_close(out, unpacked_out, rtol=1.6e-2, atol=2e-3)
+    torch.testing.assert_close(lse, unpacked_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_eager_grad_through_lse_uses_triton_and_is_right():
@@ -203,6 +204,8 @@ def test_compiled_matches_reference_and_runs_templates(params):
     (out, lse, grads), codes = run_and_get_code(run_attention, compiled, case, grad_out)
     source = "\n".join(codes)
     assert FWD_KERNEL in source and BWD_KERNEL in source
+    # GQA (8 query heads per 2 kv heads) runs the forward packed: 4 heads per program.
+    assert re.search(rf"PACK_GQA\s*:\s*tl.constexpr\s*=\s*{4 if gqa else 1}\b", source), "forward packing"
     with log:
         run_attention(compiled, case, grad_out)
     assert not set(log.ops) & set(ATTN_OPS), f"attention ops ran at run time: {set(log.ops) & set(ATTN_OPS)}"

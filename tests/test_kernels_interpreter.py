@@ -135,8 +135,9 @@ def test_running_max_jumps_between_key_blocks(is_causal):
         (ForwardConfig(32, 16, 4, 1), BackwardConfig(16, 32, 32, 16, 4, 1)),
         (None, None),  # the launcher's defaults for float32
         (ForwardConfig(32, 32, 4, 1, pack_gqa=True), BACKWARD_CONFIG),  # 2 heads x 16 positions
+        (ForwardConfig(32, 32, 4, 1, pack_gqa=False), BACKWARD_CONFIG),  # one head per program
     ],
-    ids=["asymmetric-blocks", "default-configs", "packed-gqa"],
+    ids=["asymmetric-blocks", "default-configs", "packed-gqa", "unpacked-gqa"],
 )
 def test_other_configs(forward_config, backward_config):
     spec = SPECS[0]
@@ -162,8 +163,8 @@ def test_pack_gqa_falls_back_where_it_cannot_pack():
     otherwise the launcher runs the unpacked kernel (PACK_GQA = 1)."""
     packed = ForwardConfig(64, 16, 4, 1, pack_gqa=True)
     assert [pack_gqa_group(packed, group) for group in (1, 2, 3, 4, 6, 8)] == [1, 2, 1, 4, 1, 1]
-    assert pack_gqa_group(ForwardConfig(64, 16, 4, 1), 4) == 1
-    assert ForwardConfig(64, 16, 4, 1) == ForwardConfig(64, 16, 4, 1, False) != packed
+    assert pack_gqa_group(ForwardConfig(64, 16, 4, 1, pack_gqa=False), 4) == 1
+    assert ForwardConfig(64, 16, 4, 1) == packed != ForwardConfig(64, 16, 4, 1, False)  # packing is the default
     # A group that cannot pack still gives the right answer (through the unpacked kernel).
     spec = AttnSpec((20, 1), (9, 1), heads_q=6, heads_kv=2, is_causal=True)
     case = spec.make()

@@ -197,9 +197,12 @@ def template_cases():
                 "K": (20, 16, heads_kv, head_dim) if paged else (total_k, heads_kv, head_dim),
                 "V": (20, 16, heads_kv, head_dim_v) if paged else (total_k, heads_kv, head_dim_v),
             }
-            fwd = dict(constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+            fwd = dict(constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n, PACK_GQA=1)
             source, names = render_template("varlen_fwd", shapes, (total_q, heads_q, head_dim_v), fwd)
             yield f"tpl-fwd-{feature}-d{head_dim}v{head_dim_v}", source, names, config
+            # GQA packing (the group of 2 query heads per kv head in one program).
+            source, names = render_template("varlen_fwd", shapes, (total_q, heads_q, head_dim_v), dict(fwd, PACK_GQA=2))
+            yield f"tpl-fwd-{feature}-d{head_dim}v{head_dim_v}-pack2", source, names, config
             if paged:
                 continue
             for grad_lse in (False, True):
