@@ -86,12 +86,6 @@ def _to_token_order(gathered: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat([parts[:, 0], parts[:, 1].flip(0)]).flatten(0, 1)
 
 
-def _to_rank_order(tokens: torch.Tensor, world_size: int) -> torch.Tensor:
-    """The inverse of :func:`_to_token_order`: chunks ``c0 ... c(2W-1)`` -> rank-major parts."""
-    chunks = tokens.view(2 * world_size, tokens.shape[0] // (2 * world_size), *tokens.shape[1:])
-    return torch.stack([chunks[:world_size], chunks[world_size:].flip(0)], dim=1).flatten(0, 2)
-
-
 def _chunk_calls(cu_seq: torch.Tensor, total: int, world_size: int, rank: int, max_len: int | None, causal: bool):
     """For each local chunk: its rows in the local tensors, the global key prefix it reads, and
     its :class:`BatchLayout`. Documents are clamped to the chunk for queries and to the key
@@ -164,8 +158,11 @@ class _ContextParallelAttention(torch.autograd.Function):
         gathered = _to_token_order(gather_key_value_after(key, value, grad_out, group.group_name), world_size)
         keys = gathered[:, : key[0].numel()].unflatten(1, key.shape[1:])
         values = gathered[:, key[0].numel():].unflatten(1, value.shape[1:])
-        grad_keys = key.new_zeros((total, *key.shape[1:]))
-        grad_values = value.new_zeros((total, *value.shape[1:]))
+        # dK and dV accumulate in rank-major order (W, 2 chunks, chunk, ...): what the
+        # reduce-scatter sends, without a reordering copy.
+        chunk = total // (2 * world_size)
+        grad_keys = key.new_zeros((world_size, 2, chunk, *key.shape[1:]))
+        grad_values = value.new_zeros((world_size, 2, chunk, *value.shape[1:]))
         grad_query = []
         grad_out = grad_out.contiguous()
         for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, ctx.max_len, _is_causal(options)):
@@ -174,10 +171,14 @@ class _ContextParallelAttention(torch.autograd.Function):
                 options, kernel=ctx.kernel,
             )
             grad_query.append(dq)
-            grad_keys[:key_end] += dk
-            grad_values[:key_end] += dv
-        grad_key = _compat.reduce_scatter_sum(_to_rank_order(grad_keys, world_size), 0, group)
-        grad_value = _compat.reduce_scatter_sum(_to_rank_order(grad_values, world_size), 0, group)
+            for index in range(key_end // chunk if chunk else 0):  # key_end is a chunk boundary
+                owner, slot = (index, 0) if index < world_size else (2 * world_size - 1 - index, 1)
+                grad_keys[owner, slot] += dk[index * chunk:(index + 1) * chunk]
+                grad_values[owner, slot] += dv[index * chunk:(index + 1) * chunk]
+            del dk, dv
+        del gathered, keys, values
+        grad_key = _compat.reduce_scatter_sum(grad_keys.flatten(0, 2), 0, group)
+        grad_value = _compat.reduce_scatter_sum(grad_values.flatten(0, 2), 0, group)
         return torch.cat(grad_query), grad_key, grad_value, None, None, None, None, None
 
 
