@@ -21,6 +21,7 @@ __all__ = [
     "fa4_interface",
     "all_gather",
     "all_gather_autograd",
+    "group_size_by_name",
     "build_fingerprint",
     "tag_compile_caches",
     "TORCH_VERSION",
@@ -182,6 +183,16 @@ def reduce_scatter_sum(tensor: torch.Tensor, scatter_dim: int, group: object) ->
 
     scatter = getattr(collectives, "reduce_scatter_single", None) or collectives.reduce_scatter_tensor
     return scatter(tensor, "sum", scatter_dim, group)
+
+
+def group_size_by_name(group_name: str) -> int:
+    """The size of the process group registered as ``group_name`` (``ProcessGroup.group_name``),
+    without the group object (fake implementations of custom ops get the name only):
+    ``_get_group_size_by_name`` where torch has it, else the resolved group's size."""
+    from torch.distributed import distributed_c10d as c10d
+
+    by_name = getattr(c10d, "_get_group_size_by_name", None)
+    return by_name(group_name) if by_name is not None else c10d._resolve_process_group(group_name).size()
 
 
 def build_fingerprint() -> str:

@@ -19,8 +19,8 @@ the packed batch with one extra document). ``cu_seq`` stays global, the same on 
 collective each) and runs one varlen call per local chunk, with keys clamped to what that chunk's
 queries can see: the prefix up to the chunk's end for causal attention. Between forward and
 backward it keeps only its own tensors (q, k, v, out, lse: ``1/W`` of the batch each); the
-backward gathers K and V again (one collective of both, which compiled graphs cannot merge with
-the forward's), runs our backward op per chunk and reduce-scatters dK and dV to their ranks. So
+backward gathers K and V again (one collective of both, ordered after the incoming gradient so
+that compiled graphs run it in the backward), runs our backward op per chunk and reduce-scatters dK and dV to their ranks. So
 attention's saved activations per rank are ``1/W`` of one GPU's, for one extra all-gather per
 backward. A ring exchange (P2P, overlapped with compute) would also hide the
 communication; this module starts with the collectives, which are graph-friendly and need no
@@ -33,6 +33,8 @@ Works eagerly and under ``torch.compile``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -115,15 +117,15 @@ def gather_key_value_after(key: torch.Tensor, value: torch.Tensor, after: torch.
     partitioner never recomputes collectives, and CSE merges it with the forward's own gathers.
     That would keep the whole batch's K and V on every rank."""
     del after
-    rows = torch.cat([key.flatten(1), value.flatten(1)], dim=1)
+    rows = torch.cat([key.flatten(1), value.flatten(1)], dim=1)  # (T / W, H_kv * (D + D_v))
     gathered = _compat.all_gather(rows, 0, group_name)
     return gathered.wait() if hasattr(gathered, "wait") else gathered
 
 
 @gather_key_value_after.register_fake
 def _(key: torch.Tensor, value: torch.Tensor, after: torch.Tensor, group_name: str) -> torch.Tensor:
-    world_size = dist.distributed_c10d._get_group_size_by_name(group_name)
-    return key.new_empty((key.shape[0] * world_size, key[0].numel() + value[0].numel()))
+    world_size = _compat.group_size_by_name(group_name)
+    return key.new_empty((key.shape[0] * world_size, math.prod(key.shape[1:]) + math.prod(value.shape[1:])))
 
 
 class _ContextParallelAttention(torch.autograd.Function):
@@ -156,8 +158,9 @@ class _ContextParallelAttention(torch.autograd.Function):
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         total = query.shape[0] * world_size
         gathered = _to_token_order(gather_key_value_after(key, value, grad_out, group.group_name), world_size)
-        keys = gathered[:, : key[0].numel()].unflatten(1, key.shape[1:])
-        values = gathered[:, key[0].numel():].unflatten(1, value.shape[1:])
+        key_width = math.prod(key.shape[1:])
+        keys = gathered[:, :key_width].unflatten(1, key.shape[1:])
+        values = gathered[:, key_width:].unflatten(1, value.shape[1:])
         # dK and dV accumulate in rank-major order (W, 2 chunks, chunk, ...): what the
         # reduce-scatter sends, without a reordering copy.
         chunk = total // (2 * world_size)
