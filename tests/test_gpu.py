@@ -212,6 +212,28 @@ def test_compiled_matches_reference_and_runs_templates(params):
     check_forward_backward(case, out, lse, grads, grad_out, is_causal=causal)
 
 
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa-packed"])
+def test_compiled_output_gate_epilogue(gqa):
+    """A pointwise op on the output (a sigmoid output gate, as in gated attention), which Inductor
+    may fuse into the forward template's store: with packed GQA each tile row stores to its own
+    head, so the epilogue must index by row. Output against the float64 reference, gated."""
+    heads_q, heads_kv = (8, 2) if gqa else (4, 4)
+    case = gpu_case([200, 0, 1, 77, 129], heads_q=heads_q, heads_kv=heads_kv, head_dim=64, requires_grad=False)
+    gate = torch.randn(case.q.shape[0], heads_q, 64, device=DEVICE, dtype=case.q.dtype)
+
+    def gated(q, k, v, cu_q, cu_k, gate):
+        return varlen_attn(q, k, v, cu_q, cu_k, is_causal=True, enable_gqa=gqa) * torch.sigmoid(gate)
+
+    out, codes = run_and_get_code(torch.compile(gated, fullgraph=True), case.q, case.k, case.v, case.cu_seq_q,
+                                  case.cu_seq_k, gate)
+    source = "\n".join(codes)
+    assert FWD_KERNEL in source
+    assert re.search(rf"PACK_GQA\s*:\s*tl.constexpr\s*=\s*{4 if gqa else 1}\b", source), "forward packing"
+    oracle = reference_outputs(case, torch.float64, is_causal=True)[0] * torch.sigmoid(gate.double())
+    plain = reference_outputs(case, case.q.dtype, is_causal=True)[0] * torch.sigmoid(gate)
+    assert_meets_error_rule(out, oracle, plain, name="gated out")
+
+
 def test_compiled_window_and_scale():
     case = gpu_case([300, 17, 0, 129], [280, 40, 3, 129], heads_q=4, head_dim=64)
     grad_out = torch.randn(case.q.shape, device=DEVICE, dtype=case.q.dtype)
