@@ -155,8 +155,9 @@ def size_hint(expr: Any) -> int:
 
 
 def gqa_group(query: ir.IRNode, key: ir.IRNode) -> sympy.Expr:
-    """``H_q // H_kv``: an integer for static head counts, an expression under dynamic shapes."""
-    return sympy.sympify(FloorDiv(query.get_size()[1], key.get_size()[1]))
+    """``H_q // H_kv``: an integer for static head counts, an expression under dynamic shapes.
+    ``key`` is ``(T_k, H_kv, D)`` or paged ``(pages, page_size, H_kv, D)``."""
+    return sympy.sympify(FloorDiv(query.get_size()[1], key.get_size()[-2]))
 
 
 def cu_seq_generator(num_offsets: int, total: int) -> Callable[[ir.Buffer], torch.Tensor]:

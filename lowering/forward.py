@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import sympy
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
@@ -21,7 +20,6 @@ from torch._inductor.select_algorithm import (
     autotune_select_algorithm,
 )
 from torch._inductor.virtualized import V
-from torch.utils._sympy.functions import FloorDiv
 
 from varlen_compile import _extern_ops
 from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs
@@ -32,6 +30,7 @@ from .common import (
     fallback,
     feature_inputs,
     full_int32,
+    gqa_group,
     make_template,
     prepare_attention_input,
     size_hint,
@@ -144,7 +143,7 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
         return V.graph.sizevars.statically_known_multiple_of(page_size, block_n)
 
     # GQA packing needs the group statically (never a guard): symbolic head counts run unpacked.
-    group = sympy.sympify(FloorDiv(heads_q, key.get_size()[-2]))
+    group = gqa_group(query, key)
     static_group = int(group) if group.is_Integer else 1
 
     choices: list[Any] = []
