@@ -157,10 +157,12 @@ class _ContextParallelAttention(torch.autograd.Function):
         group, options = ctx.group, ctx.options
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         total = query.shape[0] * world_size
-        gathered = _to_token_order(gather_key_value_after(key, value, grad_out, group.group_name), world_size)
+        gathered = gather_key_value_after(key, value, grad_out, group.group_name)
         key_width = math.prod(key.shape[1:])
-        keys = gathered[:, :key_width].unflatten(1, key.shape[1:])
-        values = gathered[:, key_width:].unflatten(1, value.shape[1:])
+        # Reordered K and V come out contiguous (the reordering copies them), as the kernels
+        # of the forward's gathers saw them.
+        keys = _to_token_order(gathered[:, :key_width], world_size).unflatten(1, key.shape[1:])
+        values = _to_token_order(gathered[:, key_width:], world_size).unflatten(1, value.shape[1:])
         # dK and dV accumulate in rank-major order (W, 2 chunks, chunk, ...): what the
         # reduce-scatter sends, without a reordering copy.
         chunk = total // (2 * world_size)
