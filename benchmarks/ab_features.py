@@ -10,7 +10,8 @@ special-function op per score next to the exp2): its cost, next to what it costs
 against the float64 reference on a small batch, next to the error of the same computation in
 bf16 (the DESIGN.md budget is twice that).
 
-``paged``: the paged forward (pages of 16, 64, 256) at several pipeline depths
+``paged``: the paged forward (pages of 16, 64, 256; 16 also with the pages in order, which
+separates memory locality from the per-key lookup's instructions) at several pipeline depths
 (``--paged-stages``, default: the contiguous config's and ``configs.paged_config``'s), against
 the contiguous forward on the same keys.
 
@@ -153,8 +154,8 @@ def ab_paged(rounds: int, stages: list[int]) -> list[str]:
         default = configs.default_forward_config(head_dim, q.dtype)
         paged_configs = [dataclasses.replace(default, num_stages=n) for n in stages] or [default, configs.paged_config(default, True)]
         contiguous = launcher.forward(q, k, v, BatchLayout(cu_seq, cu_seq), options, config=default)[0]
-        for page_size in (16, 64, 256):
-            key_pages, value_pages, block_table, seqused = _paged(k, v, lengths, page_size)
+        for page_size, ordered in ((16, False), (16, True), (64, False), (256, False)):
+            key_pages, value_pages, block_table, seqused = _paged(k, v, lengths, page_size, ordered)
             layout = BatchLayout(cu_seq, None, seqused_k=seqused, block_table=block_table)
             runs = {"contiguous": lambda: launcher.forward(q, k, v, BatchLayout(cu_seq, cu_seq), options, config=default)}
             for index, config in enumerate(paged_configs):
@@ -170,7 +171,8 @@ def ab_paged(rounds: int, stages: list[int]) -> list[str]:
             ms = _interleaved(runs, rounds)
             cells = " | ".join(f"{ms[index]:.3f} ({config.num_stages}), {ms[index] / ms['contiguous'] - 1:+.1%}"
                                if index in ms else f"- ({config.num_stages})" for index, config in enumerate(paged_configs))
-            rows.append(f"| {name} | {page_size} | {ms['contiguous']:.3f} | {cells} |")
+            page = f"{page_size} in order" if ordered else page_size
+            rows.append(f"| {name} | {page} | {ms['contiguous']:.3f} | {cells} |")
             print(rows[-1], flush=True)
     return rows
 

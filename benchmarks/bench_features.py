@@ -32,11 +32,12 @@ def _batch(num_seqs: int, max_len: int, heads: int, head_dim: int, head_dim_v: i
     return make(head_dim), make(head_dim), make(head_dim_v), cu_seq, lengths
 
 
-def _paged(k, v, lengths, page_size: int):
-    """The same keys in pages scattered over a pool, and the block table / seqused_k."""
+def _paged(k, v, lengths, page_size: int, ordered: bool = False):
+    """The same keys in pages scattered over a pool (``ordered``: in order, each sequence's pages
+    adjacent, as a contiguous layout would place them), and the block table / seqused_k."""
     max_pages = -(-int(lengths.max()) // page_size)
     num_seqs = len(lengths)
-    order = torch.randperm(num_seqs * max_pages)
+    order = torch.arange(num_seqs * max_pages) if ordered else torch.randperm(num_seqs * max_pages)
     block_table = order.view(num_seqs, max_pages).to(torch.int32)
     heads, dim_k, dim_v = k.shape[1], k.shape[2], v.shape[2]
     key_pages = torch.zeros(num_seqs * max_pages, page_size, heads, dim_k, device="cuda", dtype=k.dtype)

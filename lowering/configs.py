@@ -9,7 +9,6 @@ dataclass docstrings and checked in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ __all__ = [
     "forward_autotune_configs",
     "kernel_constexprs",
     "pack_gqa_group",
-    "page_tile",
+    "page_size_constexpr",
     "paged_config",
     "padded_head_dim",
     "supported_head_dim",
@@ -93,8 +92,8 @@ def kernel_constexprs(
         "HAS_ALIBI": options.alibi_slopes is not None,
         "HAS_SEQUSED_K": layout.seqused_k is not None,
         "PAGED": layout.block_table is not None,
-        # Per config (it depends on BLOCK_N): the forward sets it with page_tile().
-        "PAGE_TILE": False,
+        # Known from K's shape, not the layout: the forward sets it with page_size_constexpr().
+        "PAGE_SIZE": 0,
     }
 
 
@@ -108,22 +107,23 @@ def paged_config(config: ForwardConfig, paged: bool) -> ForwardConfig:
     return dataclasses.replace(config, num_stages=2 * config.num_stages - 1)
 
 
-def page_tile(paged: bool, page_size_multiple_of: Callable[[int], bool], block_n: int) -> dict[str, bool]:
-    """The forward's ``PAGE_TILE`` constexpr for a config with key tiles of ``block_n``: True
-    when K/V are paged and the page size is known to be a multiple of ``block_n`` (each key
-    tile then lies in one page: one scalar block-table read per tile instead of a gather).
-    ``page_size_multiple_of(n)``: whether that is known (never a guard under dynamic shapes)."""
-    return {"PAGE_TILE": paged and page_size_multiple_of(block_n)}
+def page_size_constexpr(paged: bool, page_size: int | None) -> dict[str, int]:
+    """The forward's ``PAGE_SIZE`` constexpr: the page size of paged K/V when it is known at
+    compile time (``page_size``; None when it is not, e.g. symbolic under dynamic shapes: never
+    a guard), else 0. The kernels then read one block-table entry per key tile (a multiple of
+    BLOCK_N) or compute each key's page without a division (a divisor of BLOCK_N); see
+    ``varlen_kv_page``."""
+    return {"PAGE_SIZE": page_size if paged and page_size is not None and page_size > 0 else 0}
 
 
 def backward_constexprs(
     options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     on_gpu: bool = True,
 ) -> dict[str, Any]:
-    """:func:`kernel_constexprs` of the backward kernels: all but ``PAGED`` and ``PAGE_TILE``
+    """:func:`kernel_constexprs` of the backward kernels: all but ``PAGED`` and ``PAGE_SIZE``
     (paged K/V has no backward). ``HAS_GRAD_LSE`` and the tile sizes are added per call."""
     constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype, on_gpu)
-    del constexprs["PAGED"], constexprs["PAGE_TILE"]
+    del constexprs["PAGED"], constexprs["PAGE_SIZE"]
     return constexprs
 
 

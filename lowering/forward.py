@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import sympy
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
@@ -43,7 +44,7 @@ from .configs import (
     default_forward_config,
     forward_autotune_configs,
     pack_gqa_group,
-    page_tile,
+    page_size_constexpr,
     paged_config,
 )
 
@@ -137,10 +138,9 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
 
     kernels = kernels_for(bound["kernel"], query, key.get_size()[-2], head_dim, head_dim_v, layout, options)
     constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
-    page_size = key.get_size()[1] if layout.paged else 1
-
-    def page_size_multiple_of(block_n: int) -> bool:  # known statically; never a guard
-        return V.graph.sizevars.statically_known_multiple_of(page_size, block_n)
+    # The page size as a constexpr when static (symbolic under dynamic shapes: never a guard).
+    page_size = key.get_size()[1] if layout.paged else None
+    page_constants = page_size_constexpr(layout.paged, int(page_size) if isinstance(page_size, (int, sympy.Integer)) else None)
 
     # GQA packing needs the group statically (never a guard): symbolic head counts run unpacked.
     group = gqa_group(query, key)
@@ -160,7 +160,7 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             PACK_GQA=pack_gqa_group(config, static_group),
-            **{**constants, **page_tile(layout.paged, page_size_multiple_of, config.block_n)},
+            **{**constants, **page_constants},
         )
     if ATEN in kernels:
         aten_flash_forward_choice.maybe_append_choice(

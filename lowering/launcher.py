@@ -27,7 +27,7 @@ from .configs import (
     default_forward_config,
     kernel_constexprs,
     pack_gqa_group,
-    page_tile,
+    page_size_constexpr,
     paged_config,
     padded_head_dim,
 )
@@ -116,7 +116,7 @@ def forward(
         out.stride(0), out.stride(1), options.scale_for(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, PACK_GQA=pack,
         **{**kernel_constexprs(options, layout, head_dim, head_dim_v, query.dtype, query.is_cuda),
-           **page_tile(layout.paged, lambda block_n: page_size % block_n == 0, config.block_n)},
+           **page_size_constexpr(layout.paged, page_size)},
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

@@ -188,18 +188,25 @@ def test_sink_makes_single_key_gradients_nonzero():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed-gqa"])
-@pytest.mark.parametrize("page_size", [4, 32], ids=["page4", "page32"])
+@pytest.mark.parametrize(
+    "page_size, static", [(4, True), (4, False), (12, True), (32, True)],
+    ids=["page4", "page4-runtime", "page12", "page32"],
+)
 @pytest.mark.parametrize(
     "feature",
     [Feature("paged-causal", is_causal=True), Feature("paged-softcap-sink-alibi-dv", softcap=4.0, sink=True, alibi=True, head_dim_v=24, window=(9, 0))],
     ids=lambda f: f.name,
 )
-def test_paged_forward(feature, page_size, packed):
-    """Paged K/V: the keys of each sequence in pages scattered over a pool (page_size 4 is
-    smaller than a 16-key block: a block-table read per key; 32 is a multiple of it: one read
-    per key tile, PAGE_TILE), partial last pages, unused pages; compared with the reference on
-    the same pages and on the contiguous layout. ``packed``: the GQA-packed forward (2 heads x
-    16 positions per tile) for both layouts."""
+def test_paged_forward(feature, page_size, static, packed, monkeypatch):
+    """Paged K/V: the keys of each sequence in pages scattered over a pool (page_size 4 divides
+    the 16-key block: a block-table read per key, its index without a division; 12 neither
+    divides nor is a multiple of it: a constant division per key; 32 is a multiple: one read per
+    key tile; ``static`` False: the page size as a runtime value, what the template gets under
+    dynamic shapes), partial last pages, unused pages; compared with the reference on the same
+    pages and on the contiguous layout. ``packed``: the GQA-packed forward (2 heads x 16
+    positions per tile) for both layouts."""
+    if not static:
+        monkeypatch.setattr(launcher, "page_size_constexpr", lambda paged, size: {"PAGE_SIZE": 0})
     config = PACKED_CONFIGS[2] if packed else FORWARD_CONFIG
     inputs = _inputs(feature)
     used = [9, 3, 0, 1, 40]

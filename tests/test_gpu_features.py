@@ -11,7 +11,7 @@ from torch._inductor.utils import run_and_get_code
 
 from conftest import requires_cuda
 from factory import assert_meets_error_rule, make_cu_seq
-from varlen_compile import AuxRequest, reference, varlen_attn
+from varlen_compile import AuxRequest, config, reference, varlen_attn
 from varlen_compile.params import AttnOptions
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -118,8 +118,9 @@ def test_feature_matches_reference(name, dtype, mode):
 @pytest.mark.parametrize("page_size", [16, 64, 256])
 def test_paged_forward_compiled_matches_contiguous(page_size):
     """Pages of 16 keys are read with a block-table lookup per key; 64 and 256 are multiples
-    of the d128 forward's 64-key tile, so each tile lies in one page (PAGE_TILE). A fresh
-    Dynamo per page size: a recompile would make the page size dynamic (then never PAGE_TILE)."""
+    of the d128 forward's 64-key tile, so each tile lies in one page. The static page size is a
+    constexpr (PAGE_SIZE). A fresh Dynamo per page size: a recompile would make the page size
+    dynamic (then PAGE_SIZE = 0, the runtime path)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     used = [300, 0, 1, 77, 129, 5]
@@ -137,10 +138,15 @@ def test_paged_forward_compiled_matches_contiguous(page_size):
     out, codes = run_and_get_code(torch.compile(paged, fullgraph=True), q, key_pages, value_pages)
     source = "\n".join(codes)
     assert FWD_KERNEL in source
-    assert f"PAGE_TILE : tl.constexpr = {page_size % 64 == 0}" in source
+    assert f"PAGE_SIZE : tl.constexpr = {page_size}" in source
     rows = [torch.cat([torch.arange(p * page_size, (p + 1) * page_size) for p in block_table[s].tolist()])[:n] for s, n in enumerate(used)]
     key = torch.cat([key_pages.flatten(0, 1)[r.to(DEVICE)] for r in rows])
     value = torch.cat([value_pages.flatten(0, 1)[r.to(DEVICE)] for r in rows])
     cu_seq_k = make_cu_seq(used, DEVICE)
     contiguous = torch.compile(lambda q, k, v: varlen_attn(q, k, v, cu_seq_q, cu_seq_k, is_causal=True, enable_gqa=True), fullgraph=True)
     torch.testing.assert_close(out, contiguous(q, key, value))
+    # Eager: the standalone kernel, whose page size is a constexpr (a division per key by a
+    # runtime page size was the cost of small pages there).
+    with config.patch(kernel="triton"):  # not aten flash: the same tiles, so equal bits
+        eager_contiguous = varlen_attn(q, key, value, cu_seq_q, cu_seq_k, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(paged(q, key_pages, value_pages), eager_contiguous, rtol=0, atol=0)

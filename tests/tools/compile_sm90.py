@@ -81,9 +81,12 @@ def cases():
             # The GQA-packed forward (ForwardConfig.pack_gqa): 4 query heads per program.
             yield (f"fwd-{feature}-d{head_dim}v{head_dim_v}-pack4", kernels.varlen_fwd_kernel,
                    dict(constexprs, PACK_GQA=4), config)
-            if paged:  # pages a multiple of the key tile: one block-table read per tile
+            if paged:  # a static page size: a multiple of the key tile (one block-table read per
+                # tile), or a divisor (a read per key without a division); the case above: unknown
                 yield (f"fwd-{feature}-d{head_dim}v{head_dim_v}-page-tile", kernels.varlen_fwd_kernel,
-                       dict(constexprs, PAGE_TILE=True), config)
+                       dict(constexprs, PAGE_SIZE=4 * config.block_n), config)
+                yield (f"fwd-{feature}-d{head_dim}v{head_dim_v}-page-16", kernels.varlen_fwd_kernel,
+                       dict(constexprs, PAGE_SIZE=16), config)
         if paged:
             continue
         for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
@@ -203,7 +206,9 @@ def template_cases():
             # GQA packing (the group of 2 query heads per kv head in one program).
             source, names = render_template("varlen_fwd", shapes, (total_q, heads_q, head_dim_v), dict(fwd, PACK_GQA=2))
             yield f"tpl-fwd-{feature}-d{head_dim}v{head_dim_v}-pack2", source, names, config
-            if paged:
+            if paged:  # the static page size (16, as K's shape says) the lowering passes
+                source, names = render_template("varlen_fwd", shapes, (total_q, heads_q, head_dim_v), dict(fwd, PAGE_SIZE=16))
+                yield f"tpl-fwd-{feature}-d{head_dim}v{head_dim_v}-page-16", source, names, config
                 continue
             for grad_lse in (False, True):
                 bwd_config = default_backward_config(max(head_dim, head_dim_v), torch.bfloat16, 2)
