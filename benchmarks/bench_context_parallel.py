@@ -15,6 +15,14 @@ mismatch their collectives).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py --doc-len 131072
+
+``--fake-world-size W`` runs one process on one GPU as rank 0 of ``W`` over torch.distributed's fake
+process group (collectives do nothing, their outputs are left uninitialized): the numbers are
+meaningless, but the kernels, their sizes and every allocation are rank 0's. It measures what one
+GPU of ``W`` computes and holds without ``W`` GPUs; the communication and the speed-up it costs
+are not measured (the compute-only ratio is an upper bound).
+
+    python benchmarks/bench_context_parallel.py --fake-world-size 2 --doc-len 131072
 """
 
 from __future__ import annotations
@@ -92,8 +100,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=None, help="rank 0 appends one JSON line here")
+    parser.add_argument("--fake-world-size", type=int, default=0,
+                        help="one process as rank 0 of this many over the fake process group (compute and memory only)")
     args = parser.parse_args()
-    dist.init_process_group("nccl")
+    fake = args.fake_world_size > 0
+    if fake:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world_size)
+    else:
+        dist.init_process_group("nccl")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     total = args.docs * args.doc_len
@@ -106,11 +122,13 @@ def main() -> None:
     )
     local = [zigzag_shard(x).detach().requires_grad_() for x in (q, k, v)]
     cp = measure(parallel, local, zigzag_shard(grad_out), args.iters)
-    cp["comm_ms"] = communication_ms(local[1].detach(), world_size, args.iters)
-    per_rank = [None] * world_size
-    dist.all_gather_object(per_rank, cp)
-
-    dist.barrier()
+    if fake:
+        per_rank = [cp]
+    else:
+        cp["comm_ms"] = communication_ms(local[1].detach(), world_size, args.iters)
+        per_rank = [None] * world_size
+        dist.all_gather_object(per_rank, cp)
+        dist.barrier()
     if rank == 0:
         single = torch.compile(lambda q, k, v: varlen_attn(q, k, v, cu_seq, cu_seq, args.doc_len, args.doc_len, True), fullgraph=True)
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -119,21 +137,27 @@ def main() -> None:
         result = {
             "tokens": total, "docs": args.docs, "doc_len": args.doc_len, "heads": args.heads, "head_dim": args.head_dim,
             "world_size": world_size, "one_gpu": one, "per_rank": per_rank, "speedup": one["ms"] / slowest,
-            "efficiency": one["ms"] / slowest / world_size,
+            "efficiency": one["ms"] / slowest / world_size, "fake_process_group": fake,
         }
-        print(f"{args.docs} x {args.doc_len} tokens, {args.heads} x {args.head_dim}, causal, bf16, fwd+bwd")
+        print(f"{args.docs} x {args.doc_len} tokens, {args.heads} x {args.head_dim}, causal, bf16, fwd+bwd"
+              + (f"; one GPU as rank 0 of {world_size} (fake process group: no communication)" if fake else ""))
         print("| GPUs | fwd+bwd ms | speed-up | efficiency | communication ms (share) | held GiB per GPU | peak GiB per GPU |")
         print("|---|---|---|---|---|---|---|")
         print(f"| 1 | {one['ms']:.2f} | 1.00x | 100% | - | {one['held_gib']:.2f} | {one['peak_gib']:.2f} |")
-        comm = max(r["comm_ms"] for r in per_rank)
         ranks = ", ".join(f"{r['ms']:.2f}" for r in per_rank)
-        print(f"| {world_size} | {slowest:.2f} (ranks: {ranks}) | "
-              f"{result['speedup']:.2f}x | {result['efficiency']:.0%} | {comm:.2f} ({comm / slowest:.1%}) | "
+        if fake:
+            comm_cell = "not measured"
+        else:
+            comm = max(r["comm_ms"] for r in per_rank)
+            comm_cell = f"{comm:.2f} ({comm / slowest:.1%})"
+        print(f"| {world_size}{' (rank 0, fake)' if fake else ''} | {slowest:.2f} (ranks: {ranks}) | "
+              f"{result['speedup']:.2f}x | {result['efficiency']:.0%} | {comm_cell} | "
               f"{max(r['held_gib'] for r in per_rank):.2f} | {max(r['peak_gib'] for r in per_rank):.2f} |", flush=True)
         if args.out:
             with open(args.out, "a") as file:
                 file.write(json.dumps(result) + "\n")
-    dist.barrier()
+    if not fake:
+        dist.barrier()
     dist.destroy_process_group()
 
 

@@ -5,7 +5,8 @@
 # (TESTS_FILES picks test files for the tests step, TESTS_WORKERS runs them in that many pytest-xdist
 # processes (its wheels in .whl/); it is time-boxed with SIGINT, so pytest still prints its summary
 # and --durations=$TESTS_DURATIONS.)
-# steps: tests fuzz memcheck ab abfeatures sweep profile ncu model features fa4tests choice bench, and on a
+# steps: tests fuzz memcheck ab abfeatures sweep profile ncu model features fa4tests choice bench,
+# scaleout-fake (bench_context_parallel.py on one GPU as rank 0 of 2, fake process group), and on a
 # machine with 2 GPUs: multigpu (the multigpu tests) and scaleout (bench_context_parallel.py for
 # each of $CP_SHAPES, then examples/train_fsdp.py for each GPUs:tokens of $FSDP_RUNS, tokens/s). Wheels in
 # .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
@@ -73,6 +74,10 @@ for step in ${STEPS:-tests}; do
           timeout "${FSDP_TIMEOUT:-240}" torchrun --nproc-per-node "${run%:*}" examples/train_fsdp.py --tokens "${run#*:}" \
             --out "$OUT/fsdp_${run%:*}gpu_${run#*:}.json" ${FSDP_ARGS:-} > "$OUT/fsdp_${run%:*}gpu_${run#*:}.log" 2>&1
           echo "FSDP, ${run%:*} GPU(s), ${run#*:} tokens per step: $(grep "^step" "$OUT/fsdp_${run%:*}gpu_${run#*:}.log" | tail -1)"; done ;;
+    scaleout-fake) for shape in ${CP_SHAPES:-2x65536 2x131072}; do  # one GPU as rank 0 of 2: compute + memory
+          timeout "${CP_TIMEOUT:-240}" python3 benchmarks/bench_context_parallel.py --fake-world-size 2 --docs "${shape%x*}" \
+            --doc-len "${shape#*x}" --out "$OUT/context_parallel_fake.jsonl" >> "$OUT/context_parallel_fake.log" 2>&1
+          grep -E "^\||tokens, " "$OUT/context_parallel_fake.log" | tail -4 | grep -v "^|---"; done ;;
     bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"

@@ -6,13 +6,15 @@ error rule against the float64 reference: documents spanning ranks, empty and si
 documents, causal and not, a causal window, GQA, and a compiled call; and that a compiled graph
 keeps only the rank's own tensors from forward to backward. The GPU variant runs the
 same cases with NCCL on two GPUs (marked gpu and multigpu), then real sizes (bf16, head dim 128,
-16384 tokens, compiled with Inductor, the reference on each rank's GPU).
+16384 tokens, compiled with Inductor, the reference on each rank's GPU). On one GPU (marked gpu),
+the same again with both ranks as threads of one process over torch's threaded process group.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -50,10 +52,12 @@ def _check_case(name: str, spec: AttnSpec, device: str, compiled: bool, real_siz
     the CPU, or for real sizes on the rank's GPU)."""
     from varlen_compile.distributed import context_parallel_varlen_attn, zigzag_shard
 
-    torch.manual_seed(sum(map(ord, name)))  # the same global batch on every rank (hash() is salted)
-    case = spec.make(device=device, dtype=torch.bfloat16 if real_size else torch.float32)
+    # The same global batch on every rank (hash() is salted), from a generator of its own: ranks
+    # that are threads of one process share the global one.
+    generator = torch.Generator().manual_seed(sum(map(ord, name)))  # make_case draws on the CPU
+    case = spec.make(device=device, dtype=torch.bfloat16 if real_size else torch.float32, generator=generator)
     leaves = [zigzag_shard(x).detach().requires_grad_() for x in (case.q, case.k, case.v)]
-    grad_out = torch.randn_like(case.q)
+    grad_out = torch.randn(case.q.shape, generator=generator).to(device=device, dtype=case.q.dtype)
 
     def attention(q, k, v):
         return context_parallel_varlen_attn(
@@ -120,6 +124,25 @@ def _check_compiled_saves_local_tensors(device: str) -> None:
     assert "varlen_compile.gather_key_value_after.default" in backward_ops, backward_ops
 
 
+def _check_rank(rank: int, device: str, real_sizes: bool, report) -> None:
+    """Every check on one rank of an initialized 2-rank default group; ``report(rank, what,
+    trace)`` gets each failure, then ``(rank, "done", "")``."""
+    cases = [(name, spec, False) for name, spec in CASES.items()]
+    if real_sizes:
+        cases += [(name, spec, True) for name, spec in GPU_CASES.items()]
+    try:
+        _check_compiled_saves_local_tensors(device)
+    except Exception:
+        report(rank, "compiled graph keeps local tensors only", traceback.format_exc())
+    for name, spec, real_size in cases:
+        for compiled in (False, True):
+            try:
+                _check_case(name, spec, device, compiled, real_size)
+            except Exception:  # reported by the test in the parent process
+                report(rank, f"{name}{' compiled' if compiled else ''}", traceback.format_exc())
+    report(rank, "done", "")
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = "cpu"
@@ -127,33 +150,82 @@ def _worker(rank: int, world_size: int, port: int, backend: str, results) -> Non
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
-    cases = [(name, spec, False) for name, spec in CASES.items()]
-    if backend == "nccl":
-        cases += [(name, spec, True) for name, spec in GPU_CASES.items()]
     try:
-        try:
-            _check_compiled_saves_local_tensors(device)
-        except Exception:
-            results.put((rank, "compiled graph keeps local tensors only", traceback.format_exc()))
-        for name, spec, real_size in cases:
-            for compiled in (False, True):
-                try:
-                    _check_case(name, spec, device, compiled, real_size)
-                except Exception:  # reported by the test in the parent process
-                    results.put((rank, f"{name}{' compiled' if compiled else ''}", traceback.format_exc()))
-        results.put((rank, "done", ""))
+        _check_rank(rank, device, backend == "nccl", lambda *report: results.put(report))
     finally:
         dist.destroy_process_group()
+
+
+def _thread_ranks(device: str, results) -> None:
+    """Both ranks as threads of this process, over torch's threaded process group (collectives
+    are copies between the threads' tensors, on ``device``). One thread runs at a time outside
+    collectives: torch.compile keeps process-wide state while it traces (torch 2.11 raised
+    "FX to symbolically trace a dynamo-optimized function" in a rank that entered its compiled
+    function while the other rank traced), so a rank hands the turn on only while it waits in a
+    collective."""
+    import threading
+
+    from torch.testing._internal.distributed import multi_threaded_pg
+    from torch.testing._internal.distributed.multi_threaded_pg import (
+        ProcessLocalGroup,
+        _install_threaded_pg,
+        _uninstall_threaded_pg,
+    )
+
+    turn = threading.Lock()
+    join = multi_threaded_pg.Collective.join
+
+    def join_handing_on_the_turn(self, rank, data):
+        turn.release()
+        try:
+            return join(self, rank, data)
+        finally:
+            turn.acquire()
+
+    multi_threaded_pg.Collective.join = join_handing_on_the_turn
+    # Both ranks compile the same functions in one process, each against its own group: twice
+    # the recompiles of a process per rank.
+    torch._dynamo.config.recompile_limit = 64
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)  # a group registry per thread
+    _install_threaded_pg()
+    store = dist.HashStore()
+
+    def rank_thread(rank: int) -> None:
+        dist.init_process_group("threaded", rank=rank, world_size=2, store=store)  # waits for both ranks
+        turn.acquire()
+        try:
+            _check_rank(rank, device, device != "cpu", lambda *report: results.put(report))
+        except BaseException as error:  # wake the other rank if it waits in a collective
+            results.put((rank, "crashed", traceback.format_exc()))
+            ProcessLocalGroup.exception_handle(error)
+        finally:
+            turn.release()
+            try:
+                dist.destroy_process_group()
+            except AttributeError:  # torch 2.11: its thread-local world lacks `comms`; nothing to free
+                pass
+
+    threads = [threading.Thread(target=rank_thread, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _uninstall_threaded_pg()
+    multi_threaded_pg.Collective.join = join
+
+
+def _collect(results, reports: list | None = None) -> None:
+    reports = (reports or []) + [results.get() for _ in range(100) if not results.empty()]
+    failures = [f"rank {rank}, {what}:\n{trace}" for rank, what, trace in reports if what != "done"]
+    assert not failures, "\n".join(failures)
+    assert sum(what == "done" for _, what, _ in reports) == 2, reports
 
 
 def _run(backend: str) -> None:
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     mp.start_processes(_worker, args=(2, _free_port(), backend, results), nprocs=2, start_method="spawn")
-    reports = [results.get() for _ in range(100) if not results.empty()]
-    failures = [f"rank {rank}, {what}:\n{trace}" for rank, what, trace in reports if what != "done"]
-    assert not failures, "\n".join(failures)
-    assert sum(what == "done" for _, what, _ in reports) == 2, reports
+    _collect(results)
 
 
 def test_two_ranks_gloo_match_single_process():
@@ -165,6 +237,31 @@ def test_two_ranks_gloo_match_single_process():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_ranks_nccl_match_single_process():
     _run("nccl")
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+])
+def test_two_ranks_as_threads_match_single_process(device):
+    """The NCCL test's cases, real sizes included, on one GPU: both ranks are threads of one
+    process over torch's threaded process group (its collectives copy between the threads'
+    tensors). Everything but NCCL itself: the zig-zag exchange, the kernels at real sizes, the
+    compiled graphs (Inductor) and the backward's gathers and reduce-scatters. On the CPU (the
+    gloo test's cases) it keeps the harness working on every torch CI runs."""
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    process = context.Process(target=_thread_ranks, args=(device, results))
+    process.start()
+    reports, deadline = [], time.monotonic() + 900
+    while process.is_alive() and time.monotonic() < deadline:  # drain: a full pipe blocks the writer
+        while not results.empty():
+            reports.append(results.get())
+        process.join(timeout=1)
+    if process.is_alive():
+        process.kill()
+    _collect(results, reports)
+    assert process.exitcode == 0, process.exitcode
 
 
 # ----------------------------------------------------------------------------- FSDP2 training

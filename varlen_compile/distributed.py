@@ -163,6 +163,7 @@ class _ContextParallelAttention(torch.autograd.Function):
         # of the forward's gathers saw them.
         keys = _to_token_order(gathered[:, :key_width], world_size).unflatten(1, key.shape[1:])
         values = _to_token_order(gathered[:, key_width:], world_size).unflatten(1, value.shape[1:])
+        del gathered  # eager: free the rank-major copy before the kernels (compiled graphs do)
         # dK and dV accumulate in rank-major order (W, 2 chunks, chunk, ...): what the
         # reduce-scatter sends, without a reordering copy.
         chunk = total // (2 * world_size)
@@ -181,7 +182,7 @@ class _ContextParallelAttention(torch.autograd.Function):
                 grad_keys[owner, slot] += dk[index * chunk:(index + 1) * chunk]
                 grad_values[owner, slot] += dv[index * chunk:(index + 1) * chunk]
             del dk, dv
-        del gathered, keys, values
+        del keys, values
         grad_key = _compat.reduce_scatter_sum(grad_keys.flatten(0, 2), 0, group)
         grad_value = _compat.reduce_scatter_sum(grad_values.flatten(0, 2), 0, group)
         return torch.cat(grad_query), grad_key, grad_value, None, None, None, None, None
