@@ -1,11 +1,17 @@
-"""Reading the kernel sources in ``templates/`` (shared by the templates and the launcher)."""
+"""Reading the kernel sources in ``templates/`` (shared by the Inductor templates and the
+standalone launcher, docs/design.md §7), and the Jinja macros generated from the registry of
+optional inputs (``varlen_compile.params.OPTIONAL_INPUTS``)."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
+from varlen_compile.params import OPTIONAL_INPUTS
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+_PRELUDE = "import triton\nimport triton.language as tl\n"
 
 
 @functools.cache
@@ -14,7 +20,41 @@ def load_template(name: str) -> str:
     return (TEMPLATE_DIR / f"{name}.py.jinja").read_text()
 
 
+@functools.cache
+def optional_input_macros() -> str:
+    """Two Jinja macros for the Inductor templates, from the registry (each template passes its
+    side, ``"forward"`` or ``"backward"``; a flag is a template constant):
+
+    - ``optional_inputs(side)``: the kernel names of the optional inputs present, space
+      separated, in registry order (the lowerings pass the inputs in that order);
+    - ``absent_inputs(side, int_stand_in, float_stand_in)``: a line ``NAME = <stand-in>`` for each
+      optional input the side reads that is absent (its code is off: the pointer is never read).
+    """
+    present = "".join(
+        f"{{%- if side in {list(spec.read_by)!r} and {spec.flag} %}} {spec.kernel_name}{{% endif -%}}"
+        for spec in OPTIONAL_INPUTS
+    )
+    absent = "".join(
+        f"{{% if side in {list(spec.read_by)!r} and not {spec.flag} %}}"
+        f"    {spec.kernel_name} = {{{{ {'int' if not spec.dtype.is_floating_point else 'float'}_stand_in }}}}"
+        "  # absent: never read\n{% endif %}"
+        for spec in OPTIONAL_INPUTS
+    )
+    return (
+        "{#- Generated from varlen_compile.params.OPTIONAL_INPUTS (lowering/_sources.py). -#}\n"
+        f"{{% macro optional_inputs(side) -%}}{present}{{%- endmacro %}}\n"
+        f"{{% macro absent_inputs(side, int_stand_in, float_stand_in) -%}}\n{absent}{{%- endmacro %}}\n"
+    )
+
+
 def template_source(entry: str) -> str:
     """Jinja source of the Inductor template ``entry``: the shared macros, the entry template,
     then the shared ``@triton.jit`` math (``varlen_common``)."""
-    return (TEMPLATE_DIR / "varlen_macros.jinja").read_text() + load_template(entry) + load_template("varlen_common")
+    macros = optional_input_macros() + (TEMPLATE_DIR / "varlen_macros.jinja").read_text()
+    return macros + load_template(entry) + load_template("varlen_common")
+
+
+@functools.cache
+def standalone_source() -> str:
+    """Python source of the standalone kernel module: the eager kernels, then the shared math."""
+    return _PRELUDE + load_template("standalone") + load_template("varlen_common")

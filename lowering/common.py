@@ -1,11 +1,11 @@
-"""Pieces both lowerings use: the template-or-fallback decision, template construction, input
-preparation, kernel constants and autotune inputs."""
+"""Pieces both lowerings use: the template-or-fallback decision, template construction, inputs
+by name, kernel constants and autotune inputs."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import sympy
@@ -13,28 +13,34 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler
-from torch._inductor.select_algorithm import TritonTemplate, realize_inputs
+from torch._inductor.select_algorithm import ExternKernelChoice, TritonTemplate, realize_inputs
 from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import FloorDiv
 
-from varlen_compile import backends
-from varlen_compile.params import AttnOptions, BatchLayout, unflatten
+from varlen_compile import eligibility
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, Side, unflatten
 
+from . import extern_ops
 from ._sources import template_source
-from .configs import backward_constexprs, kernel_constexprs, supported_head_dim
+from .configs import backward_constexprs, kernel_constexprs
 
 __all__ = [
     "Plan",
-    "cu_seq_generator",
-    "fallback",
     "arange_int32_rows",
-    "feature_inputs",
+    "call_of_nodes",
+    "cu_seq_generator",
+    "extern_choice",
+    "extern_scalars",
+    "fallback",
     "full_int32",
     "gqa_group",
+    "input_gen_fns",
     "make_template",
+    "optional_input_generators",
+    "optional_input_nodes",
+    "plan_template",
     "prepare_attention_input",
     "size_hint",
-    "plan_template",
     "template_constants",
 ]
 
@@ -45,9 +51,7 @@ _logged_fallbacks: set[tuple[str, str]] = set()
 def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
     """A TritonTemplate whose source is ``templates/<entry>.py.jinja`` with the shared Jinja
     macros before it and the shared math after it (``_sources.template_source``)."""
-    return TritonTemplate(
-        name=name, grid=grid, source=template_source(entry)
-    )
+    return TritonTemplate(name=name, grid=grid, source=template_source(entry))
 
 
 class Plan(NamedTuple):
@@ -57,62 +61,92 @@ class Plan(NamedTuple):
     head_dim_v: int
     layout: BatchLayout
     options: AttnOptions
+    optional: OptionalInputs
 
 
-def plan_template(bound: dict[str, Any]) -> Plan | str:
+def call_of_nodes(
+    query: ir.IRNode, key: ir.IRNode, value: ir.IRNode, options: AttnOptions, optional: OptionalInputs,
+    layout: BatchLayout, side: Side, head_dims: tuple[int, int] | None = None,
+) -> eligibility.Call:
+    """The :class:`~varlen_compile.eligibility.Call` of an op call inside a graph (IR nodes;
+    ``head_dims`` when already specialized). ``H_q == H_kv`` counts only when statically known;
+    a graph compiled for AOTInductor or with ``cpp_wrapper`` cannot call Python kernels."""
+    head_dim, head_dim_v = head_dims or (query.get_size()[-1], value.get_size()[-1])
+    return eligibility.Call(
+        query.get_device(), query.get_dtype(), head_dim, head_dim_v,
+        V.graph.sizevars.statically_known_equals(query.get_size()[1], key.get_size()[-2]),
+        options, {name: node.get_dtype() for name, node in optional.items()},
+        layout.max_q is not None and layout.max_k is not None, side, python_kernels=not V.graph.cpp_wrapper,
+    )
+
+
+def plan_template(bound: dict[str, Any], side: Side) -> Plan | str:
     """The :class:`Plan` when our templates serve the op call ``bound`` (its arguments by
-    name), else why not.
+    name), else why not (``varlen_compile.eligibility``).
 
-    Templates serve CUDA fp16/bf16/fp32 with head dims 1..256 (query/key and value). What the
-    kernel takes as a constexpr is specialized here when it arrives symbolic: the head dims
-    (``dynamic=True``), as Inductor's flex attention does, and the window sizes (``dynamic=True``
-    also makes ints captured from closures symbolic), each with a guard on its value. Token
-    counts, sequence counts, head counts and the ``max_q``/``max_k`` hints are never guarded
-    on. (A head dim the user marked dynamic with ``torch._dynamo.mark_dynamic`` makes Dynamo
-    refuse that guard with a ConstraintViolationError: leave the head dim static.)
+    What the kernel takes as a constexpr is specialized here when it arrives symbolic: the head
+    dims (``dynamic=True``), as Inductor's flex attention does, and the window sizes
+    (``dynamic=True`` also makes ints captured from closures symbolic), each with a guard on its
+    value, and only once the device and dtype are known to be served. Token counts, sequence
+    counts, head counts and the ``max_q``/``max_k`` hints are never guarded on. (A head dim the
+    user marked dynamic with ``torch._dynamo.mark_dynamic`` makes Dynamo refuse that guard with
+    a ConstraintViolationError: leave the head dim static.)
     """
-    query, value = bound["query"], bound["value"]
-    device = query.get_device()
-    if device is None or device.type != "cuda":
-        return f"the Triton templates are CUDA-only (device: {device})"
-    if torch.version.hip is not None:
-        return "the Triton templates are not built for ROCm yet"
-    if query.get_dtype() not in backends.TRITON_DTYPES:
-        return f"dtype {query.get_dtype()} (the templates serve float16, bfloat16, float32)"
-    head_dim = _static_int(query.get_size()[-1])
-    head_dim_v = _static_int(value.get_size()[-1])
-    if not (supported_head_dim(head_dim) and supported_head_dim(head_dim_v)):
-        return f"head dims {head_dim}/{head_dim_v} (the templates serve 1..256)"
-    layout, options = unflatten(bound)
-    scale, softcap = options.scale, options.softcap
-    if scale is not None and not isinstance(scale, (int, float, sympy.Number)):
-        return "a symbolic softmax scale (the templates take it as a constant)"
-    if not isinstance(softcap, (int, float, sympy.Number)):
-        return "a symbolic softcap (the templates take it as a constant)"
-    for name in ("sink", "alibi_slopes"):
-        tensor = getattr(options, name)
-        if tensor is not None and tensor.get_dtype() != torch.float32:
-            return f"{name} of dtype {tensor.get_dtype()} (the templates read float32)"
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    reason = eligibility.triton_device_unsupported(query.get_device(), query.get_dtype())
+    if reason is not None:
+        return reason
+    head_dims = (_static_int(query.get_size()[-1]), _static_int(value.get_size()[-1]))
+    layout, options, optional = unflatten(bound)
+    reason = eligibility.unsupported(
+        eligibility.TEMPLATE, call_of_nodes(query, key, value, options, optional, layout, side, head_dims)
+    )
+    if reason is not None:
+        return reason
     options = dataclasses.replace(
         options,
-        scale=None if scale is None else float(scale),
-        softcap=float(softcap),
+        scale=None if options.scale is None else float(options.scale),
+        softcap=float(options.softcap),
         window_left=_static_int(options.window_left),
         window_right=_static_int(options.window_right),
     )
-    return Plan(head_dim, head_dim_v, layout, options)
+    return Plan(*head_dims, layout, options, optional)
 
 
-def feature_inputs(layout: BatchLayout, options: AttnOptions, names: Sequence[str]) -> list[ir.IRNode]:
-    """The optional template inputs among ``names`` (``seqused_k``, ``block_table``,
-    ``sink``, ``alibi_slopes``) that are present, realized contiguous, in the order of
-    ``names`` (the order the templates' ``def_kernel`` lists them in)."""
-    inputs = []
-    for name in names:
-        node = getattr(layout, name) if hasattr(layout, name) else getattr(options, name)
-        if node is not None:
-            inputs.append(ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(node)))
-    return inputs
+def optional_input_nodes(optional: OptionalInputs, side: Side) -> dict[str, ir.IRNode]:
+    """The optional inputs the ``side`` template reads that are present, by name in registry
+    order (the order the templates' input lists are generated in), realized contiguous
+    (eligibility has checked their dtypes)."""
+    return {
+        spec.name: ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(optional[spec.name]))
+        for spec in optional.specs(side)
+    }
+
+
+def extern_choice(name: str) -> ExternKernelChoice:
+    """The extern choice named ``name`` that runs a private op of :mod:`.extern_ops` (given per
+    call as ``op``) on the template's inputs, bound to the op's arguments by name (``names``:
+    the template's inputs in order; ``scalars``: :func:`extern_scalars`)."""
+    return ExternKernelChoice(extern_ops.timed, name=name, has_out_variant=False, kernel_creator=_extern_node)
+
+
+def _extern_node(*inputs: ir.IRNode, op: str, names: tuple[str, ...], scalars: Mapping[str, Any]) -> ir.IRNode:
+    """The output node when an extern choice wins: its op writing into the template's buffers."""
+    overload = getattr(torch.ops.varlen_compile, op).default
+    return ir.FallbackKernel.create(overload, *extern_ops.op_arguments(overload, {**scalars, **dict(zip(names, inputs))}))
+
+
+def extern_scalars(layout: BatchLayout, options: AttnOptions) -> dict[str, Any]:
+    """The scalar arguments an extern op may take: the options and the max hints, by name."""
+    return {**dataclasses.asdict(options), "max_q": layout.max_q, "max_k": layout.max_k}
+
+
+def input_gen_fns(
+    names: list[str], generators: Mapping[str, Callable[[ir.Buffer], torch.Tensor]]
+) -> dict[int, Callable[[ir.Buffer], torch.Tensor]]:
+    """Autotuning input generators by template input position, from ``generators`` by name
+    (``names``: the template's inputs in order; names without one get random data)."""
+    return {index: generators[name] for index, name in enumerate(names) if name in generators}
 
 
 def _static_int(value: Any) -> int:
@@ -184,6 +218,12 @@ def full_int32(value: int) -> Callable[[ir.Buffer], torch.Tensor]:
     return generate
 
 
+def optional_input_generators() -> dict[str, Callable[[ir.Buffer], torch.Tensor]]:
+    """Autotuning data for the optional int32 inputs, by name: every key used (the kernels
+    clamp ``seqused_k`` to the slot), pages in order (they clamp entries to the pool)."""
+    return {"seqused_k": full_int32(2**30), "block_table": arange_int32_rows()}
+
+
 def arange_int32_rows() -> Callable[[ir.Buffer], torch.Tensor]:
     """Autotuning input for a block table ``(N, max_pages)``: row i holds pages
     ``i * max_pages ...`` (the kernel clamps them to the pool)."""
@@ -197,13 +237,13 @@ def arange_int32_rows() -> Callable[[ir.Buffer], torch.Tensor]:
 
 
 def template_constants(
-    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-    backward: bool = False,
+    options: AttnOptions, optional: OptionalInputs, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+    side: Side = "forward",
 ) -> dict[str, Any]:
     """Constexprs every choice of a template shares: ``configs.kernel_constexprs`` (or
     ``backward_constexprs``) plus the softmax scale, rendered as template literals."""
-    make = backward_constexprs if backward else kernel_constexprs
-    constants = make(options, layout, head_dim, head_dim_v, dtype)
+    make = backward_constexprs if side == "backward" else kernel_constexprs
+    constants = make(options, optional, head_dim, head_dim_v, dtype)
     constants["DOT_PRECISION"] = repr(constants["DOT_PRECISION"])
     constants["SCALE"] = options.scale_for(head_dim)
     return constants

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
-from varlen_compile.params import AttnOptions, BatchLayout
+from varlen_compile.params import AttnOptions, OptionalInputs
 
 __all__ = [
     "BackwardConfig",
     "ForwardConfig",
-    "MAX_HEAD_DIM",
     "SEARCH_WIDTH",
     "backward_autotune_configs",
     "backward_constexprs",
@@ -32,17 +31,10 @@ __all__ = [
     "page_size_constexpr",
     "paged_config",
     "padded_head_dim",
-    "supported_head_dim",
 ]
 
-MAX_HEAD_DIM = 256
 # Sequences read per step of the tile -> sequence search (one vector load when N <= this).
 SEARCH_WIDTH = 128
-
-
-def supported_head_dim(head_dim: int) -> bool:
-    """Head dims the Triton kernels take: 1..256 (padded to a power of two >= 16 inside)."""
-    return 1 <= head_dim <= MAX_HEAD_DIM
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -64,18 +56,27 @@ def fast_tanh(softcap: float, dtype: torch.dtype, on_gpu: bool = True) -> bool:
 
 
 def kernel_constexprs(
-    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+    options: AttnOptions, optional: OptionalInputs, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     on_gpu: bool = True,
 ) -> dict[str, Any]:
-    """The constexprs of both kernels (template and standalone) that follow from the attention
-    options, the batch layout, the head dims and the dtype: the one place options become kernel
-    constants. Every feature is a flag or a value that turns its code off when unused.
+    """The forward kernel's constexprs (template and standalone) that follow from the attention
+    options, the optional inputs present, the head dims and the dtype: the one place options
+    become kernel constants. Every feature is a flag (``OptionalInputs.flags``: one per
+    optional input of the registry) or a value that turns its code off when unused.
 
     The softmax scale is not among them: the standalone kernel takes it as an argument (no
     recompile per scale in eager mode), the templates add it as ``SCALE``. The softcap is
     (a model uses one value; 0.0 compiles the tanh away). ``on_gpu``: False when the kernels run
     in Triton's interpreter (CPU tensors), which cannot run inline PTX.
     """
+    return {**_common_constexprs(options, head_dim, head_dim_v, dtype, on_gpu), **optional.flags("forward"),
+            # Known from K's shape, not the inputs: the forward sets it with page_size_constexpr().
+            "PAGE_SIZE": 0}
+
+
+def _common_constexprs(
+    options: AttnOptions, head_dim: int, head_dim_v: int, dtype: torch.dtype, on_gpu: bool
+) -> dict[str, Any]:
     window_left, window_right = options.window()
     return {
         "WINDOW_LEFT": int(window_left),
@@ -88,12 +89,6 @@ def kernel_constexprs(
         "DOT_PRECISION": dot_precision(dtype),
         "SOFTCAP": float(options.softcap),
         "FAST_TANH": fast_tanh(float(options.softcap), dtype, on_gpu),
-        "HAS_SINK": options.sink is not None,
-        "HAS_ALIBI": options.alibi_slopes is not None,
-        "HAS_SEQUSED_K": layout.seqused_k is not None,
-        "PAGED": layout.block_table is not None,
-        # Known from K's shape, not the layout: the forward sets it with page_size_constexpr().
-        "PAGE_SIZE": 0,
     }
 
 
@@ -117,14 +112,13 @@ def page_size_constexpr(paged: bool, page_size: int | None) -> dict[str, int]:
 
 
 def backward_constexprs(
-    options: AttnOptions, layout: BatchLayout, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+    options: AttnOptions, optional: OptionalInputs, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     on_gpu: bool = True,
 ) -> dict[str, Any]:
-    """:func:`kernel_constexprs` of the backward kernels: all but ``PAGED`` and ``PAGE_SIZE``
-    (paged K/V has no backward). ``HAS_GRAD_LSE`` and the tile sizes are added per call."""
-    constexprs = kernel_constexprs(options, layout, head_dim, head_dim_v, dtype, on_gpu)
-    del constexprs["PAGED"], constexprs["PAGE_SIZE"]
-    return constexprs
+    """:func:`kernel_constexprs` of the backward kernels: the backward's flags
+    (``HAS_GRAD_LSE`` among them, no paging: paged K/V has no backward). The tile sizes are
+    added per call."""
+    return {**_common_constexprs(options, head_dim, head_dim_v, dtype, on_gpu), **optional.flags("backward")}
 
 
 def _is_pow2(x: int) -> bool:

@@ -1,13 +1,12 @@
 """Inductor lowering of ``varlen_compile::varlen_attn`` to the forward Triton template.
 
-Steps: bind the arguments into objects -> decide (template or fallback) -> prepare inputs ->
-output layout and the lse buffer -> which kernels compete (``choices.kernels_for``: the template
-configs, FlashAttention 4, aten flash) -> ``autotune_select_algorithm``.
+Steps: bind the arguments into objects -> decide (template or fallback) -> prepare the inputs,
+by name -> output layout and the lse buffer -> which kernels compete (``choices.kernels_for``:
+the template configs, FlashAttention 4, aten flash) -> ``autotune_select_algorithm``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import sympy
@@ -15,30 +14,27 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import empty_strided, register_lowering
-from torch._inductor.select_algorithm import (
-    ExternKernelChoice,
-    SymbolicGridFn,
-    autotune_select_algorithm,
-)
-from torch._inductor.virtualized import V
+from torch._inductor.select_algorithm import SymbolicGridFn, autotune_select_algorithm
 
-from varlen_compile import _extern_ops
-from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args, op_kwargs
+from varlen_compile.params import bind_op_args
 
+from . import extern_ops
+from .choices import ATEN, FA4, TEMPLATE, kernels_for
 from .common import (
-    arange_int32_rows,
     cu_seq_generator,
+    extern_choice,
+    extern_scalars,
     fallback,
-    feature_inputs,
-    full_int32,
     gqa_group,
+    input_gen_fns,
     make_template,
+    optional_input_generators,
+    optional_input_nodes,
+    plan_template,
     prepare_attention_input,
     size_hint,
-    plan_template,
     template_constants,
 )
-from .choices import ATEN, FA4, TEMPLATE, kernels_for
 from .configs import (
     ForwardConfig,
     default_forward_config,
@@ -48,9 +44,7 @@ from .configs import (
     paged_config,
 )
 
-__all__ = ["varlen_attn_lowering"]
-
-_OP = torch.ops.varlen_compile.varlen_attn.default
+__all__ = ["register", "varlen_attn_lowering"]
 
 
 @SymbolicGridFn
@@ -67,43 +61,8 @@ def varlen_fwd_grid(total_q, heads_q, num_seqs, meta, *, cdiv):
 
 
 varlen_fwd_template = make_template("varlen_attn_fwd", varlen_fwd_grid, "varlen_fwd")
-
-
-def _aten_forward_node(
-    query, key, value, cu_seq_q, cu_seq_k, lse, *, options: AttnOptions, hints: tuple[Any, Any]
-) -> ir.IRNode:
-    """Output node when the aten choice wins: aten flash writing into our lse buffer."""
-    layout = BatchLayout(cu_seq_q, cu_seq_k, *hints)
-    op = torch.ops.varlen_compile._flash_forward_into.default
-    return ir.FallbackKernel.create(op, query, key, value, lse, *op_kwargs(op, layout, options).values())
-
-
-aten_flash_forward_choice = ExternKernelChoice(
-    _extern_ops.flash_forward_for_autotune,
-    name="varlen_compile_aten_flash_forward",
-    has_out_variant=False,
-    kernel_creator=_aten_forward_node,
-)
-
-
-def _fa4_forward_node(
-    query, key, value, cu_seq_q, cu_seq_k, lse, *optional, options: AttnOptions, has_seqused_k: bool
-) -> ir.IRNode:
-    """Output node when the FA4 choice wins: FA4 writing into our lse buffer."""
-    seqused_k, sink = _extern_ops.split_fa4_optional(optional, has_seqused_k)
-    op = torch.ops.varlen_compile._fa4_forward_into.default
-    return ir.FallbackKernel.create(
-        op, query, key, value, lse, cu_seq_q, cu_seq_k, options.is_causal, options.scale,
-        options.window_left, options.window_right, options.softcap, sink, seqused_k,
-    )
-
-
-fa4_forward_choice = ExternKernelChoice(
-    _extern_ops.fa4_forward_for_autotune,
-    name="varlen_compile_fa4_forward",
-    has_out_variant=False,
-    kernel_creator=_fa4_forward_node,
-)
+aten_flash_forward_choice = extern_choice("varlen_compile_aten_flash_forward")
+fa4_forward_choice = extern_choice("varlen_compile_fa4_forward")
 
 
 def _configs(head_dim: int, dtype: torch.dtype) -> list[ForwardConfig]:
@@ -113,13 +72,13 @@ def _configs(head_dim: int, dtype: torch.dtype) -> list[ForwardConfig]:
     return [default_forward_config(head_dim, dtype)]
 
 
-@register_lowering(_OP, type_promotion_kind=None)
 def varlen_attn_lowering(*args: Any, **kwargs: Any):
-    bound = bind_op_args(_OP, args, kwargs)
-    plan = plan_template(bound)
+    op = torch.ops.varlen_compile.varlen_attn.default
+    bound = bind_op_args(op, args, kwargs)
+    plan = plan_template(bound, "forward")
     if isinstance(plan, str):
-        return fallback(_OP, plan, args, kwargs)
-    head_dim, head_dim_v, layout, options = plan
+        return fallback(op, plan, args, kwargs)
+    head_dim, head_dim_v, layout, options, optional = plan
     query, key, value = (prepare_attention_input(bound[name]) for name in ("query", "key", "value"))
     cu_seq_q, cu_seq_k = (prepare_attention_input(x) for x in (layout.cu_seq_q, layout.cu_seq_k))
 
@@ -131,23 +90,26 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
     )
     # NOTE (as in flex attention): a template has one output; lse is a buffer it mutates.
     lse = empty_strided([heads_q, total_q], None, dtype=torch.float32, device=device)
-    input_nodes = [query, key, value, cu_seq_q, cu_seq_k, lse]
-    # Optional inputs after the fixed ones, in the order varlen_fwd.py.jinja lists them.
-    input_nodes += feature_inputs(layout, options, ("seqused_k", "block_table", "sink", "alibi_slopes"))
+    # The template's inputs by name: the fixed ones, then the optional ones present, in the
+    # order of the registry (varlen_fwd.py.jinja's input list is generated from the same).
+    inputs = {"query": query, "key": key, "value": value, "cu_seq_q": cu_seq_q, "cu_seq_k": cu_seq_k, "lse": lse}
+    inputs.update(optional_input_nodes(optional, "forward"))
+    input_nodes, names = list(inputs.values()), tuple(inputs)
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    kernels = kernels_for(bound["kernel"], query, key.get_size()[-2], head_dim, head_dim_v, layout, options)
-    constants = template_constants(options, layout, head_dim, head_dim_v, query.get_dtype())
+    kernels = kernels_for(bound["kernel"], query, key, value, layout, options, optional, "forward", (head_dim, head_dim_v))
+    constants = template_constants(options, optional, head_dim, head_dim_v, query.get_dtype())
     # The page size as a constexpr when static (symbolic under dynamic shapes: never a guard).
-    page_size = key.get_size()[1] if layout.paged else None
-    page_constants = page_size_constexpr(layout.paged, int(page_size) if isinstance(page_size, (int, sympy.Integer)) else None)
+    page_size = key.get_size()[1] if optional.paged else None
+    static_page = int(page_size) if isinstance(page_size, (int, sympy.Integer)) else None
+    constants.update(page_size_constexpr(optional.paged, static_page))
 
     # GQA packing needs the group statically (never a guard): symbolic head counts run unpacked.
     group = gqa_group(query, key)
     static_group = int(group) if group.is_Integer else 1
 
     choices: list[Any] = []
-    configs = [paged_config(c, layout.paged) for c in _configs(max(head_dim, head_dim_v), query.get_dtype())]
+    configs = [paged_config(c, optional.paged) for c in _configs(max(head_dim, head_dim_v), query.get_dtype())]
     for config in configs if TEMPLATE in kernels else ():
         varlen_fwd_template.maybe_append_choice(
             choices,
@@ -160,30 +122,26 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             PACK_GQA=pack_gqa_group(config, static_group),
-            **{**constants, **page_constants},
+            **constants,
         )
-    if ATEN in kernels:
-        aten_flash_forward_choice.maybe_append_choice(
-            choices, input_nodes=input_nodes, layout=out_layout,
-            options=options, hints=(layout.max_q, layout.max_k),
-        )
-    if FA4 in kernels:
-        # The sink is an input node; the choice keeps only the scalar options.
-        fa4_forward_choice.maybe_append_choice(
-            choices, input_nodes=input_nodes, layout=out_layout,
-            options=dataclasses.replace(options, sink=None), has_seqused_k=layout.seqused_k is not None,
-        )
-    input_gen_fns = {
-        3: cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
-        4: cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(key.get_size()[0])),
+    scalars = extern_scalars(layout, options)
+    for kernel, choice, extern_op in ((ATEN, aten_flash_forward_choice, extern_ops.FLASH_FORWARD),
+                                      (FA4, fa4_forward_choice, extern_ops.FA4_FORWARD)):
+        if kernel in kernels:
+            choice.maybe_append_choice(
+                choices, input_nodes=input_nodes, layout=out_layout, op=extern_op, names=names, scalars=scalars
+            )
+    generators = {
+        "cu_seq_q": cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
+        "cu_seq_k": cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(key.get_size()[0])),
+        **optional_input_generators(),
     }
-    optional_index = 6  # seqused_k, then block_table, follow the six fixed inputs
-    if layout.seqused_k is not None:
-        # Autotuning data: every key used (the kernel clamps seqused_k to the slot).
-        input_gen_fns[optional_index] = full_int32(2**30)
-        optional_index += 1
-    if layout.paged:
-        # Autotuning data: pages in order (the kernel clamps entries to the pool).
-        input_gen_fns[optional_index] = arange_int32_rows()
-    out = autotune_select_algorithm("varlen_attn_fwd", choices, input_nodes, out_layout, input_gen_fns=input_gen_fns)
+    out = autotune_select_algorithm(
+        "varlen_attn_fwd", choices, input_nodes, out_layout, input_gen_fns=input_gen_fns(names, generators)
+    )
     return out, lse
+
+
+def register() -> None:
+    """Register the lowering for the forward op (which must exist)."""
+    register_lowering(torch.ops.varlen_compile.varlen_attn.default, type_promotion_kind=None)(varlen_attn_lowering)

@@ -166,7 +166,7 @@ def test_fallback_logs_why_once(caplog):
             compiled(*case.inputs()).sum().backward()
     messages = [record.getMessage() for record in caplog.records if "eager implementation" in record.getMessage()]
     assert len(messages) == 2, messages  # forward op and backward op, once each
-    assert all("the Triton templates are CUDA-only (device: cpu)" in message for message in messages)
+    assert all("the Triton kernels are CUDA-only (device: cpu)" in message for message in messages)
     assert {message.split(" runs ")[0] for message in messages} == {FORWARD_OP, BACKWARD_OP}
 
 
@@ -288,10 +288,10 @@ def test_compile_caches_are_keyed_on_our_build(monkeypatch):
     cached before an upgrade (or before FA4 was installed) is compiled again, not reused."""
     from torch._dynamo.utils import counters
 
-    from varlen_compile import _compat
+    from varlen_compile.lowering import cache_tag
 
     tag = torch.compiler.config.cache_key_tag
-    assert f"varlen_compile={_compat.build_fingerprint()}" in tag.split("|")
+    assert f"varlen_compile={cache_tag.build_fingerprint()}" in tag.split("|")
 
     def attention(query, key, value, cu_seq):
         return varlen_attn(query, key, value, cu_seq, cu_seq, is_causal=True)
@@ -311,20 +311,20 @@ def test_compile_caches_are_keyed_on_our_build(monkeypatch):
     ):
         assert compile_and_count() == (0, 1)
         assert compile_and_count() == (1, 0)  # the cache works at all
-        monkeypatch.setattr(_compat, "build_fingerprint", lambda: "0123456789abcdef")
-        _compat.tag_compile_caches.cache_clear()
+        monkeypatch.setattr(cache_tag, "build_fingerprint", lambda: "0123456789abcdef")
+        cache_tag.tag_compile_caches.cache_clear()
         try:
-            assert _compat.tag_compile_caches() == "user-tag|varlen_compile=0123456789abcdef"  # the user's part kept
+            assert cache_tag.tag_compile_caches() == "user-tag|varlen_compile=0123456789abcdef"  # the user's part kept
             assert compile_and_count() == (0, 1)  # another build: compiled again
         finally:
-            _compat.tag_compile_caches.cache_clear()
+            cache_tag.tag_compile_caches.cache_clear()
     assert torch.compiler.config.cache_key_tag == tag
 
 
 def test_build_fingerprint_follows_the_fa4_version(monkeypatch):
     import importlib.metadata
 
-    from varlen_compile import _compat
+    from varlen_compile.lowering import cache_tag
 
     real_version = importlib.metadata.version
 
@@ -338,5 +338,5 @@ def test_build_fingerprint_follows_the_fa4_version(monkeypatch):
     prints = []
     for fa4_version in (None, "4.0.0b36", "4.0.0b37"):
         monkeypatch.setattr(importlib.metadata, "version", lambda name, v=fa4_version: version(name, v))
-        prints.append(_compat.build_fingerprint())
+        prints.append(cache_tag.build_fingerprint())
     assert len(set(prints)) == 3, prints

@@ -1,4 +1,4 @@
-"""#11's features in the shared Triton kernels, under TRITON_INTERPRET=1 on the CPU: softcap,
+"""The scoring and key features in the shared Triton kernels, under TRITON_INTERPRET=1 on the CPU: softcap,
 attention sinks, ALiBi, a value head dim different from the key head dim, seqused_k and paged
 K/V, alone and combined with causal/window/GQA, lengths 0 and 1, q_len != k_len.
 
@@ -21,7 +21,7 @@ from factory import assert_meets_error_rule, make_cu_seq
 from varlen_compile import reference
 from varlen_compile.lowering import launcher
 from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig, pack_gqa_group
-from varlen_compile.params import AttnOptions, BatchLayout
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -92,10 +92,13 @@ def _inputs(feature: Feature, seed: int = 0) -> dict:
 
 
 def _options(feature: Feature, inputs: dict) -> AttnOptions:
-    return AttnOptions(
-        feature.is_causal, None, *feature.window, softcap=feature.softcap,
-        sink=inputs["sink"], alibi_slopes=inputs["alibi_slopes"],
-    )
+    return AttnOptions(feature.is_causal, None, *feature.window, softcap=feature.softcap)
+
+
+def _optional(inputs: dict, **extra) -> OptionalInputs:
+    """The call's optional inputs (sink, ALiBi slopes, seqused_k) and ``extra`` ones."""
+    names = ("sink", "alibi_slopes", "seqused_k")
+    return OptionalInputs({name: inputs[name] for name in names}, **extra)
 
 
 def _reference(feature: Feature, inputs: dict, dtype: torch.dtype, grad_out, grad_lse):
@@ -105,10 +108,10 @@ def _reference(feature: Feature, inputs: dict, dtype: torch.dtype, grad_out, gra
     if inputs["sink"] is not None:
         sink = inputs["sink"].detach().to(dtype).requires_grad_()
     alibi = inputs["alibi_slopes"].to(dtype) if inputs["alibi_slopes"] is not None else None
-    options = AttnOptions(feature.is_causal, None, *feature.window, softcap=feature.softcap, sink=sink, alibi_slopes=alibi)
+    options = AttnOptions(feature.is_causal, None, *feature.window, softcap=feature.softcap)
     out, lse = reference.attention_forward(
         leaves["q"], leaves["k"], leaves["v"], inputs["cu_seq_q"], inputs["cu_seq_k"], options,
-        seqused_k=inputs["seqused_k"], compute_dtype=dtype,
+        sink=sink, alibi_slopes=alibi, seqused_k=inputs["seqused_k"], compute_dtype=dtype,
     )
     wrt = [leaves["q"], leaves["k"], leaves["v"]] + ([sink] if sink is not None else [])
     grads = torch.autograd.grad((out, lse), wrt, (grad_out.to(dtype), grad_lse.to(dtype)), materialize_grads=True)
@@ -118,13 +121,15 @@ def _reference(feature: Feature, inputs: dict, dtype: torch.dtype, grad_out, gra
 @pytest.mark.parametrize("feature", FEATURES, ids=lambda f: f.name)
 def test_feature_forward_backward(feature):
     inputs = _inputs(feature)
-    layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_k"], seqused_k=inputs["seqused_k"])
+    layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_k"])
     options = _options(feature, inputs)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    out, lse = launcher.forward(q, k, v, layout, options, config=FORWARD_CONFIG)
+    out, lse = launcher.forward(q, k, v, layout, options, _optional(inputs), config=FORWARD_CONFIG)
     assert out.shape == (q.shape[0], feature.heads_q, feature.head_dim_v)
     grad_out, grad_lse = torch.randn(out.shape), torch.randn(lse.shape)
-    dq, dk, dv = launcher.backward(grad_out, q, k, v, out, lse, layout, options, grad_lse=grad_lse, config=BACKWARD_CONFIG)
+    dq, dk, dv = launcher.backward(
+        grad_out, q, k, v, out, lse, layout, options, _optional(inputs, grad_lse=grad_lse), config=BACKWARD_CONFIG
+    )
     ours = [out, lse, dq, dk, dv]
     if inputs["sink"] is not None:
         ours.append(reference.sink_grad(inputs["sink"], lse, grad_out, out, grad_lse))
@@ -154,8 +159,10 @@ def test_feature_forward_packed_gqa(feature):
     config = PACKED_CONFIGS[4]
     assert pack_gqa_group(config, 4) == 4
     inputs = _inputs(feature)
-    layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_k"], seqused_k=inputs["seqused_k"])
-    out, lse = launcher.forward(inputs["q"], inputs["k"], inputs["v"], layout, _options(feature, inputs), config=config)
+    layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_k"])
+    out, lse = launcher.forward(
+        inputs["q"], inputs["k"], inputs["v"], layout, _options(feature, inputs), _optional(inputs), config=config
+    )
     grad_out, grad_lse = torch.zeros(out.shape), torch.zeros(lse.shape)
     oracle = _reference(feature, inputs, torch.float64, grad_out, grad_lse)
     plain = _reference(feature, inputs, torch.float32, grad_out, grad_lse)
@@ -175,10 +182,12 @@ def test_sink_makes_single_key_gradients_nonzero():
     inputs.update(cu_seq_q=make_cu_seq([40, 3]), cu_seq_k=make_cu_seq([1, 1]))
     inputs.update(q=torch.randn(43, 4, 16), k=torch.randn(2, 2, 16), v=torch.randn(2, 2, 16))
     layout, options = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_k"]), _options(feature, inputs)
-    out, lse = launcher.forward(inputs["q"], inputs["k"], inputs["v"], layout, options, config=FORWARD_CONFIG)
+    optional = OptionalInputs(sink=inputs["sink"])
+    out, lse = launcher.forward(inputs["q"], inputs["k"], inputs["v"], layout, options, optional, config=FORWARD_CONFIG)
     grad_out, grad_lse = torch.randn(out.shape), torch.zeros(lse.shape)
     dq, dk, dv = launcher.backward(
-        grad_out, inputs["q"], inputs["k"], inputs["v"], out, lse, layout, options, grad_lse=grad_lse, config=BACKWARD_CONFIG
+        grad_out, inputs["q"], inputs["k"], inputs["v"], out, lse, layout, options,
+        OptionalInputs(optional, grad_lse=grad_lse), config=BACKWARD_CONFIG,
     )
     assert dq.abs().min() > 0 and dk.abs().min() > 0
     oracle = _reference(feature, inputs, torch.float64, grad_out, grad_lse)
@@ -218,17 +227,16 @@ def test_paged_forward(feature, page_size, static, packed, monkeypatch):
     key_pages = torch.randn(num_pages, page_size, feature.heads_kv, feature.head_dim, generator=generator)
     value_pages = torch.randn(num_pages, page_size, feature.heads_kv, feature.head_dim_v, generator=generator)
     seqused = torch.tensor(used, dtype=torch.int32)
-    layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_q"], seqused_k=seqused, block_table=block_table)
+    layout = BatchLayout(inputs["cu_seq_q"], inputs["cu_seq_q"])
     options = _options(feature, inputs)
-    out, lse = launcher.forward(inputs["q"], key_pages, value_pages, layout, options, config=config)
+    scoring = OptionalInputs(sink=inputs["sink"], alibi_slopes=inputs["alibi_slopes"])
+    optional = OptionalInputs(scoring, seqused_k=seqused, block_table=block_table)
+    out, lse = launcher.forward(inputs["q"], key_pages, value_pages, layout, options, optional, config=config)
 
     def run_reference(dtype):
-        ref_options = dataclasses.replace(
-            options, sink=None if options.sink is None else options.sink.to(dtype),
-            alibi_slopes=None if options.alibi_slopes is None else options.alibi_slopes.to(dtype),
-        )
         return reference.attention_forward(
-            inputs["q"].to(dtype), key_pages.to(dtype), value_pages.to(dtype), inputs["cu_seq_q"], None, ref_options,
+            inputs["q"].to(dtype), key_pages.to(dtype), value_pages.to(dtype), inputs["cu_seq_q"], None, options,
+            **{name: tensor.to(dtype) for name, tensor in scoring.items()},
             seqused_k=seqused, block_table=block_table, compute_dtype=dtype,
         )
 
@@ -241,6 +249,6 @@ def test_paged_forward(feature, page_size, static, packed, monkeypatch):
     contiguous_k = torch.cat([flat_k[r] for r in rows])
     contiguous_v = torch.cat([flat_v[r] for r in rows])
     contiguous = BatchLayout(inputs["cu_seq_q"], make_cu_seq(used))
-    out_c, lse_c = launcher.forward(inputs["q"], contiguous_k, contiguous_v, contiguous, options, config=config)
+    out_c, lse_c = launcher.forward(inputs["q"], contiguous_k, contiguous_v, contiguous, options, scoring, config=config)
     torch.testing.assert_close(out, out_c, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, lse_c, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ from conftest import requires_cuda
 from factory import VarlenCase, assert_meets_error_rule, dtype_id, make_case, reference_outputs
 from varlen_compile import AuxRequest, varlen_attn
 from varlen_compile.lowering import launcher
-from varlen_compile.params import AttnOptions, BatchLayout
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.fuzz, requires_cuda]
 
@@ -116,8 +116,8 @@ def test_fuzz(config: FuzzConfig):
         grads = torch.autograd.grad(out, (case.q, case.k, case.v), grad_out)
         qkv = (case.q.detach(), case.k.detach(), case.v.detach())
         layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
-        eager_out, eager_lse = launcher.forward(*qkv, layout, options)
-        eager_grads = launcher.backward(grad_out, *qkv, eager_out, eager_lse, layout, options)
+        eager_out, eager_lse = launcher.forward(*qkv, layout, options, OptionalInputs())
+        eager_grads = launcher.backward(grad_out, *qkv, eager_out, eager_lse, layout, options, OptionalInputs())
         for path, results in (("compiled", (out, lse, grads)), ("launcher", (eager_out, eager_lse, eager_grads))):
             try:
                 _check(case, *results, oracle, plain, f"{path}, {label}")

@@ -16,7 +16,7 @@ from torch._inductor.utils import run_and_get_code
 import varlen_compile
 from varlen_compile import AuxRequest, varlen_attn
 from varlen_compile.lowering import launcher
-from varlen_compile.params import AttnOptions, BatchLayout
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 from conftest import requires_cuda
 from factory import VarlenCase, assert_meets_error_rule, make_case, make_cu_seq, reference_outputs
@@ -87,10 +87,10 @@ def test_eager_backward_reads_a_strided_lse(kernel):
     grad_out = torch.randn_like(case.q)
     layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k, case.max_q, case.max_k), AttnOptions(True)
     qkv = (case.q.detach(), case.k.detach(), case.v.detach())
-    out, lse = call_forward(*qkv, layout, options, kernel)
+    out, lse = call_forward(*qkv, layout, options, OptionalInputs(), kernel)
     wide = torch.full((lse.shape[0], 2 * lse.shape[1]), float("nan"), device=DEVICE)
     wide[:, lse.shape[1]:] = lse
-    grads = call_backward(grad_out, *qkv, out, wide[:, lse.shape[1]:], layout, options, kernel=kernel)
+    grads = call_backward(grad_out, *qkv, out, wide[:, lse.shape[1]:], layout, options, OptionalInputs(), kernel=kernel)
     check_forward_backward(case, out, lse, grads, grad_out, is_causal=True)
 
 
@@ -111,8 +111,8 @@ def test_eager_triton_launcher_matches_reference(dtype, head_dim, window):
 
     layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(False, scale, *window)
     qkv = (case.q.detach(), case.k.detach(), case.v.detach())
-    out, lse = launcher.forward(*qkv, layout, options)
-    dq, dk, dv = launcher.backward(grad_out, *qkv, out, lse, layout, options)
+    out, lse = launcher.forward(*qkv, layout, options, OptionalInputs())
+    dq, dk, dv = launcher.backward(grad_out, *qkv, out, lse, layout, options, OptionalInputs())
     check_forward_backward(case, out, lse, (dq, dk, dv), grad_out, scale=scale, window_size=window)
 
 
@@ -137,12 +137,12 @@ def test_eager_packed_gqa_forward_matches_reference(dtype, head_dim, heads, wind
     assert pack_gqa_group(packed, heads[0] // heads[1]) == heads[0] // heads[1]
     layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(False, None, *window)
     qkv = (case.q.detach(), case.k.detach(), case.v.detach())
-    out, lse = launcher.forward(*qkv, layout, options, config=packed)
+    out, lse = launcher.forward(*qkv, layout, options, OptionalInputs(), config=packed)
     ref_out, ref_lse, _ = reference_outputs(case, torch.float64, window_size=window)
     plain_out, plain_lse, _ = reference_outputs(case, dtype, window_size=window)
     assert_meets_error_rule(out, ref_out, plain_out, name="out")
     assert_meets_error_rule(lse, ref_lse, plain_lse, name="lse")
-    unpacked_out, unpacked_lse = launcher.forward(*qkv, layout, options, config=unpacked)
+    unpacked_out, unpacked_lse = launcher.forward(*qkv, layout, options, OptionalInputs(), config=unpacked)
     torch.testing.assert_close(out, unpacked_out, rtol=1.6e-2, atol=2e-3)
     torch.testing.assert_close(lse, unpacked_lse, rtol=1e-5, atol=1e-5)
 

@@ -23,7 +23,7 @@ from conftest import requires_cuda
 from factory import VarlenCase, assert_meets_error_rule, make_case, reference_outputs
 from varlen_compile import varlen_attn
 from varlen_compile.lowering import launcher
-from varlen_compile.params import AttnOptions, BatchLayout
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -205,8 +205,10 @@ def test_malformed_offsets_stay_in_bounds():
         grads = torch.autograd.grad(out, (case.q, case.k, case.v), torch.randn_like(out))
         layout = BatchLayout(cu_seq, cu_seq)
         qkv = (case.q.detach(), case.k.detach(), case.v.detach())
-        eager_out, lse = launcher.forward(*qkv, layout, options)
-        eager_grads = launcher.backward(torch.randn_like(eager_out), *qkv, eager_out, lse, layout, options)
+        eager_out, lse = launcher.forward(*qkv, layout, options, OptionalInputs())
+        eager_grads = launcher.backward(
+            torch.randn_like(eager_out), *qkv, eager_out, lse, layout, options, OptionalInputs()
+        )
         torch.cuda.synchronize()
         assert out.shape == eager_out.shape == case.q.shape, name
         assert [grad.shape for grad in grads] == [grad.shape for grad in eager_grads], name

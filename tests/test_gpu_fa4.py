@@ -120,10 +120,11 @@ def _reference(inputs, case, dtype, grad_out, grad_lse):
     leaves = [inputs[name].detach().to(dtype).requires_grad_() for name in ("q", "k", "v")]
     sink = inputs["sink"].detach().to(dtype).requires_grad_() if inputs["sink"] is not None else None
     options = AttnOptions(
-        case.get("is_causal", False), None, *case.get("window_size", (-1, -1)), softcap=case.get("softcap", 0.0), sink=sink,
+        case.get("is_causal", False), None, *case.get("window_size", (-1, -1)), softcap=case.get("softcap", 0.0),
     )
     out, lse = reference.attention_forward(
-        *leaves, inputs["cu_seq_q"], inputs["cu_seq_k"], options, seqused_k=inputs["seqused_k"], compute_dtype=dtype,
+        *leaves, inputs["cu_seq_q"], inputs["cu_seq_k"], options, sink=sink, seqused_k=inputs["seqused_k"],
+        compute_dtype=dtype,
     )
     wrt = leaves + ([sink] if sink is not None else [])
     grads = torch.autograd.grad((out, lse), wrt, (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))

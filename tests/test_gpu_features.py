@@ -62,10 +62,10 @@ def _reference(inputs, case, dtype, grad_out, grad_lse):
     alibi = inputs["alibi_slopes"].to(dtype) if inputs["alibi_slopes"] is not None else None
     options = AttnOptions(
         case.get("is_causal", False), None, *case.get("window_size", (-1, -1)), softcap=case.get("softcap", 0.0),
-        sink=sink, alibi_slopes=alibi,
     )
     out, lse = reference.attention_forward(
-        *leaves, inputs["cu_seq_q"], inputs["cu_seq_k"], options, seqused_k=inputs["seqused_k"], compute_dtype=dtype,
+        *leaves, inputs["cu_seq_q"], inputs["cu_seq_k"], options, sink=sink, alibi_slopes=alibi,
+        seqused_k=inputs["seqused_k"], compute_dtype=dtype,
     )
     wrt = leaves + ([sink] if sink is not None else [])
     grads = torch.autograd.grad((out, lse), wrt, (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))

@@ -1,4 +1,4 @@
-"""The kernel choice on the CPU (issue #16): the switch, eligibility, the selection logic and its
+"""The kernel choice on the CPU: the switch, eligibility, the selection logic and its
 default table, the path without FlashAttention 4, the FA4 adapter against a stand-in of FA4's
 interface, and the offsets it sanitizes (under the Triton interpreter).
 
@@ -20,8 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fake_fa4
 from factory import assert_matches_reference, make_case, make_cu_seq
-from varlen_compile import _compat, _extern_ops, _fa4, config, varlen_attn
-from varlen_compile.params import AttnOptions, BatchLayout, bind_op_args
+from varlen_compile import _compat, config, eligibility, varlen_attn
+from varlen_compile.lowering import extern_ops, fa4, launcher
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, bind_op_args
 
 pytestmark = pytest.mark.fa4
 
@@ -137,7 +138,7 @@ def test_without_fa4_installed_nothing_offers_it(fresh_fa4_detection, monkeypatc
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     interface, reason = _compat.fa4_interface()
     assert interface is None and "flash-attn-4 is not installed" in reason and "[fa4]" in reason
-    assert _fa4.unsupported(CUDA, torch.bfloat16, 128, 128, BatchLayout(None, None), AttnOptions()) == reason
+    assert fa4_reason(torch.bfloat16, (128, 128)) == reason
 
 
 def test_fa4_outside_the_supported_range_is_refused(fresh_fa4_detection, monkeypatch):
@@ -193,6 +194,13 @@ def fa4_present(monkeypatch):
 LAYOUT = BatchLayout(None, None)
 
 
+def fa4_reason(dtype, head_dims, options=AttnOptions(), optional=(), same_heads=True, device=CUDA, side="forward"):
+    """eligibility's answer for FA4 on a call described by metadata (``optional``: names)."""
+    call = eligibility.Call(device, dtype, *head_dims, same_heads, options,
+                            {name: torch.int32 for name in optional}, False, side)
+    return eligibility.unsupported("fa4", call)
+
+
 @pytest.mark.parametrize(
     "arch, dtype, head_dims, expected",
     [
@@ -215,7 +223,7 @@ LAYOUT = BatchLayout(None, None)
 )
 def test_fa4_eligibility_by_arch_dtype_and_head_dims(fa4_present, arch, dtype, head_dims, expected):
     fa4_present.set_arch(*arch)
-    reason = _fa4.unsupported(CUDA, dtype, *head_dims, LAYOUT, AttnOptions())
+    reason = fa4_reason(dtype, head_dims)
     assert reason is None if expected is None else expected in reason
 
 
@@ -223,8 +231,8 @@ def test_fa4_eligibility_where_its_backward_is_narrower(fa4_present):
     """D_v != D only as MLA's 192/128, not with GQA on sm90 (its GQA backward asserts D == D_v);
     sm100's head-dim-256 backward takes no softcap, window or gradient into lse."""
     def reason(head_dims, same_heads=True, grad_lse=False, **options):
-        return _fa4.unsupported(CUDA, torch.bfloat16, *head_dims, LAYOUT, AttnOptions(**options),
-                                same_heads=same_heads, grad_lse=grad_lse)
+        return fa4_reason(torch.bfloat16, head_dims, AttnOptions(**options), ("grad_lse",) if grad_lse else (),
+                          same_heads=same_heads, side="backward" if grad_lse else "forward")
 
     assert reason((192, 128)) is None
     assert "with GQA" in reason((192, 128), same_heads=False)
@@ -239,24 +247,32 @@ def test_fa4_eligibility_where_its_backward_is_narrower(fa4_present):
 
 
 def test_fa4_eligibility_by_features(fa4_present):
-    def reason(layout=LAYOUT, **options):
-        return _fa4.unsupported(CUDA, torch.bfloat16, 128, 128, layout, AttnOptions(**options))
+    def reason(optional=(), **options):
+        return fa4_reason(torch.bfloat16, (128, 128), AttnOptions(**options), optional)
 
-    slopes, table = torch.ones(4), torch.zeros(2, 3, dtype=torch.int32)
     assert reason(is_causal=True, window_left=64) is None
     assert reason(softcap=30.0) is None
-    assert reason(sink=torch.zeros(4)) is None
-    assert reason(BatchLayout(None, None, seqused_k=torch.ones(2, dtype=torch.int32))) is None
-    assert "ALiBi" in reason(alibi_slopes=slopes)
-    assert "paged" in reason(BatchLayout(None, None, seqused_k=torch.ones(2), block_table=table))
-    assert "NVIDIA GPUs" in _fa4.unsupported(torch.device("cpu"), torch.bfloat16, 128, 128, LAYOUT, AttnOptions())
+    assert reason(("sink",)) is None
+    assert reason(("seqused_k",)) is None
+    assert "ALiBi" in reason(("alibi_slopes",))
+    assert "paged" in reason(("seqused_k", "block_table"))
+    assert "NVIDIA GPUs" in fa4_reason(torch.bfloat16, (128, 128), device=torch.device("cpu"))
+
+
+def test_every_registry_input_fa4_cannot_take_makes_it_ineligible(fa4_present):
+    """The registry decides: an optional input without an FA4 keyword rules FA4 out."""
+    from varlen_compile.params import OPTIONAL_INPUTS
+
+    for spec in OPTIONAL_INPUTS:
+        reason = fa4_reason(torch.bfloat16, (128, 128), optional=(spec.name,), side=spec.read_by[-1])
+        assert (reason is None) == (spec.fa4 is not None), spec.name
 
 
 # ---------------------------------------------------------------------------- selection
 
 
 def test_selection_follows_the_preference_where_the_kernel_can_serve():
-    from varlen_compile.lowering.choices import select
+    select = eligibility.select
 
     def pick(requested, fa4=None, aten=None, max_autotune=False, default=False):
         return select(requested, fa4_reason=fa4, aten_reason=aten, max_autotune=max_autotune, fa4_default=default)
@@ -280,38 +296,37 @@ def test_selection_follows_the_preference_where_the_kernel_can_serve():
 
 
 def test_an_unservable_preference_is_logged_once(caplog):
-    from varlen_compile.lowering.choices import select
-
-    caplog.set_level(logging.INFO, logger="varlen_compile.lowering.choices")
+    caplog.set_level(logging.INFO, logger="varlen_compile.eligibility")
     for _ in range(3):
-        select("fa4", fa4_reason="a reason only this test gives", aten_reason=None, max_autotune=False, fa4_default=False)
+        eligibility.select("fa4", fa4_reason="a reason only this test gives", aten_reason=None, max_autotune=False, fa4_default=False)
     messages = [r.getMessage() for r in caplog.records if "a reason only this test gives" in r.getMessage()]
     assert len(messages) == 1 and "our Triton template runs it" in messages[0]
 
 
 @pytest.mark.parametrize(
-    "arch, head_dims, options, layout, expected",
+    "arch, head_dims, options, optional, expected",
     [
-        (9, (128, 128), AttnOptions(is_causal=True), LAYOUT, True),
-        (9, (64, 64), AttnOptions(), LAYOUT, True),
-        (9, (64, 64), AttnOptions(window_right=0), LAYOUT, True),
-        (9, (96, 96), AttnOptions(is_causal=True), LAYOUT, False),
-        (9, (192, 128), AttnOptions(is_causal=True), LAYOUT, False),
-        (9, (128, 128), AttnOptions(is_causal=True, window_left=256), LAYOUT, False),
-        (9, (128, 128), AttnOptions(softcap=50.0), LAYOUT, True),
-        (9, (64, 64), AttnOptions(softcap=50.0), LAYOUT, False),
-        (9, (128, 128), AttnOptions(alibi_slopes=torch.ones(2)), LAYOUT, False),
-        (9, (128, 128), AttnOptions(sink=torch.zeros(2)), LAYOUT, False),
-        (9, (128, 128), AttnOptions(), BatchLayout(None, None, seqused_k=torch.ones(2)), False),
-        (10, (128, 128), AttnOptions(is_causal=True), LAYOUT, False),
-        (8, (128, 128), AttnOptions(is_causal=True), LAYOUT, False),
+        (9, (128, 128), AttnOptions(is_causal=True), {}, True),
+        (9, (64, 64), AttnOptions(), {}, True),
+        (9, (64, 64), AttnOptions(window_right=0), {}, True),
+        (9, (96, 96), AttnOptions(is_causal=True), {}, False),
+        (9, (192, 128), AttnOptions(is_causal=True), {}, False),
+        (9, (128, 128), AttnOptions(is_causal=True, window_left=256), {}, False),
+        (9, (128, 128), AttnOptions(softcap=50.0), {}, True),
+        (9, (64, 64), AttnOptions(softcap=50.0), {}, False),
+        (9, (128, 128), AttnOptions(), dict(alibi_slopes=torch.ones(2)), False),
+        (9, (128, 128), AttnOptions(), dict(sink=torch.zeros(2)), False),
+        (9, (128, 128), AttnOptions(), dict(seqused_k=torch.ones(2)), False),
+        (9, (128, 128), AttnOptions(is_causal=True), dict(grad_lse=torch.ones(2)), True),
+        (10, (128, 128), AttnOptions(is_causal=True), {}, False),
+        (8, (128, 128), AttnOptions(is_causal=True), {}, False),
     ],
 )
-def test_default_table(arch, head_dims, options, layout, expected):
+def test_default_table(arch, head_dims, options, optional, expected):
     """FA4 by default only where it was measured faster (lowering/choices.py's table)."""
     from varlen_compile.lowering.choices import fa4_is_default
 
-    assert fa4_is_default(arch, *head_dims, layout, options) is expected
+    assert fa4_is_default(arch, *head_dims, options, OptionalInputs(optional)) is expected
 
 
 @pytest.mark.parametrize(
@@ -324,7 +339,7 @@ def test_default_table_by_mean_length(head_dims, mean_length, expected):
     long ones: FA4 is the default from a mean of 512 tokens; at 128 FA4 won at every length."""
     from varlen_compile.lowering.choices import fa4_is_default
 
-    assert fa4_is_default(9, *head_dims, LAYOUT, AttnOptions(is_causal=True), mean_length) is expected
+    assert fa4_is_default(9, *head_dims, AttnOptions(is_causal=True), OptionalInputs(), mean_length) is expected
 
 
 @pytest.mark.parametrize(
@@ -335,7 +350,7 @@ def test_default_table_needs_enough_rows(rows, expected):
     is not hidden (the H200: 0.45x of FA4 direct at 98k rows, >= 0.99x from 196k)."""
     from varlen_compile.lowering.choices import fa4_is_default
 
-    assert fa4_is_default(9, 128, 128, LAYOUT, AttnOptions(is_causal=True), 768.0, rows) is expected
+    assert fa4_is_default(9, 128, 128, AttnOptions(is_causal=True), OptionalInputs(), 768.0, rows) is expected
 
 
 @pytest.mark.parametrize("rows", [6144 * 16, (1 << 17) - 1, 1 << 17, None])
@@ -345,10 +360,10 @@ def test_default_table_has_no_row_floor_in_cuda_graphs(rows):
     0.097 ms forward at 98k rows): no row floor. The other rules stay (mean length at D=64)."""
     from varlen_compile.lowering.choices import fa4_is_default
 
-    causal = AttnOptions(is_causal=True)
-    assert fa4_is_default(9, 128, 128, LAYOUT, causal, 768.0, rows, cuda_graphs=True)
-    assert fa4_is_default(9, 64, 64, LAYOUT, causal, 768.0, rows, cuda_graphs=True)
-    assert not fa4_is_default(9, 64, 64, LAYOUT, causal, 279.0, rows, cuda_graphs=True)
+    causal, none = AttnOptions(is_causal=True), OptionalInputs()
+    assert fa4_is_default(9, 128, 128, causal, none, 768.0, rows, cuda_graphs=True)
+    assert fa4_is_default(9, 64, 64, causal, none, 768.0, rows, cuda_graphs=True)
+    assert not fa4_is_default(9, 64, 64, causal, none, 279.0, rows, cuda_graphs=True)
 
 
 def test_kernels_for_reads_the_cudagraphs_setting(monkeypatch):
@@ -363,15 +378,15 @@ def test_kernels_for_reads_the_cudagraphs_setting(monkeypatch):
     seen = []
     monkeypatch.setattr(choices, "fa4_is_default", lambda *args, **kwargs: seen.append(kwargs["cuda_graphs"]) or False)
     monkeypatch.setattr(choices, "_batch_size_hints", lambda query, layout: (768.0, 98304))
-    monkeypatch.setattr(choices._fa4, "unsupported", lambda *args, **kwargs: None)
-    monkeypatch.setattr(choices, "aten_unsupported", lambda *args, **kwargs: None)
-    monkeypatch.setattr(choices.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(choices, "V", SimpleNamespace(graph=SimpleNamespace(
-        cpp_wrapper=False, sizevars=SimpleNamespace(statically_known_equals=lambda a, b: True))))
-    query = SimpleNamespace(get_device=lambda: "cuda", get_dtype=lambda: torch.bfloat16, get_size=lambda: [6144, 16, 64])
+    monkeypatch.setattr(eligibility, "unsupported", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(choices, "call_of_nodes", lambda *args, **kwargs: eligibility.Call(
+        CUDA, torch.bfloat16, 64, 64, True, AttnOptions(is_causal=True), {}, False))
+    query = SimpleNamespace(get_size=lambda: [6144, 16, 64])
     for cudagraphs in (False, True):
         with inductor_config.patch({"triton.cudagraphs": cudagraphs, "max_autotune": False}):
-            choices.kernels_for("auto", query, 16, 64, 64, LAYOUT, AttnOptions(is_causal=True))
+            choices.kernels_for("auto", query, query, query, LAYOUT, AttnOptions(is_causal=True), OptionalInputs(),
+                                "forward", (64, 64))
     assert seen == [False, True]
 
 
@@ -399,11 +414,11 @@ def test_fa4_adapter_round_trip(name, fa4_present, interpret, poison_empty):
                      head_dim=16, dtype=torch.bfloat16)
     sink = torch.randn(spec["heads_q"]) if spec.get("sink") else None
     window = spec.get("window", (-1, -1))
-    options = AttnOptions(spec["causal"], spec.get("scale"), *window, softcap=spec.get("softcap", 0.0), sink=sink)
+    options = AttnOptions(spec["causal"], spec.get("scale"), *window, softcap=spec.get("softcap", 0.0))
     layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
-    out, lse = _fa4.forward(case.q, case.k, case.v, layout, options)
+    out, lse = fa4.forward(case.q, case.k, case.v, layout, options, OptionalInputs(sink=sink))
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    grads = _fa4.backward(grad_out, case.q, case.k, case.v, out, lse, layout, options, grad_lse)
+    grads = fa4.backward(grad_out, case.q, case.k, case.v, out, lse, layout, options, OptionalInputs(grad_lse=grad_lse))
     ref_kwargs = dict(is_causal=spec["causal"], window_size=window, scale=spec.get("scale"),
                       softcap=spec.get("softcap", 0.0), sink=sink)
     assert_matches_reference(case, out, lse, grads, grad_out=grad_out, grad_lse=grad_lse,
@@ -420,7 +435,7 @@ def test_fa4_adapter_passes_windows_that_exclude_nothing_as_unbounded(fa4_presen
     case = make_case([8, 6], heads_q=2, head_dim=16, dtype=torch.bfloat16)
     layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
     for window, expected in (((2**31 - 1, 3), (None, 3)), ((5, 14), (5, None)), ((13, 13), (13, 13))):
-        _fa4.forward(case.q, case.k, case.v, layout, AttnOptions(False, None, *window))
+        fa4.forward(case.q, case.k, case.v, layout, AttnOptions(False, None, *window), OptionalInputs())
         call = fa4_present.calls[-1][1]
         assert (call["window_size_left"], call["window_size_right"]) == expected, window
 
@@ -430,11 +445,11 @@ def test_fa4_adapter_zeroes_the_gradients_of_unused_keys(fa4_present, interpret,
     """FA4 writes no dK/dV for keys past seqused_k; the adapter makes them 0, as our kernels."""
     case = make_case([4, 3], [6, 5], heads_q=2, head_dim=16, dtype=torch.bfloat16)
     seqused_k = torch.tensor([2, 5], dtype=torch.int32)
-    layout = BatchLayout(case.cu_seq_q, case.cu_seq_k, seqused_k=seqused_k)
+    layout, optional = BatchLayout(case.cu_seq_q, case.cu_seq_k), OptionalInputs(seqused_k=seqused_k)
     options = AttnOptions(is_causal=True)
-    out, lse = _fa4.forward(case.q, case.k, case.v, layout, options)
+    out, lse = fa4.forward(case.q, case.k, case.v, layout, options, optional)
     grad_out = torch.randn_like(out)
-    grads = _fa4.backward(grad_out, case.q, case.k, case.v, out, lse, layout, options, None)
+    grads = fa4.backward(grad_out, case.q, case.k, case.v, out, lse, layout, options, optional)
     assert torch.equal(grads[1][2:6], torch.zeros_like(grads[1][2:6]))
     assert torch.equal(grads[2][2:6], torch.zeros_like(grads[2][2:6]))
     assert_matches_reference(case, out, lse, grads, grad_out=grad_out,
@@ -448,8 +463,8 @@ def test_fa4_adapter_hands_fa4_only_sanitized_offsets(fa4_present, interpret):
     case = make_case([8, 6], heads_q=2, head_dim=16, dtype=torch.bfloat16)
     bad_q = torch.tensor([3, 90, -4], dtype=torch.int32)
     bad_k = torch.tensor([-7, 9, 4], dtype=torch.int32)
-    layout = BatchLayout(bad_q, bad_k, seqused_k=torch.tensor([50, -2], dtype=torch.int32))
-    _fa4.forward(case.q, case.k, case.v, layout, AttnOptions())
+    optional = OptionalInputs(seqused_k=torch.tensor([50, -2], dtype=torch.int32))
+    fa4.forward(case.q, case.k, case.v, BatchLayout(bad_q, bad_k), AttnOptions(), optional)
     call = fa4_present.calls[0][1]
     assert call["cu_seqlens_q"].tolist() == [3, 14, 14]
     assert call["cu_seqlens_k"].tolist() == [0, 9, 9]
@@ -468,7 +483,7 @@ def test_fa4_extern_ops_pass_opcheck(fa4_present, interpret):
         (case.q, case.k, case.v, lse, case.cu_seq_q, case.cu_seq_k), dict(scalars, sink=torch.randn(4)),
         test_utils=("test_schema", "test_faketensor"),
     )
-    out = _extern_ops.fa4_forward_into(case.q, case.k, case.v, lse, case.cu_seq_q, case.cu_seq_k, **scalars)
+    out = extern_ops.fa4_forward_into(case.q, case.k, case.v, lse, case.cu_seq_q, case.cu_seq_k, **scalars)
     grad_query, grad_value = torch.empty_like(case.q), torch.empty_like(case.v)
     torch.library.opcheck(
         torch.ops.varlen_compile._fa4_backward_into.default,
@@ -497,8 +512,7 @@ def _sanitized_by_hand(cu_q, cu_k, used, total_q, total_k):
 @pytest.mark.parametrize("seed", range(6))
 def test_offsets_kernel_matches_its_definition(seed, interpret):
     """Random (mostly malformed) offsets, some longer than one block of the kernel's scan."""
-    from varlen_compile.lowering.offsets import sanitized
-
+    sanitized = launcher.sanitized_offsets
     rng = random.Random(seed)
     count = rng.choice([1, 2, 5, 1500])
     total_q, total_k = rng.randint(0, 300), rng.randint(0, 300)
@@ -513,8 +527,7 @@ def test_offsets_kernel_matches_its_definition(seed, interpret):
 
 @pytest.mark.interpreter
 def test_offsets_kernel_leaves_well_formed_offsets_alone(interpret):
-    from varlen_compile.lowering.offsets import sanitized
-
+    sanitized = launcher.sanitized_offsets
     cu = make_cu_seq([5, 0, 1, 9])
     used = torch.tensor([5, 0, 1, 4], dtype=torch.int32)
     q, k, u = sanitized(cu, cu, used, 15, 15)

@@ -13,7 +13,7 @@ import torch
 from factory import AttnSpec, assert_matches_reference, make_case, spec_id
 from varlen_compile.lowering import launcher
 from varlen_compile.lowering.configs import BackwardConfig, ForwardConfig, pack_gqa_group
-from varlen_compile.params import AttnOptions, BatchLayout
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -75,11 +75,11 @@ def _run_and_check(
     options = AttnOptions(spec.is_causal, spec.scale, *spec.window_size)
     layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
     qkv = (case.q.detach(), case.k.detach(), case.v.detach())
-    out, lse = launcher.forward(*qkv, layout, options, config=forward_config)
+    out, lse = launcher.forward(*qkv, layout, options, OptionalInputs(), config=forward_config)
     grad_out = torch.randn(out.shape)
     grad_lse = torch.randn(lse.shape) if with_grad_lse else None
     grads = launcher.backward(
-        grad_out, *qkv, out, lse, layout, options, grad_lse=grad_lse, config=backward_config
+        grad_out, *qkv, out, lse, layout, options, OptionalInputs(grad_lse=grad_lse), config=backward_config
     )
     assert_matches_reference(
         case, out, lse, grads, grad_out=grad_out, grad_lse=grad_lse, plain_dtype=torch.float32,
@@ -153,7 +153,8 @@ def test_forward_packed_gqa(spec):
     case = spec.make()
     options = AttnOptions(spec.is_causal, spec.scale, *spec.window_size)
     out, lse = launcher.forward(
-        case.q, case.k, case.v, BatchLayout(case.cu_seq_q, case.cu_seq_k), options, config=packed_config(spec)
+        case.q, case.k, case.v, BatchLayout(case.cu_seq_q, case.cu_seq_k), options, OptionalInputs(),
+        config=packed_config(spec),
     )
     assert_matches_reference(case, out, lse, plain_dtype=torch.float32, **spec.ref_kwargs)
 
@@ -169,7 +170,8 @@ def test_pack_gqa_falls_back_where_it_cannot_pack():
     spec = AttnSpec((20, 1), (9, 1), heads_q=6, heads_kv=2, is_causal=True)
     case = spec.make()
     out, lse = launcher.forward(
-        case.q, case.k, case.v, BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(True), config=packed
+        case.q, case.k, case.v, BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(True), OptionalInputs(),
+        config=packed,
     )
     assert_matches_reference(case, out, lse, plain_dtype=torch.float32, **spec.ref_kwargs)
 
@@ -184,10 +186,11 @@ def test_single_key_sequences_have_exactly_zero_dq_dk(grad_lse):
     case = spec.make()
     layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions()
     qkv = (case.q, case.k, case.v)
-    out, lse = launcher.forward(*qkv, layout, options, config=FORWARD_CONFIG)
+    out, lse = launcher.forward(*qkv, layout, options, OptionalInputs(), config=FORWARD_CONFIG)
     grad_lse = torch.zeros_like(lse) if grad_lse == "zeros" else None
     dq, dk, dv = launcher.backward(
-        torch.randn(out.shape), *qkv, out, lse, layout, options, grad_lse=grad_lse, config=BACKWARD_CONFIG
+        torch.randn(out.shape), *qkv, out, lse, layout, options, OptionalInputs(grad_lse=grad_lse),
+        config=BACKWARD_CONFIG,
     )
     assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
     assert dv.abs().min() > 0
@@ -202,10 +205,11 @@ def test_single_key_gradient_through_lse():
     case = spec.make()
     layout, options = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions()
     qkv = (case.q.detach(), case.k.detach(), case.v.detach())
-    out, lse = launcher.forward(*qkv, layout, options, config=FORWARD_CONFIG)
+    out, lse = launcher.forward(*qkv, layout, options, OptionalInputs(), config=FORWARD_CONFIG)
     grad_lse = torch.randn(lse.shape)
     dq, dk, _ = launcher.backward(
-        torch.randn(out.shape), *qkv, out, lse, layout, options, grad_lse=grad_lse, config=BACKWARD_CONFIG
+        torch.randn(out.shape), *qkv, out, lse, layout, options, OptionalInputs(grad_lse=grad_lse),
+        config=BACKWARD_CONFIG,
     )
     scale = 24 ** -0.5
     q, k, g = case.q.double(), case.k.double(), grad_lse.double().T  # g: (T_q, H_q)
@@ -223,7 +227,7 @@ def test_poison_fixture_catches_unwritten_outputs():
     case = make_case([4, 5], heads_q=2)
     cu_seq_short = torch.tensor([0, 4, 8], dtype=torch.int32)  # token 8 belongs to no sequence
     _, lse = launcher.forward(
-        case.q, case.k, case.v, BatchLayout(cu_seq_short, cu_seq_short), AttnOptions(),
+        case.q, case.k, case.v, BatchLayout(cu_seq_short, cu_seq_short), AttnOptions(), OptionalInputs(),
         config=FORWARD_CONFIG,
     )
     assert torch.isnan(lse[:, 8]).all() and not torch.isnan(lse[:, :8]).any()

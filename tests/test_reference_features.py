@@ -427,11 +427,11 @@ def test_block_table_needs_seqused_k_and_has_no_reference_backward():
 def test_options_object_or_keywords():
     x = batch([5, 3], [4, 6], seed=14)
     sink, slopes = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([0.5, 0.25, 0.125, 0.0625])
-    options = AttnOptions(is_causal=True, softcap=3.0, sink=sink, alibi_slopes=slopes)
-    by_object = reference.attention_forward(**x, options=options)
+    options = AttnOptions(is_causal=True, softcap=3.0)
+    by_object = reference.attention_forward(**x, options=options, sink=sink, alibi_slopes=slopes)
     by_keywords = reference.attention_forward(**x, is_causal=True, softcap=3.0, sink=sink, alibi_slopes=slopes)
     torch.testing.assert_close(by_object, by_keywords, atol=0, rtol=0)
-    for extra in ({"softcap": 1.0}, {"sink": sink}, {"alibi_slopes": slopes}):
+    for extra in ({"softcap": 1.0}, {"is_causal": True}, {"window_size": (3, 0)}):
         with pytest.raises(TypeError):
             reference.attention_forward(**x, options=options, **extra)
 

@@ -22,8 +22,6 @@ __all__ = [
     "all_gather",
     "all_gather_autograd",
     "group_size_by_name",
-    "build_fingerprint",
-    "tag_compile_caches",
     "TORCH_VERSION",
     "has_triton",
     "has_inductor",
@@ -193,47 +191,3 @@ def group_size_by_name(group_name: str) -> int:
 
     by_name = getattr(c10d, "_get_group_size_by_name", None)
     return by_name(group_name) if by_name is not None else c10d._resolve_process_group(group_name).size()
-
-
-def build_fingerprint() -> str:
-    """What Inductor's caches cannot see but our lowering's output depends on: a hash of this
-    package's sources (the lowering, templates and kernels included) and of the installed
-    FlashAttention 4 version (FA4 as a kernel choice). 16 hex digits; computed once per call."""
-    import hashlib
-    from pathlib import Path
-
-    import varlen_compile
-    import varlen_compile.lowering
-
-    digest = hashlib.sha256()
-    for package in (varlen_compile, varlen_compile.lowering):
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*")):
-            if path.suffix in (".py", ".jinja") and "__pycache__" not in path.parts:
-                digest.update(str(path.relative_to(root)).encode())
-                digest.update(path.read_bytes())
-    try:
-        fa4 = importlib.metadata.version("flash-attn-4")
-    except importlib.metadata.PackageNotFoundError:
-        fa4 = "none"
-    digest.update(f"flash-attn-4={fa4}".encode())
-    return digest.hexdigest()[:16]
-
-
-_CACHE_TAG_PREFIX = "varlen_compile="
-
-
-@functools.cache
-def tag_compile_caches() -> str:
-    """Put :func:`build_fingerprint` into ``torch.compiler.config.cache_key_tag``, which keys
-    Inductor's FX graph cache and AOTAutograd's cache. Without it, a graph compiled before an
-    upgrade of this package (or before FA4 was installed or removed) would be served from the
-    on-disk cache with the old kernels or kernel choice. Appended to a tag the user set (kept);
-    a tag assigned after ``import varlen_compile`` replaces ours. Returns the tag set."""
-    from torch.compiler import config as compiler_config
-
-    current = compiler_config.cache_key_tag
-    kept = "|".join(part for part in current.split("|") if part and not part.startswith(_CACHE_TAG_PREFIX))
-    tag = "|".join(part for part in (kept, _CACHE_TAG_PREFIX + build_fingerprint()) if part)
-    compiler_config.cache_key_tag = tag
-    return tag

@@ -4,22 +4,31 @@ Layout of this module: the forward op and its fake, the backward op and its fake
 (``setup_context`` / ``backward``), then FLOP formulas. The public, validated entry point is
 :func:`varlen_compile.varlen_attn`; these ops trust their inputs.
 
-The schemas are the flat form of :class:`~varlen_compile.params.BatchLayout` and
-:class:`~varlen_compile.params.AttnOptions`: each op body binds its arguments by name and hands
-the objects on. ``max_q``/``max_k`` are optional hints (``SymInt?``): the Triton kernels never
+The schemas are the flat form of :class:`~varlen_compile.params.BatchLayout`,
+:class:`~varlen_compile.params.AttnOptions` and :class:`~varlen_compile.params.OptionalInputs`:
+each op body binds its arguments by name and hands the objects on. ``max_q``/``max_k`` are optional hints (``SymInt?``): the Triton kernels never
 need them, aten flash does. ``scale=None`` means ``1 / sqrt(head_dim)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends, reference
-from .params import AttnOptions, BatchLayout, bind_op_args, flat_args, unflatten
+from ._compat import is_traced
+from .params import (
+    OPTIONAL_INPUTS,
+    AttnOptions,
+    BatchLayout,
+    OptionalInputs,
+    argument_names,
+    bind_op_args,
+    op_kwargs,
+    unflatten,
+)
 
 __all__ = ["attention_flops", "call_backward", "call_forward", "varlen_attn_backward_op", "varlen_attn_op"]
 
@@ -50,8 +59,8 @@ def varlen_attn_op(
     with ``block_table`` (then ``cu_seq_k`` is not read). ``kernel``: the preferred kernel,
     ``varlen_compile.config.kernel`` when the call was made (``"auto"``, ``"triton"``, ``"fa4"``
     or ``"aten"``; see :mod:`varlen_compile.config`)."""
-    layout, options = unflatten(locals())
-    return backends.forward(query, key, value, layout, options, kernel)
+    layout, options, optional = unflatten(locals())
+    return backends.forward(query, key, value, layout, options, optional, kernel)
 
 
 @varlen_attn_op.register_fake
@@ -94,8 +103,8 @@ def varlen_attn_backward_op(
     value reaches the backward through autograd); whichever kernel ran the forward, ``lse``
     follows one convention (``+inf`` for rows with no key), so any kernel can run the backward.
     """
-    layout, options = unflatten(locals())
-    return backends.backward(grad_out, query, key, value, out, lse, layout, options, grad_lse, kernel)
+    layout, options, optional = unflatten(locals())
+    return backends.backward(grad_out, query, key, value, out, lse, layout, options, optional, kernel)
 
 
 @varlen_attn_backward_op.register_fake
@@ -114,10 +123,12 @@ def _kernel_kwargs(kernel: str) -> dict[str, str]:
 
 def call_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions,
-    kernel: str = "auto",
+    optional: OptionalInputs, kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward op on objects: ``(out, lse)``."""
-    return varlen_attn_op(query, key, value, **flat_args(layout, options), **_kernel_kwargs(kernel))
+    return varlen_attn_op(
+        query, key, value, **op_kwargs(_FORWARD_ARGS, layout, options, optional), **_kernel_kwargs(kernel)
+    )
 
 
 def call_backward(
@@ -129,12 +140,12 @@ def call_backward(
     lse: torch.Tensor,
     layout: BatchLayout,
     options: AttnOptions,
-    grad_lse: torch.Tensor | None = None,
+    optional: OptionalInputs,
     kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward op on objects: ``(dq, dk, dv)``."""
+    """The backward op on objects: ``(dq, dk, dv)``; ``optional`` may hold ``grad_lse``."""
     return varlen_attn_backward_op(
-        grad_out, query, key, value, out, lse, **flat_args(layout, options), grad_lse=grad_lse,
+        grad_out, query, key, value, out, lse, **op_kwargs(_BACKWARD_ARGS, layout, options, optional),
         **_kernel_kwargs(kernel),
     )
 
@@ -142,25 +153,23 @@ def call_backward(
 # ---------------------------------------------------------------------------- autograd
 
 _FORWARD = torch.ops.varlen_compile.varlen_attn.default
+_BACKWARD = torch.ops.varlen_compile.varlen_attn_backward.default
+_FORWARD_ARGS, _BACKWARD_ARGS = argument_names(_FORWARD), argument_names(_BACKWARD)
 _DIFFERENTIABLE = ("query", "key", "value")
 _ARG_INDEX = {argument.name: index for index, argument in enumerate(_FORWARD._schema.arguments)}
-
-
-_SAVED_OPTIONAL = ("sink", "alibi_slopes", "seqused_k", "block_table")
+# What the backward needs, saved by name: the optional inputs are the forward op's.
+_SAVED = ("query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k") + tuple(
+    spec.name for spec in OPTIONAL_INPUTS if spec.name in _ARG_INDEX
+)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     args = bind_op_args(_FORWARD, inputs, {})
-    layout, options = unflatten(args)
-    out, lse = output
-    ctx.save_for_backward(
-        args["query"], args["key"], args["value"], out, lse, layout.cu_seq_q, layout.cu_seq_k,
-        *(args[name] for name in _SAVED_OPTIONAL),
-    )
+    args["out"], args["lse"] = output
+    layout, ctx.options, _ = unflatten(args)
+    ctx.save_for_backward(*(args[name] for name in _SAVED))
     ctx.hints = (layout.max_q, layout.max_k)
     ctx.kernel = args["kernel"]
-    # Tensors travel through save_for_backward; the options keep only their scalars here.
-    ctx.options = dataclasses.replace(options, sink=None, alibi_slopes=None)
     # Unused outputs get None instead of zeros: an unused lse keeps the aten flash backward.
     ctx.set_materialize_grads(False)
 
@@ -168,8 +177,10 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _backward(
     ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
-    query, key, value, out, lse, cu_seq_q, cu_seq_k, sink, alibi_slopes, seqused_k, block_table = ctx.saved_tensors
-    if block_table is not None:
+    saved = dict(zip(_SAVED, ctx.saved_tensors))
+    query, key, value, out, lse = (saved[name] for name in ("query", "key", "value", "out", "lse"))
+    optional = OptionalInputs({name: saved[name] for name in _SAVED[7:]}, grad_lse=grad_lse)
+    if optional.paged:
         raise NotImplementedError(
             "varlen_attn: paged K/V (block_table) is forward-only (as in torch.nn.attention.varlen); "
             "run the backward on contiguous K/V, or call it under torch.no_grad()"
@@ -178,10 +189,12 @@ def _backward(
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    layout = BatchLayout(cu_seq_q, cu_seq_k, *ctx.hints, seqused_k=seqused_k)
-    options = dataclasses.replace(ctx.options, sink=sink, alibi_slopes=alibi_slopes)
-    grads = dict(zip(_DIFFERENTIABLE, call_backward(grad_out, query, key, value, out, lse, layout, options, grad_lse, ctx.kernel)))
-    if sink is not None and ctx.needs_input_grad[_ARG_INDEX["sink"]]:
+    layout = BatchLayout(saved["cu_seq_q"], saved["cu_seq_k"], *ctx.hints)
+    grads = dict(zip(_DIFFERENTIABLE, call_backward(
+        grad_out, query, key, value, out, lse, layout, ctx.options, optional, ctx.kernel
+    )))
+    if "sink" in optional and ctx.needs_input_grad[_ARG_INDEX["sink"]]:
+        sink = optional["sink"]
         grads["sink"] = reference.sink_grad(sink, lse, grad_out, out, grad_lse).to(sink.dtype)
     return tuple(grads.get(argument.name) for argument in _FORWARD._schema.arguments)
 
@@ -221,8 +234,6 @@ def _sequence_lengths(
 ) -> list[int]:
     """Real lengths when ``cu_seq`` is readable; else ``max_len`` per sequence (an upper bound),
     or, without a hint, the whole batch as one sequence (also an upper bound)."""
-    from ._compat import is_traced
-
     if not is_traced(cu_seq):
         return (cu_seq[1:] - cu_seq[:-1]).tolist()
     if max_len is not None:
@@ -230,25 +241,24 @@ def _sequence_lengths(
     return [int(total)]
 
 
-def _key_lengths(key_shape: torch.Size, layout: BatchLayout) -> list[int]:
+def _key_lengths(key_shape: torch.Size, layout: BatchLayout, optional: OptionalInputs) -> list[int]:
     """Keys each sequence uses: its ``cu_seq_k`` slot (or block-table capacity), cut to
     ``seqused_k`` when it is given and readable."""
-    from ._compat import is_traced
-
     num_seqs = layout.cu_seq_q.shape[0] - 1
-    if layout.paged:
-        slots = [layout.block_table.shape[1] * key_shape[1]] * num_seqs
+    if optional.paged:
+        slots = [optional["block_table"].shape[1] * key_shape[1]] * num_seqs
     else:
         slots = _sequence_lengths(layout.cu_seq_k, layout.max_k, key_shape[0])
-    if layout.seqused_k is not None and not is_traced(layout.seqused_k):
-        used = layout.seqused_k.tolist()
+    seqused_k = optional.get("seqused_k")
+    if seqused_k is not None and not is_traced(seqused_k):
+        used = seqused_k.tolist()
         slots = [min(max(u, 0), s) for u, s in zip(used, slots)] if len(slots) == len(used) else slots
     return slots
 
 
 def attention_flops(
     query_shape: torch.Size, key_shape: torch.Size, layout: BatchLayout, options: AttnOptions,
-    value_head_dim: int | None = None,
+    optional: OptionalInputs, value_head_dim: int | None = None,
 ) -> int:
     """Forward FLOPs actually attended: ``2 * (D + D_v) * H_q * sum(attended pairs)`` (the
     two matmuls ``Q K^T`` and ``P V``; ``4 * D * ...`` when ``D_v == D``).
@@ -261,7 +271,7 @@ def attention_flops(
     _, num_heads, head_dim = query_shape
     head_dim_v = head_dim if value_head_dim is None else value_head_dim
     lengths_q = _sequence_lengths(layout.cu_seq_q, layout.max_q, query_shape[0])
-    lengths_k = _key_lengths(key_shape, layout)
+    lengths_k = _key_lengths(key_shape, layout, optional)
     pairs = sum(_attended_pairs(lq, lk, *options.window()) for lq, lk in zip(lengths_q, lengths_k))
     return 2 * (head_dim + head_dim_v) * num_heads * pairs
 
@@ -276,7 +286,7 @@ def _varlen_attn_flop(*args, out_val=None, **kwargs) -> int:
 
 @register_flop_formula(torch.ops.varlen_compile.varlen_attn_backward, get_raw=True)
 def _varlen_attn_backward_flop(*args, out_val=None, **kwargs) -> int:
-    bound = bind_op_args(torch.ops.varlen_compile.varlen_attn_backward.default, args, kwargs)
+    bound = bind_op_args(_BACKWARD, args, kwargs)
     head_dim, head_dim_v = bound["query"].shape[-1], bound["value"].shape[-1]
     forward = attention_flops(
         bound["query"].shape, bound["key"].shape, *unflatten(bound), value_head_dim=head_dim_v

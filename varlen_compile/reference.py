@@ -59,29 +59,13 @@ _Keys = slice | tuple[torch.Tensor, torch.Tensor]
 
 
 def _options(
-    options: AttnOptions | None,
-    is_causal: bool,
-    scale: float | None,
-    window_size: tuple[int, int],
-    softcap: float = 0.0,
-    sink: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
+    options: AttnOptions | None, is_causal: bool, scale: float | None, window_size: tuple[int, int], softcap: float,
 ) -> AttnOptions:
     """The options of a call: ``options`` itself, or the keyword arguments as an object."""
     if options is None:
-        return AttnOptions(
-            is_causal, scale, *window_size, softcap=softcap, sink=sink, alibi_slopes=alibi_slopes
-        )
-    keywords_default = (
-        (is_causal, scale, tuple(window_size), softcap) == (False, None, (-1, -1), 0.0)
-        and sink is None
-        and alibi_slopes is None
-    )
-    if not keywords_default:
-        raise TypeError(
-            "pass either options= or the is_causal/scale/window_size/softcap/sink/alibi_slopes "
-            "keywords, not both"
-        )
+        return AttnOptions(is_causal, scale, *window_size, softcap=softcap)
+    if (is_causal, scale, tuple(window_size), softcap) != (False, None, (-1, -1), 0.0):
+        raise TypeError("pass either options= or the is_causal/scale/window_size/softcap keywords, not both")
     return options
 
 
@@ -166,7 +150,7 @@ def _sum_groups(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def _scores(
-    q: torch.Tensor, k: torch.Tensor, options: AttnOptions, scale: float
+    q: torch.Tensor, k: torch.Tensor, options: AttnOptions, scale: float, alibi_slopes: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked scores of one sequence, ``(H, L_q, L_k)`` (masked entries are -inf), and the
     softcap's ``tanh`` term ``(H, L_q, L_k)`` (None without softcap) for the backward."""
@@ -176,11 +160,11 @@ def _scores(
     if options.softcap != 0.0:
         tanh = torch.tanh(scores / options.softcap)
         scores = options.softcap * tanh
-    if options.alibi_slopes is not None:
+    if alibi_slopes is not None:
         rows = torch.arange(len_q, device=q.device)[:, None]
         cols = torch.arange(len_k, device=q.device)[None, :]
         distance = (rows + (len_k - len_q) - cols).abs().to(scores.dtype)
-        slopes = options.alibi_slopes.detach().to(device=q.device, dtype=scores.dtype)
+        slopes = alibi_slopes.detach().to(device=q.device, dtype=scores.dtype)
         scores = scores - slopes[:, None, None] * distance
     allowed = sequence_mask(len_q, len_k, *options.window(), device=q.device)
     return scores.masked_fill(~allowed, float("-inf")), tanh
@@ -206,19 +190,19 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``: ``out`` ``(T_q, H_q, D_v)`` in ``q.dtype``, ``lse`` ``(H_q, T_q)``.
 
-    The attention options come as ``options`` or as the keywords ``is_causal``, ``scale``
-    (default ``1 / sqrt(D)``), ``window_size``, ``softcap`` (0 = off), ``sink`` (``(H_q,)`` or
-    None) and ``alibi_slopes`` (``(H_q,)`` or None). ``seqused_k`` (``(N,)``) and
+    The scalar options come as ``options`` or as the keywords ``is_causal``, ``scale``
+    (default ``1 / sqrt(D)``), ``window_size`` and ``softcap`` (0 = off); ``sink`` (``(H_q,)``
+    or None) and ``alibi_slopes`` (``(H_q,)`` or None) are keywords either way. ``seqused_k`` (``(N,)``) and
     ``block_table`` (``(N, max_pages)``, paged ``k``/``v`` of shape
     ``(total_pages, page_size, H_kv, D)``) describe the keys; see the module docstring.
     Differentiable with autograd w.r.t. ``q``, ``k``, ``v`` and ``sink``, paged K/V included
     (tests use float64 autograd through it as the gradient oracle).
     """
     compute_dtype = compute_dtype or _default_compute_dtype(q.dtype)
-    options = _options(options, is_causal, scale, window_size, softcap, sink, alibi_slopes)
+    options = _options(options, is_causal, scale, window_size, softcap)
     scale = options.scale_for(q.shape[-1])
     num_heads = q.shape[1]
-    sink_logits = None if options.sink is None else options.sink.to(device=q.device, dtype=compute_dtype)
+    sink_logits = None if sink is None else sink.to(device=q.device, dtype=compute_dtype)
     out = torch.zeros((q.shape[0], num_heads, v.shape[-1]), dtype=compute_dtype, device=q.device)
     # Rows no sequence covers (only with a malformed cu_seq) attend no key: out 0, lse +inf
     # (lse = sink with sinks).
@@ -231,7 +215,7 @@ def attention_forward(
         qs = _heads_first(q[start_q:end_q], num_heads, compute_dtype)
         ks = _heads_first(k[keys], num_heads, compute_dtype)
         vs = _heads_first(v[keys], num_heads, compute_dtype)
-        scores, _ = _scores(qs, ks, options, scale)
+        scores, _ = _scores(qs, ks, options, scale, alibi_slopes)
         if ks.shape[1]:
             row_max = scores.amax(-1, keepdim=True)
         else:
@@ -287,7 +271,7 @@ def attention_backward(
             "through reference.attention_forward with autograd instead"
         )
     compute_dtype = compute_dtype or _default_compute_dtype(q.dtype)
-    options = _options(options, is_causal, scale, window_size, softcap, sink, alibi_slopes)
+    options = _options(options, is_causal, scale, window_size, softcap)
     scale = options.scale_for(q.shape[-1])
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     delta = (grad_out.to(compute_dtype) * out.to(compute_dtype)).sum(-1).transpose(0, 1)
@@ -302,7 +286,7 @@ def attention_backward(
         vs = _heads_first(v[keys], num_heads, compute_dtype)
         dos = _heads_first(grad_out[start_q:end_q], num_heads, compute_dtype)
         lse_s = lse[:, start_q:end_q, None].to(compute_dtype)
-        scores, tanh = _scores(qs, ks, options, scale)
+        scores, tanh = _scores(qs, ks, options, scale, alibi_slopes)
         probs = torch.exp(scores - lse_s)
         grad_probs = dos @ vs.transpose(-1, -2)
         grad_scores = probs * (grad_probs - delta[:, start_q:end_q, None])

@@ -26,16 +26,18 @@ from varlen_compile.lowering.configs import (
     default_forward_config,
     kernel_constexprs,
 )
-from varlen_compile.params import AttnOptions, BatchLayout
+from varlen_compile.params import OPTIONAL_INPUTS, AttnOptions, OptionalInputs
 
 _DUMMY = torch.empty(1)
 
 FEATURES = {
-    "plain-causal": (AttnOptions(is_causal=True), False, False),
+    "plain-causal": (AttnOptions(is_causal=True), OptionalInputs()),
     "softcap-sink-alibi-window": (
-        AttnOptions(window_left=64, softcap=30.0, sink=_DUMMY, alibi_slopes=_DUMMY), True, False,
+        AttnOptions(window_left=64, softcap=30.0), OptionalInputs(sink=_DUMMY, alibi_slopes=_DUMMY, seqused_k=_DUMMY),
     ),
-    "paged-seqused-causal-softcap": (AttnOptions(is_causal=True, softcap=50.0), True, True),
+    "paged-seqused-causal-softcap": (
+        AttnOptions(is_causal=True, softcap=50.0), OptionalInputs(seqused_k=_DUMMY, block_table=_DUMMY),
+    ),
 }
 # (head dim, value head dim) per feature set: the plain kernels at the common 128 and 64, the
 # features with MLA's 192/128 (the largest tiles) and at 128.
@@ -46,15 +48,21 @@ HEAD_DIMS = {
 }
 
 
+# Pointer types by kernel parameter name: the fixed int32 / float32 ones, and the optional
+# inputs as the registry declares them.
+_POINTER_TYPES = {
+    "CU_Q": "*i32", "CU_K": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
+    **{spec.kernel_name: "*fp32" if spec.dtype.is_floating_point else "*i32" for spec in OPTIONAL_INPUTS},
+}
+
+
 def _signature(kernel, constexprs: dict, dtype: str) -> dict[str, str]:
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("CU_Q", "CU_K", "SEQUSED_K", "BLOCK_TABLE"):
-            signature[name] = "*i32"
-        elif name in ("LSE", "DELTA", "GRAD_LSE", "SINK", "ALIBI"):
-            signature[name] = "*fp32"
+        elif name in _POINTER_TYPES:
+            signature[name] = _POINTER_TYPES[name]
         elif name.isupper():
             signature[name] = f"*{dtype}"
         elif name == "scale":
@@ -64,17 +72,14 @@ def _signature(kernel, constexprs: dict, dtype: str) -> dict[str, str]:
     return signature
 
 
-def _layout(seqused: bool, paged: bool) -> BatchLayout:
-    return BatchLayout(_DUMMY, _DUMMY, seqused_k=_DUMMY if seqused else None, block_table=_DUMMY if paged else None)
-
-
 def cases():
     kernels = launcher._kernels()
-    for feature, (options, seqused, paged) in FEATURES.items():
+    for feature, (options, optional) in FEATURES.items():
+        paged = optional.paged
         for head_dim, head_dim_v in HEAD_DIMS[feature]:
             config = default_forward_config(max(head_dim, head_dim_v), torch.bfloat16)
             constexprs = dict(
-                kernel_constexprs(options, _layout(seqused, paged), head_dim, head_dim_v, torch.bfloat16),
+                kernel_constexprs(options, optional, head_dim, head_dim_v, torch.bfloat16),
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, PACK_GQA=1,
             )
             yield f"fwd-{feature}-d{head_dim}v{head_dim_v}", kernels.varlen_fwd_kernel, constexprs, config
@@ -92,11 +97,10 @@ def cases():
         for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
             for grad_lse in (False, True):
                 config = default_backward_config(max(head_dim, head_dim_v), torch.bfloat16, 2)
-                constexprs = backward_constexprs(
-                    options, _layout(seqused, False), head_dim, head_dim_v, torch.bfloat16
-                )
+                backward_optional = OptionalInputs(optional, grad_lse=_DUMMY if grad_lse else None)
+                constexprs = backward_constexprs(options, backward_optional, head_dim, head_dim_v, torch.bfloat16)
                 constexprs.update(
-                    HAS_GRAD_LSE=grad_lse, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
+                    BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
                     BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
                 )
                 name = f"bwd-{feature}-d{head_dim}v{head_dim_v}{'-grad-lse' if grad_lse else ''}"
@@ -128,12 +132,6 @@ if __name__ == "__main__" and not {"--templates", "--static-vs-dynamic"} & set(s
 # store_output; here small stand-ins do (static shapes, contiguous strides, a plain tl.store for
 # store_output), which is enough to check that every feature branch of the Jinja renders to
 # valid Triton and compiles for sm_90.
-
-_TEMPLATE_POINTER_TYPES = {
-    "CU_Q": "*i32", "CU_K": "*i32", "SEQUSED_K": "*i32", "BLOCK_TABLE": "*i32",
-    "LSE": "*fp32", "DELTA": "*fp32", "GRAD_LSE": "*fp32", "SINK": "*fp32", "ALIBI": "*fp32",
-}
-
 
 def _contiguous_strides(shape):
     strides, running = [1], 1
@@ -187,11 +185,10 @@ def template_cases():
     from varlen_compile.lowering.common import template_constants
 
     total_q, total_k, heads_q, heads_kv, num_seqs = 100, 80, 4, 2, 5
-    for feature, (options, seqused, paged) in FEATURES.items():
+    for feature, (options, optional) in FEATURES.items():
+        paged = optional.paged
         for head_dim, head_dim_v in HEAD_DIMS[feature][:1]:
-            layout = _layout(seqused, paged)
-            constants = template_constants(options, layout, head_dim, head_dim_v, torch.bfloat16)
-            bwd_constants = template_constants(options, layout, head_dim, head_dim_v, torch.bfloat16, backward=True)
+            constants = template_constants(options, optional, head_dim, head_dim_v, torch.bfloat16)
             config = default_forward_config(max(head_dim, head_dim_v), torch.bfloat16)
             shapes = {
                 "Q": (total_q, heads_q, head_dim), "CU_Q": (num_seqs + 1,), "CU_K": (num_seqs + 1,),
@@ -212,7 +209,11 @@ def template_cases():
                 continue
             for grad_lse in (False, True):
                 bwd_config = default_backward_config(max(head_dim, head_dim_v), torch.bfloat16, 2)
-                bwd = dict(bwd_constants, HAS_GRAD_LSE=grad_lse, BLOCK_M1=bwd_config.block_m1, BLOCK_N1=bwd_config.block_n1,
+                bwd_constants = template_constants(
+                    options, OptionalInputs(optional, grad_lse=_DUMMY if grad_lse else None), head_dim, head_dim_v,
+                    torch.bfloat16, side="backward",
+                )
+                bwd = dict(bwd_constants, BLOCK_M1=bwd_config.block_m1, BLOCK_N1=bwd_config.block_n1,
                            BLOCK_M2=bwd_config.block_m2, BLOCK_N2=bwd_config.block_n2)
                 bwd_shapes = dict(
                     shapes, DO=(total_q, heads_q, head_dim_v), FWD_OUT=(total_q, heads_q, head_dim_v),
@@ -236,7 +237,7 @@ def compile_template(source: str, names: list[str], config, target, aligned: boo
     module.__file__ = filename
     exec(compile(source, filename, "exec"), module.__dict__)
     kernel = module.template_kernel
-    signature = {name: "i32" if name.islower() else _TEMPLATE_POINTER_TYPES.get(name, "*bf16") for name in names}
+    signature = {name: "i32" if name.islower() else _POINTER_TYPES.get(name, "*bf16") for name in names}
     attrs = {(index,): [["tt.divisibility", 16]] for index in range(len(names))} if aligned else None
     return triton.compile(
         ASTSource(kernel, signature, constexprs={}, attrs=attrs),
@@ -256,14 +257,12 @@ def main_templates() -> None:
 
 
 def compile_offsets_kernel(target) -> dict:
-    """The offsets sanitizer FA4's calls run first (lowering/offsets.py), with and without
-    seqused_k."""
-    from varlen_compile.lowering import offsets
-
-    kernel = offsets.sanitize_offsets_kernel
+    """The offsets sanitizer FA4's calls run first (``launcher.sanitized_offsets``), with and
+    without seqused_k."""
+    kernel = launcher._kernels().sanitize_offsets_kernel
     results = []
     for has_used in (False, True):
-        constexprs = {"HAS_USED": has_used, "BLOCK": offsets._BLOCK}
+        constexprs = {"HAS_USED": has_used, "BLOCK": launcher._SANITIZE_BLOCK}
         signature = {
             name: ("constexpr" if name in constexprs else "*i32" if name.isupper() else "i32")
             for name in inspect.signature(kernel.fn).parameters
@@ -308,9 +307,9 @@ def static_vs_dynamic_tokens() -> dict:
     tokens, heads, num_seqs, head_dim = 23040, 16, 16, 128
     config = default_backward_config(head_dim, torch.bfloat16, 1)
     constants = dict(
-        template_constants(AttnOptions(is_causal=True), _layout(False, False), head_dim, head_dim, torch.bfloat16,
-                           backward=True),
-        HAS_GRAD_LSE=False, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1, BLOCK_M2=config.block_m2,
+        template_constants(AttnOptions(is_causal=True), OptionalInputs(), head_dim, head_dim, torch.bfloat16,
+                           side="backward"),
+        BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1, BLOCK_M2=config.block_m2,
         BLOCK_N2=config.block_n2,
     )
     result = {}

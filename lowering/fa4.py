@@ -1,0 +1,123 @@
+"""FlashAttention 4 (``flash-attn-4``, CuTe DSL) as one of our kernels.
+
+FA4 is fast on Hopper and Blackwell but not compile-friendly on its own (Dynamo refuses its
+``autograd.Function``). Behind our ops it is just another kernel: the eager backends call it when
+``config.kernel == "fa4"``, and the Inductor lowerings offer it as an extern choice
+(:mod:`.extern_ops`). Both call the two functions here, which adapt our conventions to FA4's:
+
+- window sizes: ours use ``-1`` for an unbounded side, FA4 ``None``;
+- offsets: FA4 trusts ``cu_seq``/``seqused_k``; compiled and captured calls cannot check them,
+  so they pass through the offset sanitizer first (:func:`.launcher.sanitized_offsets`, one tiny
+  launch): no out-of-bounds access whatever ``cu_seq`` holds (docs/design.md §6);
+- lse: the same ``(H_q, T_q)`` float32 layout, written straight into the caller's buffer; rows
+  that attend no key get ``+inf`` (FlashAttention 2's and our convention) where FA4 may write
+  ``-inf``, so our backward kernels and aten flash's accept it whichever forward ran;
+- ``max_seqlen_q``/``max_seqlen_k`` are never passed: FA4 then bounds its grid by the token
+  counts (no host sync, valid for any CUDA-graph replay) and an understated hint cannot make
+  it skip rows;
+- the optional inputs go to FA4's keywords as the registry names them
+  (``varlen_compile.params.OPTIONAL_INPUTS``); the sink's gradient is ours (``ops``), so FA4's
+  backward runs without the sink: with lse including the sink, dQ/dK/dV do not depend on it;
+- ``seqused_k``: keys past a sequence's used length get zero dK/dV (FA4 leaves them unwritten).
+
+What FA4 can serve is decided in ``varlen_compile.eligibility.fa4_unsupported``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from varlen_compile import _compat
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, Side, optional_inputs_of
+
+from .launcher import sanitized_offsets
+
+__all__ = ["backward", "forward"]
+
+
+def _window(options: AttnOptions, total_q: int, total_k: int) -> tuple[int | None, int | None]:
+    """FA4's window sides: ``None`` where unbounded (ours: ``-1``), and also where the side is at
+    least the token count (then it cannot exclude a key, and FA4's int32 index arithmetic could
+    overflow on a huge value)."""
+    left, right = options.window_left, options.window_right
+    return (None if left < 0 or left >= total_k else left), (None if right < 0 or right >= total_q else right)
+
+
+def _sanitized(
+    layout: BatchLayout, optional: OptionalInputs, total_q: int, total_k: int
+) -> tuple[torch.Tensor, torch.Tensor, OptionalInputs]:
+    """``cu_seq_q``, ``cu_seq_k`` and the optional inputs with ``seqused_k`` made safe."""
+    cu_seq_q, cu_seq_k, seqused_k = sanitized_offsets(
+        layout.cu_seq_q, layout.cu_seq_k, optional.get("seqused_k"), total_q, total_k
+    )
+    return cu_seq_q, cu_seq_k, OptionalInputs(optional, seqused_k=seqused_k)
+
+
+def _keywords(optional: OptionalInputs, side: Side) -> dict[str, torch.Tensor | None]:
+    """FA4's keyword for every optional input the ``side`` kernel reads (None where absent)."""
+    return {spec.fa4: optional.get(spec.name) for spec in optional_inputs_of(side) if spec.fa4 is not None}
+
+
+def forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: BatchLayout,
+    options: AttnOptions,
+    optional: OptionalInputs,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` as the forward op returns them: out ``(T_q, H_q, D_v)``, lse float32
+    ``(H_q, T_q)`` (written into ``lse`` when given, contiguous)."""
+    interface, _ = _compat.fa4_interface()
+    total_q, heads_q, head_dim = query.shape
+    cu_seq_q, cu_seq_k, optional = _sanitized(layout, optional, total_q, key.shape[0])
+    if lse is None:
+        lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
+    left, right = _window(options, total_q, key.shape[0])
+    out, lse, *_ = interface._flash_attn_fwd(
+        query, key, value,
+        cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k,
+        max_seqlen_q=None, max_seqlen_k=None,
+        softmax_scale=options.scale_for(head_dim), causal=options.is_causal,
+        softcap=options.softcap, window_size_left=left, window_size_right=right,
+        return_lse=True, lse=lse, **_keywords(optional, "forward"),
+    )
+    # Rows with no key: +inf as in our kernels and aten flash (FA4 may write -inf there).
+    lse.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=float("inf"))
+    return out, lse
+
+
+def backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layout: BatchLayout,
+    options: AttnOptions,
+    optional: OptionalInputs,
+    grad_query: torch.Tensor | None = None,
+    grad_value: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` shaped like ``(query, key, value)`` (dQ/dV written into the given
+    buffers when any; dK contiguous); the sink's gradient is not computed here (see the module
+    docstring)."""
+    interface, _ = _compat.fa4_interface()
+    cu_seq_q, cu_seq_k, optional = _sanitized(layout, optional, query.shape[0], key.shape[0])
+    # Contiguous, as the ops' fakes say (``empty_like`` would copy the strides of a view).
+    grad_key = key.new_empty(key.shape)
+    if "seqused_k" in optional:  # FA4 leaves the rows of unused keys unwritten
+        grad_key.zero_()
+        grad_value = value.new_zeros(value.shape) if grad_value is None else grad_value.zero_()
+    left, right = _window(options, query.shape[0], key.shape[0])
+    dq, dk, dv = interface._flash_attn_bwd(
+        query, key, value, out, grad_out, lse,
+        softmax_scale=options.scale_for(query.shape[-1]), causal=options.is_causal,
+        softcap=options.softcap, window_size_left=left, window_size_right=right,
+        cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k,
+        max_seqlen_q=None, max_seqlen_k=None,
+        dq=grad_query, dk=grad_key, dv=grad_value, **_keywords(optional, "backward"),
+    )[:3]
+    return dq, dk, dv
