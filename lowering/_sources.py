@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from varlen_compile.params import OPTIONAL_INPUTS
+import jinja2
+
+from varlen_compile.params import OPTIONAL_INPUTS, optional_inputs_of
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -22,8 +24,14 @@ def load_template(name: str) -> str:
 
 @functools.cache
 def optional_input_macros() -> str:
-    """Two Jinja macros for the Inductor templates, from the registry (each template passes its
-    side, ``"forward"`` or ``"backward"``; a flag is a template constant):
+    """Jinja lists and macros generated from the registry:
+
+    - ``FORWARD_OPTIONAL`` / ``BACKWARD_OPTIONAL``: the kernel names of the optional inputs each
+      kernel reads (the standalone kernels' parameters), ``FORWARD_FLAGS`` / ``BACKWARD_FLAGS``:
+      the constexpr flags of each kernel (varlen_macros.jinja's lists take them);
+
+    and two macros for the Inductor templates (each passes its side, ``"forward"`` or
+    ``"backward"``; a flag is a template constant there):
 
     - ``optional_inputs(side)``: the kernel names of the optional inputs present, space
       separated, in registry order (the lowerings pass the inputs in that order);
@@ -40,21 +48,34 @@ def optional_input_macros() -> str:
         "  # absent: never read\n{% endif %}"
         for spec in OPTIONAL_INPUTS
     )
+    lists = "".join(
+        f"{{%- set {side.upper()}_OPTIONAL = {[spec.kernel_name for spec in optional_inputs_of(side)]!r} -%}}\n"
+        f"{{%- set {side.upper()}_FLAGS = {[spec.flag for spec in OPTIONAL_INPUTS if side in spec.flag_in]!r} -%}}\n"
+        for side in ("forward", "backward")
+    )
     return (
         "{#- Generated from varlen_compile.params.OPTIONAL_INPUTS (lowering/_sources.py). -#}\n"
-        f"{{% macro optional_inputs(side) -%}}{present}{{%- endmacro %}}\n"
+        + lists
+        + f"{{% macro optional_inputs(side) -%}}{present}{{%- endmacro %}}\n"
         f"{{% macro absent_inputs(side, int_stand_in, float_stand_in) -%}}\n{absent}{{%- endmacro %}}\n"
     )
 
 
-def template_source(entry: str) -> str:
-    """Jinja source of the Inductor template ``entry``: the shared macros, the entry template,
-    then the shared ``@triton.jit`` math (``varlen_common``)."""
+def _with_macros(entry: str) -> str:
+    """Jinja source: the generated and the shared macros, ``entry``, then the shared
+    ``@triton.jit`` math (``varlen_common``)."""
     macros = optional_input_macros() + (TEMPLATE_DIR / "varlen_macros.jinja").read_text()
     return macros + load_template(entry) + load_template("varlen_common")
 
 
+def template_source(entry: str) -> str:
+    """Jinja source of the Inductor template ``entry`` (Inductor renders it per choice)."""
+    return _with_macros(entry)
+
+
 @functools.cache
 def standalone_source() -> str:
-    """Python source of the standalone kernel module: the eager kernels, then the shared math."""
-    return _PRELUDE + load_template("standalone") + load_template("varlen_common")
+    """Python source of the standalone kernel module: the eager kernels and the shared math,
+    rendered (their constants are kernel arguments, so nothing per call is rendered in)."""
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return _PRELUDE + environment.from_string(_with_macros("standalone")).render()
