@@ -13,7 +13,9 @@ It imports only the bottom layer of ``varlen_compile`` (``params``, ``config``, 
 
 Importing the kernels needs no Triton: they load it when they first run, which eligibility
 allows only where it is installed. The Inductor modules (``forward``, ``backward``, ``common``,
-``choices``, ``extern_ops``, ``cache_tag``) are imported only where Inductor and Triton are.
+``choices``, ``extern_ops``, ``cache_tag``) are imported only where Inductor and Triton are; a
+torch whose Inductor lacks an internal they import, or that fails inside a lowering, leaves the
+ops' eager implementations to compiled graphs, logged once (docs/design.md §14).
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ from varlen_compile import _compat
 
 from . import aten, fa4, launcher
 
-if _compat.has_inductor() and _compat.has_triton():
-    from . import backward, cache_tag, forward
+_NO_TEMPLATES = "" if _compat.has_triton() else "Triton is not installed"
+if _compat.has_inductor():
+    from . import fallback
+
+    if not _NO_TEMPLATES:
+        try:
+            from . import backward, cache_tag, forward
+        except (ImportError, AttributeError) as error:  # an Inductor internal this torch lacks
+            _NO_TEMPLATES = f"the lowerings cannot import on torch {_compat.TORCH_VERSION} ({type(error).__name__}: {error})"
 
 __all__ = ["aten", "fa4", "launcher", "register_lowerings"]
 
@@ -36,10 +45,16 @@ log = logging.getLogger(__name__)
 @functools.cache
 def register_lowerings() -> None:
     """Register the forward and backward lowerings with Inductor (the ops must exist), and tag
-    Inductor's caches with our build (:func:`.cache_tag.tag_compile_caches`). Without Inductor
-    or Triton, compiled graphs call the ops' eager implementations."""
-    if not (_compat.has_inductor() and _compat.has_triton()):
-        log.debug("varlen_compile: Inductor or Triton missing, ops run as fallbacks when compiled")
+    Inductor's caches with our build (:func:`.cache_tag.tag_compile_caches`). Where the
+    templates cannot be built (no Triton, or lowerings that cannot import on this torch), the
+    ops lower to their eager implementations, said once."""
+    if not _compat.has_inductor():
+        log.debug("varlen_compile: no Inductor; compiled graphs call the ops as they are")
+        return
+    if _NO_TEMPLATES:
+        level = logging.WARNING if "cannot import" in _NO_TEMPLATES else logging.INFO
+        log.log(level, "varlen_compile: %s; compiled graphs call the ops' eager implementations", _NO_TEMPLATES)
+        fallback.register_fallbacks(_NO_TEMPLATES)
         return
     forward.register()
     backward.register()

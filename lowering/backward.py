@@ -25,9 +25,9 @@ from .common import (
     cu_seq_generator,
     extern_choice,
     extern_scalars,
-    fallback,
     gqa_group,
     input_gen_fns,
+    lowering_with_fallback,
     make_template,
     optional_input_generators,
     optional_input_nodes,
@@ -36,6 +36,7 @@ from .common import (
     size_hint,
     template_constants,
 )
+from .fallback import fallback
 from .configs import BackwardConfig, backward_autotune_configs, default_backward_config
 
 __all__ = ["register", "varlen_attn_backward_lowering"]
@@ -149,6 +150,5 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
 
 def register() -> None:
     """Register the lowering for the backward op (which must exist)."""
-    register_lowering(torch.ops.varlen_compile.varlen_attn_backward.default, type_promotion_kind=None)(
-        varlen_attn_backward_lowering
-    )
+    op = torch.ops.varlen_compile.varlen_attn_backward.default
+    register_lowering(op, type_promotion_kind=None)(lowering_with_fallback(op, varlen_attn_backward_lowering))

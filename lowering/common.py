@@ -4,6 +4,7 @@ by name, kernel constants and autotune inputs."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -12,7 +13,6 @@ import sympy
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
-from torch._inductor.lowering import fallback_handler
 from torch._inductor.select_algorithm import ExternKernelChoice, TritonTemplate, realize_inputs
 from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import FloorDiv
@@ -21,6 +21,7 @@ from varlen_compile import eligibility
 from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, Side, unflatten
 
 from . import extern_ops
+from .fallback import fallback
 from ._sources import template_source
 from .configs import backward_constexprs, kernel_constexprs
 
@@ -31,10 +32,10 @@ __all__ = [
     "cu_seq_generator",
     "extern_choice",
     "extern_scalars",
-    "fallback",
     "full_int32",
     "gqa_group",
     "input_gen_fns",
+    "lowering_with_fallback",
     "make_template",
     "optional_input_generators",
     "optional_input_nodes",
@@ -44,8 +45,6 @@ __all__ = [
     "template_constants",
 ]
 
-log = logging.getLogger(__name__)
-_logged_fallbacks: set[tuple[str, str]] = set()
 
 
 def make_template(name: str, grid: Any, entry: str) -> TritonTemplate:
@@ -156,18 +155,25 @@ def _static_int(value: Any) -> int:
     return int(V.graph.sizevars.guard_int(value))
 
 
-def fallback(op: torch._ops.OpOverload, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run the op's eager implementation from compiled code (other devices, unsupported cases),
-    logging why once per (op, reason): a warning on CUDA, where it costs speed, else info.
+INDUCTOR_API_ERRORS = (AttributeError, TypeError, ImportError, KeyError, AssertionError, NotImplementedError)
+"""What an Inductor internal that moved between torch releases raises inside a lowering."""
 
-    On CUDA the eager implementation never syncs: without ``max_q``/``max_k`` hints it runs our
-    standalone Triton kernels, not aten flash (``backends``)."""
-    if (str(op), reason) not in _logged_fallbacks:
-        _logged_fallbacks.add((str(op), reason))
-        device = args[0].get_device() if isinstance(args[0], ir.IRNode) else None
-        level = logging.WARNING if device is not None and device.type == "cuda" else logging.INFO
-        log.log(level, "%s runs its eager implementation inside the compiled graph: %s", op, reason)
-    return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
+
+def lowering_with_fallback(op: torch._ops.OpOverload, lowering: Callable[..., Any]) -> Callable[..., Any]:
+    """``lowering``, or, where it fails on an Inductor internal it does not know (a torch release
+    that renamed or changed one: :data:`INDUCTOR_API_ERRORS`), the op's eager implementation,
+    logged once as every fallback is: a user's compile never crashes on our lowering
+    (docs/design.md §14)."""
+
+    @functools.wraps(lowering)
+    def lower(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return lowering(*args, **kwargs)
+        except INDUCTOR_API_ERRORS as error:
+            reason = f"the lowering cannot build on torch {torch.__version__} ({type(error).__name__}: {error})"
+            return fallback(op, reason, args, kwargs)
+
+    return lower
 
 
 def prepare_attention_input(x: ir.IRNode) -> ir.IRNode:

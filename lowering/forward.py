@@ -24,9 +24,9 @@ from .common import (
     cu_seq_generator,
     extern_choice,
     extern_scalars,
-    fallback,
     gqa_group,
     input_gen_fns,
+    lowering_with_fallback,
     make_template,
     optional_input_generators,
     optional_input_nodes,
@@ -35,6 +35,7 @@ from .common import (
     size_hint,
     template_constants,
 )
+from .fallback import fallback
 from .configs import (
     ForwardConfig,
     default_forward_config,
@@ -144,4 +145,5 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
 
 def register() -> None:
     """Register the lowering for the forward op (which must exist)."""
-    register_lowering(torch.ops.varlen_compile.varlen_attn.default, type_promotion_kind=None)(varlen_attn_lowering)
+    op = torch.ops.varlen_compile.varlen_attn.default
+    register_lowering(op, type_promotion_kind=None)(lowering_with_fallback(op, varlen_attn_lowering))

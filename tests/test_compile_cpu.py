@@ -154,10 +154,10 @@ def test_varying_batches_compile_at_most_twice(hints):
 
 def test_fallback_logs_why_once(caplog):
     """On the CPU the lowering runs the op's eager implementation and says so once per op and
-    reason (logger varlen_compile.lowering.common; TORCH_LOGS="+varlen_compile" shows it)."""
-    from varlen_compile.lowering import common
+    reason (logger varlen_compile.lowering.fallback; TORCH_LOGS="+varlen_compile" shows it)."""
+    from varlen_compile.lowering import fallback
 
-    common._logged_fallbacks.clear()
+    fallback._logged.clear()
     caplog.set_level(logging.INFO, logger="varlen_compile")
     compiled = torch.compile(lambda *args: varlen_attn(*args, is_causal=True), backend="inductor", fullgraph=True)
     with fresh_inductor_cache():  # a cached graph is not lowered again, so nothing would log
@@ -168,6 +168,81 @@ def test_fallback_logs_why_once(caplog):
     assert len(messages) == 2, messages  # forward op and backward op, once each
     assert all("the Triton kernels are CUDA-only (device: cpu)" in message for message in messages)
     assert {message.split(" runs ")[0] for message in messages} == {FORWARD_OP, BACKWARD_OP}
+
+
+def test_a_lowering_that_meets_an_unknown_inductor_api_falls_back(monkeypatch, caplog):
+    """A torch whose Inductor changed an internal the lowering uses (here: the forward's first
+    step raises the AttributeError a removed attribute would): the compile still succeeds, the
+    op's eager implementation runs inside the graph with the right result, and the reason is
+    logged once."""
+    from varlen_compile.lowering import fallback, forward
+
+    def moved(*args, **kwargs):
+        raise AttributeError("module 'torch._inductor.ir' has no attribute 'FixedLayout'")
+
+    monkeypatch.setattr(forward, "plan_template", moved)
+    fallback._logged.clear()
+    caplog.set_level(logging.INFO, logger="varlen_compile")
+    compiled = torch.compile(lambda *args: varlen_attn(*args, is_causal=True), backend="inductor", fullgraph=True)
+    case = make_case([3, 0, 6], heads_q=HEADS, head_dim=HEAD_DIM)
+    with fresh_inductor_cache():
+        for _ in range(2):
+            torch._dynamo.reset()
+            out = compiled(*case.inputs())
+    torch.testing.assert_close(out, varlen_attn(*case.inputs(), is_causal=True), rtol=0, atol=0)
+    messages = [r.getMessage() for r in caplog.records if "cannot build on torch" in r.getMessage()]
+    assert len(messages) == 1 and "FixedLayout" in messages[0] and FORWARD_OP in messages[0], messages
+
+
+_PROBE_SETUPS = {
+    # An Inductor internal the lowerings import is missing while the package imports.
+    "inductor-api-missing": (
+        "import torch._inductor.compile_fx, torch._inductor.lowering\n"
+        "import torch._inductor.select_algorithm as select_algorithm\n"
+        "removed = select_algorithm.autotune_select_algorithm\n"
+        "del select_algorithm.autotune_select_algorithm\n"
+        "import varlen_compile\n"
+        "select_algorithm.autotune_select_algorithm = removed  # Inductor itself needs it\n",
+        "cannot import on torch",
+    ),
+    # Triton is not installed (CPU wheels of torch come without it).
+    "no-triton": ("sys.modules['triton'] = None\nimport varlen_compile\n", "Triton is not installed"),
+}
+
+
+@pytest.mark.parametrize("setup", _PROBE_SETUPS)
+def test_without_templates_compiled_calls_run_the_eager_ops(setup, tmp_path):
+    """Where the lowerings cannot build templates (an Inductor internal this torch lacks, or no
+    Triton), ``import varlen_compile`` works, says why once, and compiled calls run the ops'
+    eager implementations, forward and backward, with eager's results. In a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    prelude, expected_message = _PROBE_SETUPS[setup]
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(name)s: %(message)s')\n"
+        + prelude +
+        "import torch\n"
+        "from varlen_compile import varlen_attn\n"
+        "cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)\n"
+        "q, k, v = (torch.randn(9, 2, 8, requires_grad=True) for _ in range(3))\n"
+        "attention = lambda q, k, v: varlen_attn(q, k, v, cu, cu, is_causal=True)\n"
+        "out = torch.compile(attention, backend='inductor', fullgraph=True)(q, k, v)\n"
+        "grads = torch.autograd.grad(out.sum(), (q, k, v))\n"
+        "expected = attention(q, k, v)\n"
+        "expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))\n"
+        "same = torch.equal(out, expected) and all(map(torch.equal, grads, expected_grads))\n"
+        "print('SAME' if same else 'DIFFERENT')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "SAME", result.stdout
+    assert len([line for line in lines if expected_message in line]) == 1, result.stdout
 
 
 MALFORMED_OFFSETS = {
