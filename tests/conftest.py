@@ -6,8 +6,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 # Triton reads TRITON_INTERPRET when it is imported: triton.language's own @jit helpers (tl.sum,
 # tl.max, ...) are decorated then, and a kernel built in interpreter mode later fails inside
 # them ("Cannot call @triton.jit'd outside of the scope of a kernel"). So the mode is chosen
@@ -34,7 +32,7 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _hide_fa4(request, monkeypatch):
-    """FlashAttention 4, when installed, is a kernel choice (issue #16): the tests of our own
+    """FlashAttention 4, when installed, is a kernel choice: the tests of our own
     kernels must not silently run it instead, so only tests marked ``fa4`` see it."""
     if request.node.get_closest_marker("fa4") is None:
         from varlen_compile import _compat
@@ -65,6 +63,14 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    """The ``gpu`` marker implies the skip without a CUDA GPU, ``multigpu`` without two: marking
+    a test is the one way to say what it needs. Then ``--fuzz-part`` keeps its share of fuzzing."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        if item.get_closest_marker("multigpu") is not None and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason=f"needs two CUDA GPUs ({gpus} here)"))
+        elif item.get_closest_marker("gpu") is not None and gpus < 1:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
     part = config.getoption("--fuzz-part")
     if not part:
         return

@@ -1,6 +1,6 @@
 """One factory for test inputs and one error rule, used by every test module.
 
-The error rule (DESIGN.md, decision 8): a result passes when its max error against the float64
+The error rule (docs/design.md §15): a result passes when its max error against the float64
 reference is at most 2x the error of the same computation done by the plain reference in the
 input dtype, plus a tiny absolute slack. NaN never passes.
 """

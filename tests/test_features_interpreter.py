@@ -4,7 +4,7 @@ K/V, alone and combined with causal/window/GQA, lengths 0 and 1, q_len != k_len.
 
 Each case runs the standalone launcher (the same ``@triton.jit`` math the Inductor templates
 append) forward and backward, and checks out, lse, dq, dk, dv and the sink gradient against the
-float64 reference (autograd through ``reference.attention_forward``) under DESIGN.md's error
+float64 reference (autograd through ``reference.attention_forward``) under the error
 rule, the budget being the same computation in float32. Outputs start NaN-filled
 (``poison_empty``): an element no kernel writes fails. The GQA-packed forward
 (``ForwardConfig.pack_gqa``) runs every feature too.

@@ -19,13 +19,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from conftest import requires_cuda
 from factory import VarlenCase, assert_meets_error_rule, make_case, reference_outputs
 from varlen_compile import varlen_attn
 from varlen_compile.lowering import launcher
 from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
-pytestmark = [pytest.mark.gpu, requires_cuda]
+pytestmark = [pytest.mark.gpu]
 
 DEVICE = "cuda"
 FWD_KERNEL = "varlen_fwd_tile("

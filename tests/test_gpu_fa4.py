@@ -1,10 +1,10 @@
-"""FlashAttention 4 as a kernel choice behind our ops (issue #16), on the GPU.
+"""FlashAttention 4 as a kernel choice behind our ops, on the GPU.
 
 Skipped without a CUDA GPU that FA4 serves (sm90/sm100) or without ``flash_attn.cute``
 (``pip install varlen-compile[fa4]``; on the device machine see ``../shared/tools/fa4_wheels.sh``
 and the ``fa4`` steps of ``benchmarks/device_session.sh``).
 
-Numerics against the float64 reference under DESIGN.md's error rule, eager and compiled, forward
+Numerics against the float64 reference under the error rule (docs/design.md §15), eager and compiled, forward
 and gradients (the sink's too): lengths 0 and 1, q_len != k_len, GQA, causal, windows, softcap,
 sinks, seqused_k, D_v != D, fp16 and bf16. Compiled: the generated code calls FA4 when it is
 chosen and our template when ``triton`` is forced or FA4 cannot serve; zero host syncs in a
@@ -24,7 +24,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from conftest import requires_cuda
 from factory import assert_meets_error_rule, make_cu_seq
 from varlen_compile import AuxRequest, _compat, config, reference, varlen_attn
 from varlen_compile.params import AttnOptions
@@ -40,7 +39,7 @@ def _fa4_usable() -> tuple[bool, str]:
 
 
 _USABLE, _WHY = _fa4_usable()
-pytestmark = [pytest.mark.gpu, pytest.mark.fa4, requires_cuda, pytest.mark.skipif(not _USABLE, reason=_WHY)]
+pytestmark = [pytest.mark.gpu, pytest.mark.fa4, pytest.mark.skipif(not _USABLE, reason=_WHY)]
 
 DEVICE = "cuda"
 FA4_FWD, FA4_BWD = "_fa4_forward_into", "_fa4_backward_into"

@@ -1,6 +1,6 @@
-"""#11's features on the GPU: compiled (our templates in the generated code, forward and
+"""The scoring and key features on the GPU: compiled (our templates in the generated code, forward and
 backward, the sink's gradient included) and eager (the standalone kernels), against the float64
-reference under DESIGN.md's error rule; bf16 and fp32; GQA; lengths 0 and 1; q_len != k_len.
+reference under the error rule (docs/design.md §15); bf16 and fp32; GQA; lengths 0 and 1; q_len != k_len.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from conftest import requires_cuda
 from factory import assert_meets_error_rule, make_cu_seq
 from varlen_compile import AuxRequest, config, reference, varlen_attn
 from varlen_compile.params import AttnOptions
 
-pytestmark = [pytest.mark.gpu, requires_cuda]
+pytestmark = [pytest.mark.gpu]
 
 DEVICE = "cuda"
 FWD_KERNEL = "varlen_fwd_tile("

@@ -139,3 +139,35 @@ def test_return_aux(return_aux):
         assert lse.shape == (4, 7) and lse.dtype == torch.float32
     else:
         assert isinstance(result, torch.Tensor) and result.shape == case.q.shape
+
+
+@pytest.mark.parametrize("features", ["plain", "sink-alibi-window"])
+def test_float64_is_exact_forward_and_backward(features):
+    """float64 inputs: out, lse and every gradient (q, k, v and the sink, with a gradient flowing
+    into lse) match float64 autograd through the reference to rounding (1e-12), although the op
+    returns lse in float32: the backward recomputes it in float64, and a float64 sink is not
+    rounded to float32."""
+    case = make_case([7, 0, 1, 12], [9, 3, 1, 12], heads_q=4, heads_kv=2, head_dim=16, dtype=torch.float64,
+                     requires_grad=True)
+    extra = {}
+    if features != "plain":
+        extra = dict(sink=torch.randn(4, dtype=torch.float64, requires_grad=True),
+                     alibi_slopes=torch.rand(4, dtype=torch.float64), window_size=(4, -1))
+    out, lse = varlen_attn(*case.inputs(), is_causal=True, enable_gqa=True, return_aux=AuxRequest(lse=True), **extra)
+    leaves = [case.q, case.k, case.v] + ([extra["sink"]] if "sink" in extra else [])
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse))
+
+    from varlen_compile import reference
+
+    copies = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+    reference_extra = dict(extra, **({"sink": copies[3]} if "sink" in extra else {}))
+    ref_out, ref_lse = reference.attention_forward(
+        *copies[:3], case.cu_seq_q, case.cu_seq_k, is_causal=True, compute_dtype=torch.float64, **reference_extra
+    )
+    ref_grads = torch.autograd.grad((ref_out, ref_lse), copies, (grad_out, grad_lse.double()))
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=0)  # the op's lse is float32
+    for name, grad, ref in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads):
+        assert grad.dtype == torch.float64, name
+        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12, msg=lambda text, name=name: f"{name}: {text}")

@@ -27,7 +27,7 @@ from .params import AttnOptions, BatchLayout, OptionalInputs, Side
 
 log = logging.getLogger(__name__)
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "exact_lse", "forward"]
 
 
 def _kernel(
@@ -86,6 +86,22 @@ def backward(
         return lowering.launcher.backward(grad_out, query, key, value, out, lse, layout, options, optional)
     log.debug("varlen_attn: reference backward on %s %s", query.device, query.dtype)
     dq, dk, dv = reference.attention_backward(
-        grad_out, query, key, value, out, lse, layout.cu_seq_q, layout.cu_seq_k, options=options, **optional,
+        grad_out, query, key, value, out, exact_lse(query, key, value, lse, layout, options, optional),
+        layout.cu_seq_q, layout.cu_seq_k, options=options, **optional,
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def exact_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lse: torch.Tensor, layout: BatchLayout,
+    options: AttnOptions, optional: OptionalInputs,
+) -> torch.Tensor:
+    """``lse`` as the backward needs it: for float64 inputs recomputed in float64 by the
+    reference (the forward op returns lse in float32, which would cap float64 gradients near
+    1e-6 relative), else as it is."""
+    if query.dtype != torch.float64:
+        return lse
+    forward_inputs = {name: optional[name] for name in ("sink", "alibi_slopes", "seqused_k") if name in optional}
+    return reference.attention_forward(
+        query, key, value, layout.cu_seq_q, layout.cu_seq_k, options=options, **forward_inputs
+    )[1]

@@ -195,6 +195,7 @@ def _backward(
     )))
     if "sink" in optional and ctx.needs_input_grad[_ARG_INDEX["sink"]]:
         sink = optional["sink"]
+        lse = backends.exact_lse(query, key, value, lse, layout, ctx.options, optional)
         grads["sink"] = reference.sink_grad(sink, lse, grad_out, out, grad_lse).to(sink.dtype)
     return tuple(grads.get(argument.name) for argument in _FORWARD._schema.arguments)
 
