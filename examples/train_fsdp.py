@@ -11,14 +11,20 @@ predicted tokens, so any number of ranks trains the same model on the same data.
     torchrun --nproc-per-node 1 examples/train_fsdp.py --steps 20       # the 1-GPU baseline
     torchrun --nproc-per-node 2 examples/train_fsdp.py --tiny --steps 5 # CPU (gloo), tiny sizes
 
-Rank 0 prints tokens/s and writes the losses as JSON (``--out``). On several GPUs of one host,
-keep NVLink multicast off where the host requires it (NCCL_NVLS_ENABLE=0).
+Rank 0 prints tokens/s and writes the losses as JSON (``--out``), and the run ends with a
+PASS/FAIL verdict: every global loss is finite, and the first step's global loss (sharded,
+compiled, each rank on its own documents) equals the loss of an unsharded eager copy of the
+initial model on the whole global batch, computed on rank 0 (within 2e-2 relative in bf16,
+1e-5 in float32). On several GPUs of one host, keep NVLink multicast off where the host requires
+it (NCCL_NVLS_ENABLE=0).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import random
 import time
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[float]:
 
     torch.manual_seed(0)  # the same initial weights on every rank, whatever the world size
     model = LanguageModel(args.vocab, args.d_model, args.layers, args.heads, args.kv_heads).to(device, dtype)
+    reference = copy.deepcopy(model) if rank == 0 else None  # unsharded, eager: the verdict's reference
     for index, block in enumerate(model.blocks):
         fully_shard(block)
         if not args.no_compile:
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     fully_shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
-    losses, tokens_seen, seconds = [], 0, 0.0
+    losses, tokens_seen, seconds, reference_loss = [], 0, 0.0, None
     for step, docs in enumerate(global_batches(args.steps, args.tokens, args.vocab, args.max_doc)):
         tokens, targets, cu_seq = pack(rank_share(docs, rank, world_size), device)
         predicted = sum(len(doc) - 1 for doc in docs)  # the global batch's predicted tokens
@@ -178,6 +185,9 @@ def main(argv: list[str] | None = None) -> list[float]:
         optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss.detach(), op=dist.ReduceOp.SUM)  # the global mean loss, for the log
         global_loss = loss.item()
+        if step == 0 and rank == 0:
+            reference_loss = global_loss_of(reference, docs, device)
+            del reference
         if step >= args.warmup:
             seconds += time.perf_counter() - start
             tokens_seen += sum(map(len, docs))
@@ -190,7 +200,32 @@ def main(argv: list[str] | None = None) -> list[float]:
             json.dump({"world_size": world_size, "losses": losses,
                        "tokens_per_s": tokens_seen / seconds if seconds else None, "args": vars(args)}, file)
     dist.destroy_process_group()
+    if rank == 0:
+        passed, verdict = check_losses(losses, reference_loss, 2e-2 if dtype == torch.bfloat16 else 1e-5)
+        print(f"{'PASS' if passed else 'FAIL'}: {verdict} ({world_size} rank{'s' if world_size > 1 else ''})", flush=True)
+        if not passed:
+            raise SystemExit(1)
     return losses
+
+
+@torch.no_grad()
+def global_loss_of(model: nn.Module, docs: list[list[int]], device: torch.device) -> float:
+    """The mean loss of ``model`` over the predicted tokens of all ``docs``, in one process."""
+    tokens, targets, cu_seq = pack(docs, device)
+    logits = model(tokens, cu_seq)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100).item()
+
+
+def check_losses(losses: list[float], reference_loss: float, tolerance: float) -> tuple[bool, str]:
+    """The verdict: every global loss finite, and the first within ``tolerance`` (relative) of
+    the unsharded eager reference's."""
+    if not (losses and all(map(math.isfinite, losses))):
+        return False, f"non-finite losses {losses}"
+    gap = abs(losses[0] - reference_loss) / abs(reference_loss)
+    return gap <= tolerance, (
+        f"{len(losses)} finite losses; step 0 global loss {losses[0]:.6f} vs {reference_loss:.6f} from an "
+        f"unsharded eager copy on the whole batch (relative gap {gap:.1e}, tolerance {tolerance:.0e})"
+    )
 
 
 if __name__ == "__main__":

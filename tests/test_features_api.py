@@ -42,12 +42,10 @@ def _features(heads_q: int = 4) -> dict:
 def _reference(batch: dict, features: dict, dtype: torch.dtype, is_causal: bool, window):
     q, k, v = (batch[name].detach().to(dtype).requires_grad_() for name in ("query", "key", "value"))
     sink = features["sink"].detach().to(dtype).requires_grad_()
-    options = AttnOptions(
-        is_causal, None, *window, softcap=features["softcap"], sink=sink,
-        alibi_slopes=features["alibi_slopes"].to(dtype),
-    )
+    options = AttnOptions(is_causal, None, *window, softcap=features["softcap"])
     out, lse = reference.attention_forward(
-        q, k, v, batch["cu_seq_q"], batch["cu_seq_k"], options, seqused_k=features["seqused_k"], compute_dtype=dtype
+        q, k, v, batch["cu_seq_q"], batch["cu_seq_k"], options, sink=sink,
+        alibi_slopes=features["alibi_slopes"].to(dtype), seqused_k=features["seqused_k"], compute_dtype=dtype,
     )
     return out, lse, (q, k, v, sink)
 
@@ -167,25 +165,42 @@ def test_flop_count_uses_value_head_dim_and_seqused_k():
     assert counts[torch.ops.varlen_compile.varlen_attn_backward] == 2 * (3 * 16 + 2 * 8) * 4 * pairs
 
 
-def test_paged_forward_matches_contiguous_and_backward_raises():
+def _paged_call(query: torch.Tensor):
+    """Paged K/V (pages of 4, a scattered block table) and the same keys laid out contiguously."""
     torch.manual_seed(1)
     page_size, used = 4, [6, 0, 1, 4]
-    query = torch.randn(sum(LENGTHS_Q), 4, 16, requires_grad=True)
     key_pages, value_pages = torch.randn(9, page_size, 2, 16), torch.randn(9, page_size, 2, 8)
     block_table = torch.tensor([[7, 2], [0, 1], [5, 3], [8, 4]], dtype=torch.int32)
-    seqused = torch.tensor(used, dtype=torch.int32)
-    out = varlen_attn(
-        query, key_pages, value_pages, make_cu_seq(LENGTHS_Q), None, is_causal=True, enable_gqa=True,
-        seqused_k=seqused, block_table=block_table,
-    )
+    paged = {"key": key_pages, "value": value_pages, "cu_seq_k": None, "block_table": block_table,
+             "seqused_k": torch.tensor(used, dtype=torch.int32)}
     rows = [torch.cat([torch.arange(p * page_size, (p + 1) * page_size) for p in block_table[s].tolist()])[:n]
             for s, n in enumerate(used)]
-    key = torch.cat([key_pages.flatten(0, 1)[r] for r in rows])
-    value = torch.cat([value_pages.flatten(0, 1)[r] for r in rows])
-    expected = varlen_attn(query, key, value, make_cu_seq(LENGTHS_Q), make_cu_seq(used), is_causal=True, enable_gqa=True)
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(NotImplementedError, match="paged K/V \\(block_table\\) is forward-only"):
-        out.sum().backward()
+    contiguous = {"key": torch.cat([key_pages.flatten(0, 1)[r] for r in rows]),
+                  "value": torch.cat([value_pages.flatten(0, 1)[r] for r in rows]), "cu_seq_k": make_cu_seq(used)}
+    common = {"query": query, "cu_seq_q": make_cu_seq(LENGTHS_Q), "is_causal": True, "enable_gqa": True}
+    return {**common, **paged}, {**common, **contiguous}
+
+
+def test_paged_forward_matches_contiguous():
+    paged, contiguous = _paged_call(torch.randn(sum(LENGTHS_Q), 4, 16))
+    torch.testing.assert_close(varlen_attn(**paged), varlen_attn(**contiguous), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # a query that requires grad is fine without autograd
+        paged["query"] = paged["query"].clone().requires_grad_()
+        torch.testing.assert_close(varlen_attn(**paged), varlen_attn(**contiguous), rtol=1e-6, atol=1e-6)
+
+
+def test_paged_forward_refuses_inputs_that_require_grad_eager_and_compiled():
+    """Paged K/V has no backward. A query that requires grad is refused before the forward, eagerly
+    and compiled alike (a compiled graph traces its backward ahead of time, so a backward that
+    raised later would make compile fail while eager ran)."""
+    paged, _ = _paged_call(torch.randn(sum(LENGTHS_Q), 4, 16, requires_grad=True))
+    pattern = r"paged K/V \(block_table\) is forward-only .* but query requires grad; call it under torch.no_grad\(\)"
+    with pytest.raises(ValueError, match=pattern):
+        varlen_attn(**paged)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=pattern):
+        torch.compile(lambda kwargs: varlen_attn(**kwargs), backend="aot_eager", fullgraph=True)(paged)
+    torch._dynamo.reset()
 
 
 def test_varlen_attn_out_writes_into_out():

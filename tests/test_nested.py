@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
-from conftest import requires_cuda
 from factory import (
     AttnSpec, VarlenCase, assert_matches_reference, dtype_id, max_error, reference_outputs, spec_id,
 )
@@ -196,6 +195,60 @@ def test_compiled_new_lengths_do_not_recompile():
     assert counter.frame_count == 2
 
 
+def _separate_njts(spec: AttnSpec) -> NestedCase:
+    """q, k and v as separate NJTs, each from its own offsets tensor (as users often build
+    them, and as torch's SDPA takes them): three ragged structures, k and v of equal lengths."""
+    case = nested_case(spec)
+    leaves = tuple(
+        torch.nested.nested_tensor_from_jagged(leaf.values().detach(), leaf.offsets().clone()).requires_grad_()
+        for leaf in case.leaves
+    )
+    return NestedCase(case.packed, leaves)
+
+
+SEPARATE_SPEC = AttnSpec((5, 1, 8, 0), heads_q=4, heads_kv=2, is_causal=True)
+
+
+def test_separate_njts_match_reference_eager_and_compiled():
+    """Separately built q, k, v (equal lengths, three offsets tensors): torch's SDPA takes them,
+    and so does ours, eagerly and compiled (one frame), against the float64 reference."""
+    case = _separate_njts(SEPARATE_SPEC)
+    assert case.leaves[1].offsets() is not case.leaves[2].offsets()
+    grad_out = torch.randn(case.packed.q.shape)
+    kwargs = {"is_causal": True, "enable_gqa": True}
+    out, grads = run_nested(scaled_dot_product_attention, case, grad_out, **kwargs)
+    assert_same_structure(out, case.sdpa_inputs()[0])
+    assert_matches_reference(case.packed, packed_values(out), grads=grads, grad_out=grad_out, **SEPARATE_SPEC.ref_kwargs)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(scaled_dot_product_attention, backend=counter, fullgraph=True)
+    compiled_out, compiled_grads = run_nested(compiled, case, grad_out, **kwargs)
+    assert counter.frame_count == 1
+    for actual, expected in zip((packed_values(compiled_out),) + compiled_grads, (packed_values(out),) + grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_separate_njts_agree_with_torch_sdpa():
+    spec = AttnSpec((5, 1, 8, 0), heads_q=2, heads_kv=2)
+    case = _separate_njts(spec)
+    grad_out = torch.randn(case.packed.q.shape)
+    out, grads = run_nested(scaled_dot_product_attention, case, grad_out)
+    torch_out, torch_grads = run_nested(F.scaled_dot_product_attention, case, grad_out)
+    for actual, expected in zip((packed_values(out),) + grads, (packed_values(torch_out),) + torch_grads):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_builds_output_without_fx_tracing_check(monkeypatch):
+    """torch.nested.nested_tensor_from_jagged asks torch.fx whether it is tracing, which logs an
+    "is_fx_tracing will return true ..." warning; the output is built without it."""
+    import torch.fx._symbolic_trace as symbolic_trace
+
+    query = _sdpa_layout()  # built with nested_tensor_from_jagged: before the patch
+    calls = []
+    monkeypatch.setattr(symbolic_trace, "is_fx_tracing_warning", lambda: calls.append(1))
+    scaled_dot_product_attention(query, query, query, is_causal=True)
+    assert not calls
+
+
 # ----------------------------------------------------------------------------- dense passthrough
 
 
@@ -249,9 +302,9 @@ def _holes() -> torch.Tensor:
     ).transpose(1, 2)
 
 
-def _key_value_apart() -> dict:
-    """key and value with equal lengths but separate offsets tensors: two ragged structures."""
-    return {"query": _sdpa_layout(), "key": _sdpa_layout(), "value": _sdpa_layout()}
+def _key_value_lengths_differ() -> dict:
+    """key and value built apart, with different lengths (and the same total)."""
+    return {"query": _sdpa_layout(), "key": _sdpa_layout((3, 5)), "value": _sdpa_layout((4, 4))}
 
 
 def _key_value(lengths: list[int], heads: int = 2) -> dict:
@@ -266,7 +319,7 @@ ERROR_CASES = {
         lambda: _self(_sdpa_layout(), attn_mask=torch.ones(8, 8, dtype=torch.bool)),
         ValueError, "attn_mask is not supported",
     ),
-    "dropout": (lambda: _self(_sdpa_layout(), dropout_p=0.1), ValueError, "dropout_p=0.1 is not supported"),
+    "dropout": (lambda: _self(_sdpa_layout(), dropout_p=0.1), ValueError, "dropout_p=0.1: dropout is not supported yet"),
     "mixed-nested-dense": (
         lambda: {"query": _sdpa_layout(), "key": torch.randn(2, 2, 5, 8), "value": torch.randn(2, 2, 5, 8)},
         TypeError, "all nested or all dense",
@@ -281,7 +334,12 @@ ERROR_CASES = {
     ),
     "bjhd-layout": (lambda: _self(_jagged([3, 5])), ValueError, r"pass query.transpose\(1, 2\)"),
     "holes": (lambda: _self(_holes()), ValueError, "has holes"),
-    "key-value-apart": (_key_value_apart, ValueError, "key and value must share one ragged structure"),
+    "key-value-lengths-differ": (
+        _key_value_lengths_differ, ValueError, r"key and value must have equal sequence lengths, got \[3, 5\] and \[4, 4\]"
+    ),
+    "is-causal-string": (lambda: _self(_sdpa_layout(), is_causal="no"), TypeError, "is_causal must be a bool"),
+    "scale-inf": (lambda: _self(_sdpa_layout(), scale=float("inf")), ValueError, "scale must be finite"),
+    "dropout-string": (lambda: _self(_sdpa_layout(), dropout_p="0"), TypeError, "dropout_p must be a float or None"),
     "batch-mismatch": (
         lambda: {"query": _sdpa_layout(), **_key_value([2, 4, 1])}, ValueError, "same number of sequences"
     ),
@@ -313,7 +371,6 @@ def _causal_gqa(query, key, value):
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("mode", ["eager", "compiled", "compiled-cached-seqlens"])
 def test_gpu_bf16_causal_gqa_matches_reference(mode: str):
     """bf16, causal, GQA, q_len != k_len, empty and single-token sequences; compiled: one
@@ -337,7 +394,6 @@ def test_gpu_bf16_causal_gqa_matches_reference(mode: str):
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_gpu_bf16_agrees_with_torch_sdpa(is_causal: bool):
     """On CUDA torch's eager jagged SDPA takes causal masks too (not GQA): ours and torch's

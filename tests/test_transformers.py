@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 import varlen_compile.integrations.transformers as varlen_hf  # noqa: E402  (registers "varlen_compile")
-from conftest import requires_cuda  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 VOCAB = 96
@@ -145,11 +145,95 @@ def test_unsupported_features_raise_clear_errors():
     attention = ours.model.layers[0].self_attn
     q = torch.randn(1, 6, 5, 8)
     kv = torch.randn(1, 2, 5, 8)
-    for kwargs, pattern in (({"dropout": 0.1}, "attention dropout"),):
+    for kwargs, pattern in (({"dropout": 0.1}, r"dropout=0.1: dropout is not supported yet; set the config's attention_dropout"),):
         with pytest.raises(ValueError, match=pattern):
             varlen_hf.varlen_attention_forward(attention, q, kv, kv, None, **kwargs)
     with pytest.raises(ValueError, match="takes 2D padding masks"):
         varlen_hf.varlen_attention_forward(attention, q, kv, kv, torch.zeros(1, 1, 5, 5))
+
+
+def _attention_module() -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    return module
+
+
+def _attention_call(**overrides) -> dict:
+    """A valid call of our attention function (B=1, 6 over 2 heads, 5 tokens), then overrides."""
+    torch.manual_seed(0)
+    kwargs = {"module": _attention_module(), "query": torch.randn(1, 6, 5, 8), "key": torch.randn(1, 2, 5, 8),
+              "value": torch.randn(1, 2, 5, 8), "attention_mask": None}
+    return {**kwargs, **overrides}
+
+
+def _module_with(**attributes) -> torch.nn.Module:
+    module = _attention_module()
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    return module
+
+
+HF = r"attn_implementation='varlen_compile' \(Module\): "
+ATTENTION_ERRORS = {
+    "is-causal-string": ({"is_causal": "no"}, TypeError, r"is_causal must be a bool \(True or False\), got 'no'"),
+    "module-is-causal-string": ({"module": _module_with(is_causal="yes")}, TypeError,
+                                r"module.is_causal must be a bool \(True or False\), got 'yes'"),
+    "sliding-window-negative": ({"sliding_window": -3}, ValueError,
+                                r"sliding_window must be >= 1 \(the number of tokens a query attends\) or None, got -3"),
+    "sliding-window-float": ({"sliding_window": 2.5}, TypeError, r"sliding_window must be an int or None, got 2.5"),
+    "sliding-window-bool": ({"sliding_window": True}, TypeError, r"sliding_window must be an int or None, got True"),
+    "scaling-inf": ({"scaling": float("inf")}, ValueError, r"scaling must be finite, got inf"),
+    "scaling-numpy": ({"scaling": np.float64(0.3)}, TypeError, r"scaling must be a float or None .* float\(scaling\)"),
+    "softcap-string": ({"softcap": "a"}, TypeError, r"softcap must be a float \(None or 0.0 = off\), got 'a'"),
+    "sinks-list": ({"s_aux": [0.0] * 6}, TypeError, r"s_aux must be a torch.Tensor of shape \(H_q,\) or None"),
+    "dropout-string": ({"dropout": "0.1"}, TypeError, r"dropout must be a float or None, got '0.1'"),
+    "cu-seq-lens-q-alone": ({"cu_seq_lens_q": torch.tensor([0, 2, 5], dtype=torch.int32)}, ValueError,
+                            r"got only one of cu_seq_lens_q and cu_seq_lens_k; pass both"),
+    "cu-seq-lens-int64": ({"cu_seq_lens_q": torch.tensor([0, 2, 5]), "cu_seq_lens_k": torch.tensor([0, 2, 5])},
+                          ValueError, r"cu_seq_lens_q must be int32, got torch.int64"),
+    "max-length-float": ({"max_length_q": 3.5}, TypeError, r"max_length_q must be an int or None, got 3.5"),
+    "mask-float": ({"attention_mask": torch.ones(1, 5)}, ValueError, r"attention_mask must be a bool or integer padding mask"),
+    "mask-values": ({"attention_mask": torch.tensor([[1, 1, 2, 1, 1]])}, ValueError,
+                    r"attention_mask must hold only 0 \(padding\) and 1 \(token\)"),
+    "mask-shape": ({"attention_mask": torch.ones(1, 6, dtype=torch.long)}, ValueError,
+                   r"attention_mask must be \(batch, keys\) = \(1, 5\), got shape \(1, 6\)"),
+    "mask-short": ({"attention_mask": torch.ones(1, 4, dtype=torch.long)}, ValueError,
+                   r"attention_mask covers 4 keys, fewer than the 5 queries"),
+    "query-3d": ({"query": torch.randn(6, 5, 8)}, ValueError, r"query must be 4-D \(batch, heads, length, head_dim\)"),
+}
+
+
+@pytest.mark.parametrize("overrides, error, pattern", ATTENTION_ERRORS.values(), ids=ATTENTION_ERRORS.keys())
+def test_attention_function_errors_name_transformers_arguments(overrides, error, pattern):
+    with pytest.raises(error, match=f"^{HF}{pattern}"):
+        varlen_hf.varlen_attention_forward(**_attention_call(**overrides))
+
+
+def test_attention_function_compiled_rejects_the_same():
+    """fullgraph=True: the same errors, our message in what Dynamo reports."""
+    import re
+
+    for name in ("is-causal-string", "sliding-window-negative", "scaling-inf", "cu-seq-lens-q-alone"):
+        overrides, error, pattern = ATTENTION_ERRORS[name]
+        torch._dynamo.reset()
+        compiled = torch.compile(varlen_hf.varlen_attention_forward, backend="eager", fullgraph=True)
+        with pytest.raises((error, torch._dynamo.exc.Unsupported)) as raised:
+            compiled(**_attention_call(**overrides))
+        text = str(raised.value) + str(raised.value.__cause__)
+        assert re.search(HF + pattern, text), f"{name}: {text}"
+    torch._dynamo.reset()
+
+
+def test_packed_offsets_keep_documents_apart():
+    """With both cu_seq_lens, documents do not attend each other: the result is each document's
+    own attention (checked against the plain rows)."""
+    call = _attention_call()
+    cu_seq = torch.tensor([0, 2, 5], dtype=torch.int32)
+    packed, _ = varlen_hf.varlen_attention_forward(**call, cu_seq_lens_q=cu_seq, cu_seq_lens_k=cu_seq)
+    for start, end in ((0, 2), (2, 5)):
+        alone = {**call, **{name: call[name][:, :, start:end] for name in ("query", "key", "value")}}
+        expected, _ = varlen_hf.varlen_attention_forward(**alone)
+        torch.testing.assert_close(packed[:, start:end], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_softcap_and_sinks_match_transformers_eager():
@@ -184,7 +268,6 @@ def test_registered_under_its_name():
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_gpu_compiled_model_runs_our_templates(layout):
     from torch._inductor.utils import run_and_get_code
@@ -220,19 +303,28 @@ def test_gpu_compiled_model_runs_our_templates(layout):
     torch._dynamo.reset()
 
 
-def test_packed_training_example_runs(tmp_path):
+def test_packed_training_example_runs(tmp_path, capsys):
     """examples/hf_packed_training.py at a CPU size: packed (ours) and padded (sdpa) runs on the
-    same documents and weights give the same losses here (fp32 on the CPU)."""
+    same documents and weights give the same losses here (fp32 on the CPU), the verdict is PASS,
+    and the JSON is valid JSON that records the model that ran."""
     import importlib.util
+    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "examples" / "hf_packed_training.py"
     spec = importlib.util.spec_from_file_location("hf_packed_training", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    assert not Path(example.parse_args([]).out).resolve().is_relative_to(path.parent.parent), "default --out in the repo"
     results = example.main(["--tiny", "--steps", "3", "--no-compile", "--impls", "varlen_compile,sdpa", "--out", str(tmp_path)])
     torch.testing.assert_close(results["varlen_compile"]["losses"], results["sdpa"]["losses"], rtol=1e-4, atol=1e-4)
+    assert "PASS: varlen_compile: 3 finite losses" in capsys.readouterr().out
     assert (tmp_path / "hf_packed_training.md").exists()
+    saved = json.loads((tmp_path / "hf_packed_training.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert {key: saved["settings"][key] for key in ("layers", "d_model", "heads", "kv_heads", "vocab")} == {
+        "layers": 2, "d_model": 64, "heads": 4, "kv_heads": 2, "vocab": 256}
+    ours = saved["results"]["varlen_compile"]
+    assert ours["peak_gib"] is None and ours["timed_steps"] == 2 and ours["tokens_per_s"] > 0
     # A later run with the same settings adds its implementation to the table (the GPU
     # comparison runs one implementation per process); other settings start a new table.
     more = example.main(["--tiny", "--steps", "3", "--no-compile", "--impls", "eager", "--out", str(tmp_path)])

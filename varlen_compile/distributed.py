@@ -39,16 +39,29 @@ import math
 import torch
 import torch.distributed as dist
 
-from . import _compat, api, config
+from . import _compat, config
 from .ops import call_backward, call_forward
-from .params import AttnOptions, BatchLayout
+from .params import AttnOptions, BatchLayout, OptionalInputs
+from .validation import (
+    Caller, check_flag, check_hint, check_int, check_offset_values, check_scale, check_tensor, check_tensors, check_window,
+    describe,
+)
 
 __all__ = ["context_parallel_varlen_attn", "zigzag_chunks", "zigzag_shard", "zigzag_unshard"]
+
+CONTEXT_PARALLEL = Caller(
+    "context_parallel_varlen_attn", {"cu_seq_q": "cu_seq", "cu_seq_k": "cu_seq", "max_q": "max_len", "max_k": "max_len"}
+)
 
 
 def zigzag_chunks(total: int, world_size: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """The two global token ranges ``[start, end)`` rank ``rank`` holds: chunks ``rank`` and
     ``2 * world_size - 1 - rank`` of ``2 * world_size`` equal chunks of ``total`` tokens."""
+    caller = Caller("zigzag_chunks")
+    check_int(caller, "total", total, 0)
+    check_int(caller, "world_size", world_size, 1)
+    if check_int(caller, "rank", rank, 0) >= world_size:
+        raise ValueError(caller.message(f"rank must be below world_size ({world_size}), got {rank}"))
     chunks = 2 * world_size
     if total % chunks:
         raise ValueError(
@@ -64,6 +77,7 @@ def zigzag_chunks(total: int, world_size: int, rank: int) -> tuple[tuple[int, in
 def zigzag_shard(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 0) -> torch.Tensor:
     """This rank's part of the global per-token tensor ``x`` (the same ``x`` on every rank): its
     two zig-zag chunks along ``dim``, concatenated (``T / W`` tokens)."""
+    _check_shard_args(Caller("zigzag_shard"), x, group, dim)
     (a, b), (c, d) = zigzag_chunks(x.shape[dim], dist.get_world_size(group), dist.get_rank(group))
     return torch.cat([x.narrow(dim, a, b - a), x.narrow(dim, c, d - c)], dim=dim)
 
@@ -71,10 +85,25 @@ def zigzag_shard(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: i
 def zigzag_unshard(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 0) -> torch.Tensor:
     """The global tensor from every rank's zig-zag part ``x`` (differentiable): all-gather, then
     back into token order."""
+    _check_shard_args(Caller("zigzag_unshard"), x, group, dim)
     group = _group(group)
     world_size = dist.get_world_size(group)
     gathered = _compat.all_gather_autograd(x.movedim(dim, 0).contiguous(), 0, group)
     return _to_token_order(gathered, world_size).movedim(0, dim)
+
+
+def _check_group(caller: Caller, group: object) -> None:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(caller.message(f"group must be a torch.distributed ProcessGroup or None, got {describe(group)}"))
+
+
+def _check_shard_args(caller: Caller, x: object, group: object, dim: object) -> None:
+    check_tensor(caller, "x", x)
+    _check_group(caller, group)
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            caller.message(f"dim must be an int in [{-x.dim()}, {x.dim()}) (x is {x.dim()}-D), got {describe(dim)}")
+        )
 
 
 def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -143,7 +172,7 @@ class _ContextParallelAttention(torch.autograd.Function):
         values = _to_token_order(_compat.all_gather(value.contiguous(), 0, group), world_size)
         outs, lses = [], []
         for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, max_len, _is_causal(options)):
-            out, lse = call_forward(query[rows], keys[:key_end], values[:key_end], layout, options, kernel)
+            out, lse = call_forward(query[rows], keys[:key_end], values[:key_end], layout, options, OptionalInputs(), kernel)
             outs.append(out)
             lses.append(lse)
         out, lse = torch.cat(outs), torch.cat(lses, dim=1)
@@ -174,7 +203,7 @@ class _ContextParallelAttention(torch.autograd.Function):
         for rows, key_end, layout in _chunk_calls(cu_seq, total, world_size, rank, ctx.max_len, _is_causal(options)):
             dq, dk, dv = call_backward(
                 grad_out[rows], query[rows], keys[:key_end], values[:key_end], out[rows], lse[:, rows], layout,
-                options, kernel=ctx.kernel,
+                options, OptionalInputs(), kernel=ctx.kernel,
             )
             grad_query.append(dq)
             for index in range(key_end // chunk if chunk else 0):  # key_end is a chunk boundary
@@ -219,12 +248,14 @@ def context_parallel_varlen_attn(
     Returns:
         ``(T / W, H_q, D)``: the attention output of this rank's queries, in its zig-zag order.
     """
+    caller = CONTEXT_PARALLEL
+    _check_group(caller, group)
     group = _group(group)
-    api._check_flag("is_causal", is_causal)
-    api._check_flag("enable_gqa", enable_gqa)
-    window_left, window_right = api._check_window(window_size)
-    api._check_tensors(query, key, value, cu_seq, cu_seq, enable_gqa)
-    options = AttnOptions(is_causal, None if scale is None else float(scale), window_left, window_right)
+    is_causal, enable_gqa = check_flag(caller, "is_causal", is_causal), check_flag(caller, "enable_gqa", enable_gqa)
+    window_left, window_right = check_window(caller, window_size)
+    check_tensors(caller, query, key, value, cu_seq, cu_seq, enable_gqa)
+    max_len = check_hint(caller, "max_q", max_len)
+    options = AttnOptions(is_causal, check_scale(caller, scale), window_left, window_right)
     if not _is_causal(options) and (window_left, window_right) != (-1, -1):
         raise ValueError(
             f"context_parallel_varlen_attn: window_size={tuple(window_size)} without causal masking is "
@@ -235,6 +266,6 @@ def context_parallel_varlen_attn(
     total = query.shape[0] * world_size
     zigzag_chunks(total, world_size, dist.get_rank(group))  # checks that T splits evenly
     if not _compat.is_traced(cu_seq):
-        api._check_offsets(cu_seq, cu_seq, total, total, max_len, max_len)
+        check_offset_values(caller, cu_seq, cu_seq, total, total, max_len, max_len)
     kernel = config.checked_kernel()
     return _ContextParallelAttention.apply(query, key, value, cu_seq, max_len, options, group, kernel)

@@ -11,14 +11,18 @@ unbounded, and with ``return_attn_probs=True`` the tuple ``(out, softmax_lse, No
 ``softmax_lse`` float32 ``(H_q, total_q)``, as FA2 returns it when ``dropout_p == 0`` (FA2 computes
 the probabilities only under dropout, for its tests). What differs, and why:
 
-- ``max_seqlen_q``/``max_seqlen_k`` are only hints: ints are passed on, a tensor is ignored
-  (reading it would be a host sync). Our kernels do not need them.
+- ``max_seqlen_q``/``max_seqlen_k`` are only hints: ints are passed on, a one-element integer
+  tensor is ignored (reading it would be a host sync). Our kernels do not need them.
+- Arguments are checked as strictly as :func:`varlen_compile.varlen_attn` checks its own (its
+  rules in :mod:`varlen_compile.validation`), and errors name this function's arguments:
+  ``causal``, ``deterministic`` and ``return_attn_probs`` must be bools, ``cu_seqlens_*`` int32
+  tensors (FA2 requires int32 too; nothing is cast), ``softmax_scale`` a finite float or None.
 - ``dropout_p`` and ``softcap`` default to ``None`` (off) rather than FA2's ``0.0``; ``0.0`` means
   the same. A float default would make Dynamo restart its analysis once under ``dynamic=True``.
 - ``deterministic`` is accepted either way: our backward is always deterministic (no atomics).
 - ``softcap`` and ``alibi_slopes`` (``(H_q,)`` float32 slopes, FA2's convention) run in our
   kernels, forward and backward; ``(batch, H_q)`` slopes are not supported.
-- Not supported yet, each a ``ValueError``: ``dropout_p > 0``, ``block_table`` (FA2's paged
+- Not supported, each a ``ValueError``: ``dropout_p > 0``, ``block_table`` (FA2's paged
   varlen layout differs from torch's; use :func:`varlen_compile.varlen_attn` with
   ``block_table`` and ``seqused_k``).
 
@@ -29,9 +33,18 @@ from __future__ import annotations
 
 import torch
 
-from .api import AuxRequest, varlen_attn
+from .api import attend
+from .validation import Caller, check_dropout, check_flag, check_hint
 
 __all__ = ["flash_attn_varlen_func"]
+
+FLASH_ATTN_VARLEN_FUNC = Caller(
+    "flash_attn_varlen_func (varlen_compile)",
+    {
+        "query": "q", "key": "k", "value": "v", "cu_seq_q": "cu_seqlens_q", "cu_seq_k": "cu_seqlens_k",
+        "max_q": "max_seqlen_q", "max_k": "max_seqlen_k", "is_causal": "causal", "scale": "softmax_scale",
+    },
+)
 
 
 def flash_attn_varlen_func(
@@ -54,34 +67,23 @@ def flash_attn_varlen_func(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """FlashAttention 2's ``flash_attn_varlen_func`` (see the module docstring for the few
     differences). Returns ``out`` ``(total_q, H_q, D)``, or ``(out, softmax_lse, None)`` with
-    ``return_attn_probs=True``."""
-    unsupported = {
-        "dropout_p": (dropout_p not in (None, 0.0), dropout_p, 0.0),
-        "block_table": (block_table is not None, block_table, None),
-    }
-    for name, (given, value, default) in unsupported.items():
-        if given:
-            raise ValueError(
-                f"flash_attn_varlen_func (varlen_compile): {name} is not supported yet (got {_describe(value)}); "
-                f"pass {name}={default!r}, or call flash_attn's own function for this feature"
+    ``return_attn_probs=True``. Every argument is checked as :func:`varlen_compile.varlen_attn`
+    checks its own, and errors name this function's arguments."""
+    caller = FLASH_ATTN_VARLEN_FUNC
+    check_dropout(caller, "dropout_p", dropout_p, "pass dropout_p=0.0, or call flash_attn's own function for dropout")
+    if block_table is not None:
+        raise ValueError(
+            caller.message(
+                "block_table is not supported (FA2's paged layout differs from torch's); pass block_table=None, "
+                "or call varlen_compile.varlen_attn(..., block_table=, seqused_k=)"
             )
-    out, lse = varlen_attn(
-        q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-        _hint(max_seqlen_q), _hint(max_seqlen_k), bool(causal),
-        scale=softmax_scale, window_size=tuple(window_size), enable_gqa=q.shape[1] != k.shape[1],
-        return_aux=AuxRequest(lse=True), softcap=None if softcap is None else float(softcap), alibi_slopes=alibi_slopes,
+        )
+    check_flag(caller, "deterministic", deterministic)  # our backward is always deterministic
+    return_attn_probs = check_flag(caller, "return_attn_probs", return_attn_probs)
+    out, lse = attend(
+        caller, q, k, v, cu_seqlens_q, cu_seqlens_k, check_hint(caller, "max_q", max_seqlen_q, ignore_tensor=True),
+        check_hint(caller, "max_k", max_seqlen_k, ignore_tensor=True), causal, scale=softmax_scale, window_size=window_size,
+        enable_gqa=True, softcap=softcap, alibi_slopes=alibi_slopes,
     )
-    if return_attn_probs:
-        return out, lse, None
-    return out
+    return (out, lse, None) if return_attn_probs else out
 
-
-def _hint(max_seqlen: object) -> int | None:
-    """FA2 takes ints; a tensor (or anything else) is dropped rather than read with a sync."""
-    if isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool):
-        return max_seqlen
-    return None
-
-
-def _describe(value: object) -> str:
-    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)

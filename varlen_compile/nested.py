@@ -18,8 +18,16 @@ takes (``T`` = total tokens, no copy: possibly strided, with a contiguous last d
 
 The output reuses the query's offsets, so it has the query's ragged structure (the same nested
 int: ``out + query`` works), and autograd flows through ``values()`` back to the NJT inputs.
-Query and key/value may have different offsets (cross attention); key and value must share
-theirs.
+Query and key/value may have different ragged structures (cross attention between two jagged
+batches). Key and value need equal lengths, but not one offsets tensor: separately built NJTs
+(as torch's SDPA takes them) are fine. Eager calls compare their offsets by value (one host
+sync, skipped when they share the tensor); compiled calls use the key's offsets and, with
+``varlen_compile.config.check_offsets``, assert on the device that the value's are equal.
+
+The output NJT is built as torch's own jagged SDPA builds its output
+(``torch.nested._internal.nested_tensor.nested_view_from_values_offsets``): the public
+``torch.nested.nested_tensor_from_jagged`` adds only a check for ``torch.fx.symbolic_trace``
+that logs an "is_fx_tracing will return true ..." warning.
 
 What it adds over torch's own jagged SDPA (measured on torch 2.11 CUDA, 2.13 and 2.15 CPU):
 torch refuses ``is_causal=True`` on the CPU and GQA everywhere, and its
@@ -35,14 +43,24 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.nested._internal.nested_tensor import nested_view_from_values_offsets
 
-from .api import varlen_attn
+from . import _compat, config
+from .api import attend
+from .validation import Caller, check_dropout
 
 __all__ = ["scaled_dot_product_attention"]
 
 log = logging.getLogger(__name__)
 
 _NAMES = ("query", "key", "value")
+SDPA = Caller(
+    "scaled_dot_product_attention",
+    {
+        "cu_seq_q": "query.offsets()", "cu_seq_k": "key.offsets()", "max_q": "the max_seqlen cached on query",
+        "max_k": "the max_seqlen cached on key",
+    },
+)
 
 
 def scaled_dot_product_attention(
@@ -62,9 +80,9 @@ def scaled_dot_product_attention(
     Nested inputs (``torch.jagged`` layout, ragged dim at index 2, as ``nt.transpose(1, 2)``
     gives):
 
-    - ``query``: ``(B, H_q, j_q, D)``; ``key``, ``value``: ``(B, H_kv, j_k, D)``, sharing one
-      ragged structure (the same offsets). ``j_q`` and ``j_k`` may differ per sequence (cross
-      attention); sequences may be empty.
+    - ``query``: ``(B, H_q, j_q, D)``; ``key``, ``value``: ``(B, H_kv, j_k, D)`` with equal
+      lengths (built from one offsets tensor or not). ``j_q`` and ``j_k`` may differ per
+      sequence (cross attention); sequences may be empty.
     - Returns a jagged nested tensor ``(B, H_q, j_q, D)`` with the query's ragged structure, in
       the input dtype. A query that attends no key (an empty key sequence) gets zeros.
     - ``is_causal``: causal masking, aligned bottom-right when a sequence's query and key lengths
@@ -76,6 +94,8 @@ def scaled_dot_product_attention(
     - ``attn_mask`` and ``dropout_p > 0`` are not supported (``ValueError``). ``dropout_p``
       defaults to ``None`` (no dropout) rather than SDPA's ``0.0``: a float default would
       restart Dynamo's analysis once under ``dynamic=True``.
+    - Checked as :func:`varlen_compile.varlen_attn` checks its arguments: ``is_causal`` and
+      ``enable_gqa`` are bools, ``scale`` a finite float or None.
 
     Dense (strided) inputs: all arguments go to ``torch.nn.functional.scaled_dot_product_attention``
     unchanged. Mixing nested and dense inputs is a ``TypeError``.
@@ -98,23 +118,14 @@ def scaled_dot_product_attention(
     query_t, key_t, value_t = (x.transpose(1, 2) for x in (query, key, value))
     if not torch.compiler.is_compiling():  # Dynamo graph-breaks on logging calls
         log.debug("scaled_dot_product_attention: %d jagged sequences -> varlen_attn", query.shape[0])
+    _check_same_lengths(key_t, value_t)
     min_q, max_q = _cached_seqlens(query_t)
     _, max_k = _cached_seqlens(key_t)
-    out = varlen_attn(
-        query_t.values(),
-        key_t.values(),
-        value_t.values(),
-        query_t.offsets().to(torch.int32),
-        key_t.offsets().to(torch.int32),
-        max_q,
-        max_k,
-        is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
+    out, _ = attend(
+        SDPA, query_t.values(), key_t.values(), value_t.values(), query_t.offsets().to(torch.int32),
+        key_t.offsets().to(torch.int32), max_q, max_k, is_causal, scale=scale, enable_gqa=enable_gqa,
     )
-    return torch.nested.nested_tensor_from_jagged(
-        out, query_t.offsets(), min_seqlen=min_q, max_seqlen=max_q
-    ).transpose(1, 2)
+    return nested_view_from_values_offsets(out, query_t.offsets(), min_seqlen=min_q, max_seqlen=max_q).transpose(1, 2)
 
 
 def _check_all_or_none_nested(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -147,12 +158,10 @@ def _check_nested_call(
             "causal masking, or varlen_compile.varlen_attn(..., window_size=(left, right)) on the "
             "packed values for a sliding window"
         )
-    if dropout_p not in (None, 0.0):
-        raise ValueError(
-            f"scaled_dot_product_attention: dropout_p={dropout_p} is not supported with nested "
-            "inputs; pass dropout_p=0.0, and apply dropout elsewhere (e.g. to the attention "
-            "output) if the model needs it"
-        )
+    check_dropout(
+        SDPA, "dropout_p", dropout_p,
+        "pass dropout_p=0.0, and apply dropout elsewhere (e.g. to the attention output) if the model needs it",
+    )
     for name, tensor in zip(_NAMES, (query, key, value)):
         if tensor.layout != torch.jagged:
             raise ValueError(
@@ -177,16 +186,34 @@ def _check_nested_call(
                 "narrow()); make the (B, j, H, D) tensor contiguous before transposing: "
                 f"{name}.transpose(1, 2).contiguous().transpose(1, 2)"
             )
-    if key.shape[2] != value.shape[2]:
+    if key.shape[0] != value.shape[0]:
         raise ValueError(
-            "scaled_dot_product_attention: key and value must share one ragged structure (the "
-            f"same offsets), got shapes {tuple(key.shape)} and {tuple(value.shape)}; build both "
-            "with the same offsets tensor"
+            "scaled_dot_product_attention: key and value must hold the same number of sequences, got "
+            f"{key.shape[0]} and {value.shape[0]}"
         )
     if query.shape[0] != key.shape[0]:
         raise ValueError(
             f"scaled_dot_product_attention: query and key/value must hold the same number of "
             f"sequences, got {query.shape[0]} and {key.shape[0]}"
+        )
+
+
+def _check_same_lengths(key: torch.Tensor, value: torch.Tensor) -> None:
+    """Key and value ``(B, j, H, D)`` need equal lengths. Eagerly their offsets are compared by
+    value (one host sync; none when they share the tensor); traced calls use the key's offsets,
+    with a device-side assertion under ``config.check_offsets``."""
+    key_offsets, value_offsets = key.offsets(), value.offsets()
+    if key_offsets is value_offsets:
+        return
+    if not _compat.is_traced(key_offsets):
+        if not torch.equal(key_offsets, value_offsets):
+            raise ValueError(
+                "scaled_dot_product_attention: key and value must have equal sequence lengths, got "
+                f"{key_offsets.diff().tolist()} and {value_offsets.diff().tolist()}"
+            )
+    elif config.check_offsets:
+        torch._assert_async(
+            (key_offsets == value_offsets).all(), "scaled_dot_product_attention: key and value lengths differ"
         )
 
 

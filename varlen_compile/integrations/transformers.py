@@ -21,12 +21,13 @@ size, so ``torch.compile(model, fullgraph=True)`` works):
   the queries aligned with the last keys (causal masking is bottom-right aligned).
 
 Passed through: ``scaling``, ``sliding_window`` (a window of that many tokens, as transformers'
-FlashAttention path), ``is_causal``. Under autocast, float32 q/k/v run in the autocast dtype (as
-transformers' FlashAttention and SDPA paths do), ``softcap`` (Gemma 2/3) and ``s_aux`` (gpt-oss's
-attention sinks, differentiable). Not supported yet, each with a clear error: attention dropout,
-``output_attentions``, 4D masks. Masks are
-padding masks, as with FlashAttention in transformers: custom mask functions (``or_mask_function``
-and ``and_mask_function`` overlays) are not applied.
+FlashAttention path), ``is_causal``, ``softcap`` (Gemma 2/3) and ``s_aux`` (gpt-oss's attention
+sinks, differentiable). Under autocast, float32 q/k/v run in the autocast dtype (as transformers'
+FlashAttention and SDPA paths do). Each is checked as :func:`varlen_compile.varlen_attn` checks
+its own arguments, with errors in transformers' names. Not supported yet, each with a clear
+error: attention dropout, ``output_attentions``, 4D masks. Masks are padding masks, as with
+FlashAttention in transformers: custom mask functions (``or_mask_function`` and
+``and_mask_function`` overlays) are not applied.
 """
 
 from __future__ import annotations
@@ -36,13 +37,21 @@ import logging
 import torch
 
 from .. import _compat
-from ..api import varlen_attn
+from ..api import attend
+from ..validation import Caller, check_dropout, check_flag, check_hint, check_tensor, describe
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "varlen_attention_forward", "varlen_attention_mask"]
 
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "varlen_compile"
+
+# Our argument names -> transformers' (the attention function's arguments and kwargs).
+_NAMES = {
+    "scale": "scaling", "sink": "s_aux", "cu_seq_q": "cu_seq_lens_q", "cu_seq_k": "cu_seq_lens_k",
+    "max_q": "max_length_q", "max_k": "max_length_k",
+}
+_DERIVED_OFFSETS = {"cu_seq_q": "the query offsets built from the batch", "cu_seq_k": "the key offsets built from the batch"}
 
 
 def varlen_attention_forward(
@@ -65,31 +74,52 @@ def varlen_attention_forward(
         query: ``(B, H_q, L_q, D)``; key, value: ``(B, H_kv, L_k, D)`` (``L_k >= L_q`` with a KV
             cache: the queries are the last ``L_q`` positions).
         attention_mask: None, or the 2D padding mask ``(B, L_k)`` from
-            :func:`varlen_attention_mask` (1 = token, 0 = padding; one contiguous run per row).
-        kwargs: ``cu_seq_lens_q``/``cu_seq_lens_k`` and ``position_ids`` of packed batches.
+            :func:`varlen_attention_mask` (bool or integer, 1 = token, 0 = padding; one
+            contiguous run per row).
+        is_causal: a bool, or None for ``module.is_causal`` (default True).
+        sliding_window: None, or an int >= 1: each query attends that many keys, itself included.
+        kwargs: ``cu_seq_lens_q``/``cu_seq_lens_k`` (both or neither; int32, on the query's
+            device) and ``position_ids`` of packed batches; ``max_length_q``/``max_length_k``.
+
+    Every argument is checked as :func:`varlen_compile.varlen_attn` checks its own (no value is
+    coerced: flags are bools, offsets int32 tensors, ``scaling`` a finite float), and errors
+    name transformers' arguments (``scaling``, ``sliding_window``, ``cu_seq_lens_q``, ``s_aux``).
 
     Returns:
         ``(out, None)``: ``out`` ``(B, L_q, H_q, D)`` (zeros at padding positions), no weights.
     """
-    _check_supported(module, dropout, attention_mask, kwargs)
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    caller = _caller(module, is_causal, kwargs)
+    _check_supported(caller, dropout, attention_mask, kwargs)
+    is_causal = check_flag(caller, "is_causal", getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = _window(caller, sliding_window, is_causal)
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        _check_bhld(caller, name, tensor)
     query, key, value = _autocast(query, key, value)
     if attention_mask is not None and key.shape[2] > attention_mask.shape[-1]:
         # A static cache holds more slots than the mask covers: the rest is not written yet.
         key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
-    batch, heads_q, len_q, head_dim = query.shape
+    batch, heads_q, len_q, _ = query.shape
     len_k = key.shape[2]
-    cu_seq_q, cu_seq_k = _offsets(attention_mask, kwargs, batch, len_q, len_k, query.device)
-    window = (-1, -1)
-    if sliding_window is not None:
-        window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
-    out = varlen_attn(
-        _packed(query), _packed(key), _packed(value), cu_seq_q, cu_seq_k,
-        _packed_hint(kwargs.get("max_length_q"), len_q), _packed_hint(kwargs.get("max_length_k"), len_k),
-        bool(is_causal), scale=scaling, window_size=window, enable_gqa=heads_q != key.shape[1],
-        softcap=float(softcap or 0.0), sink=s_aux,
+    cu_seq_q, cu_seq_k = _offsets(caller, attention_mask, kwargs, batch, len_q, len_k, query.device)
+    max_q = check_hint(caller, "max_q", kwargs.get("max_length_q"), ignore_tensor=True)
+    max_k = check_hint(caller, "max_k", kwargs.get("max_length_k"), ignore_tensor=True)
+    out, _ = attend(
+        caller, _packed(query), _packed(key), _packed(value), cu_seq_q, cu_seq_k,
+        len_q if max_q is None else max_q, len_k if max_k is None else max_k, is_causal, scale=scaling,
+        window_size=window, enable_gqa=True, softcap=softcap, sink=s_aux,
     )
     return out.view(batch, len_q, heads_q, value.shape[-1]), None
+
+
+def _caller(module: torch.nn.Module, is_causal: object, kwargs: dict) -> Caller:
+    """Errors name the module's class and transformers' arguments (``module.is_causal`` when
+    ``is_causal`` comes from there; the built offsets when the batch gave none)."""
+    names = dict(_NAMES)
+    if kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
+        names.update(_DERIVED_OFFSETS)
+    if is_causal is None:
+        names["is_causal"] = "module.is_causal"
+    return Caller(f"attn_implementation='varlen_compile' ({type(module).__name__})", names)
 
 
 def varlen_attention_mask(
@@ -121,23 +151,59 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def _check_supported(module, dropout, attention_mask, kwargs) -> None:
-    name = type(module).__name__
-    if dropout:
-        raise ValueError(
-            f"attn_implementation='varlen_compile' ({name}): attention dropout ({dropout}) is not "
-            "supported yet; set the config's attention_dropout to 0.0"
-        )
+def _check_supported(caller: Caller, dropout: object, attention_mask: object, kwargs: dict) -> None:
+    check_dropout(caller, "dropout", dropout, "set the config's attention_dropout to 0.0")
     if kwargs.get("output_attentions"):
         raise ValueError(
-            "attn_implementation='varlen_compile' computes no attention weights; pass "
-            "output_attentions=False, or use attn_implementation='eager' to inspect them"
+            caller.message(
+                "computes no attention weights; pass output_attentions=False, or use "
+                "attn_implementation='eager' to inspect them"
+            )
         )
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if (kwargs.get("cu_seq_lens_q") is None) != (kwargs.get("cu_seq_lens_k") is None):
         raise ValueError(
-            f"attn_implementation='varlen_compile' takes 2D padding masks (batch, keys), got a "
-            f"{attention_mask.dim()}D mask of shape {tuple(attention_mask.shape)}: pass the "
-            "tokenizer's attention_mask and let the model build its mask"
+            caller.message(
+                "got only one of cu_seq_lens_q and cu_seq_lens_k; pass both (DataCollatorWithFlattening("
+                "return_flash_attn_kwargs=True) returns both) or neither"
+            )
+        )
+    if attention_mask is None:
+        return
+    check_tensor(caller, "attention_mask", attention_mask, " (the 2D padding mask) or None")
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            caller.message(
+                f"takes 2D padding masks (batch, keys), got a {attention_mask.dim()}D mask of shape "
+                f"{tuple(attention_mask.shape)}: pass the tokenizer's attention_mask and let the model build its mask"
+            )
+        )
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(
+            caller.message(
+                f"attention_mask must be a bool or integer padding mask (1 = token, 0 = padding), got "
+                f"{attention_mask.dtype}; additive float masks are not supported"
+            )
+        )
+
+
+def _window(caller: Caller, sliding_window: object, is_causal: bool) -> tuple[int, int]:
+    """transformers' ``sliding_window`` (a window of that many tokens) as ``(left, right)``."""
+    if sliding_window is None:
+        return -1, -1
+    if not isinstance(sliding_window, int) or isinstance(sliding_window, bool):
+        raise TypeError(caller.message(f"sliding_window must be an int or None, got {describe(sliding_window)}"))
+    if sliding_window < 1:
+        raise ValueError(
+            caller.message(f"sliding_window must be >= 1 (the number of tokens a query attends) or None, got {sliding_window}")
+        )
+    return sliding_window - 1, 0 if is_causal else sliding_window - 1
+
+
+def _check_bhld(caller: Caller, name: str, tensor: object) -> None:
+    check_tensor(caller, name, tensor)
+    if tensor.dim() != 4:
+        raise ValueError(
+            caller.message(f"{name} must be 4-D (batch, heads, length, head_dim), got shape {tuple(tensor.shape)}")
         )
 
 
@@ -165,6 +231,7 @@ def _packed_hint(max_length: object, length: int) -> int:
 
 
 def _offsets(
+    caller: Caller,
     attention_mask: torch.Tensor | None,
     kwargs: dict,
     batch: int,
@@ -172,21 +239,40 @@ def _offsets(
     len_k: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ``cu_seq_q``, ``cu_seq_k`` for the packed ``(B * L, H, D)`` tensors."""
+    """``cu_seq_q``, ``cu_seq_k`` for the packed ``(B * L, H, D)`` tensors: the collator's, as
+    given (``varlen_attn``'s checks see them), else int32 offsets built on the device."""
     cu_seq_q, cu_seq_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_seq_q is not None and cu_seq_k is not None:
-        return cu_seq_q.to(device=device, dtype=torch.int32), cu_seq_k.to(device=device, dtype=torch.int32)
+    if cu_seq_q is not None:
+        return cu_seq_q, cu_seq_k
     if attention_mask is not None:
-        return _padded_offsets(attention_mask.to(device), len_q, len_k)
+        _check_on_device(caller, "attention_mask", attention_mask, device)
+        if tuple(attention_mask.shape) != (batch, len_k):
+            raise ValueError(
+                caller.message(
+                    f"attention_mask must be (batch, keys) = {(batch, len_k)}, got shape {tuple(attention_mask.shape)}"
+                )
+            )
+        if len_q > len_k:
+            raise ValueError(
+                caller.message(f"attention_mask covers {len_k} keys, fewer than the {len_q} queries")
+            )
+        return _padded_offsets(caller, attention_mask, len_q, len_k)
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and len_q == len_k:
-        cu_seq = _position_id_offsets(position_ids.to(device).expand(batch, -1))
+        check_tensor(caller, "position_ids", position_ids)
+        _check_on_device(caller, "position_ids", position_ids, device)
+        cu_seq = _position_id_offsets(position_ids.expand(batch, -1))
         return cu_seq, cu_seq
     rows = torch.arange(batch + 1, device=device, dtype=torch.int32)
     return rows * len_q, rows * len_k
 
 
-def _padded_offsets(mask: torch.Tensor, len_q: int, len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_on_device(caller: Caller, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(caller.message(f"{name} is on {tensor.device}, query on {device}; move it with .to(query.device)"))
+
+
+def _padded_offsets(caller: Caller, mask: torch.Tensor, len_q: int, len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Offsets for a padded batch: five sequences per row, in token order.
 
     Row ``b`` has keys ``[0, len_k)`` with one valid run ``[first, end)``; its queries are the
@@ -196,9 +282,9 @@ def _padded_offsets(mask: torch.Tensor, len_q: int, len_k: int) -> tuple[torch.T
     the run's last query meets its last key, so bottom-right causal masking is right also with a
     KV cache. All on the device, at fixed shapes.
     """
-    mask = mask.to(torch.bool)
     if not _compat.is_traced(mask):
-        _check_one_run_per_row(mask)
+        _check_mask_values(caller, mask)
+    mask = mask.to(torch.bool)
     lengths = mask.sum(-1)
     first = torch.where(lengths > 0, mask.to(torch.int32).argmax(-1), len_k)
     end = first + lengths
@@ -211,15 +297,20 @@ def _padded_offsets(mask: torch.Tensor, len_q: int, len_k: int) -> tuple[torch.T
     return _cumulative(parts_q.flatten()), _cumulative(parts_k.flatten())
 
 
-def _check_one_run_per_row(mask: torch.Tensor) -> None:
-    """Eager only (one host sync): each row's valid tokens must be one contiguous run."""
+def _check_mask_values(caller: Caller, mask: torch.Tensor) -> None:
+    """Eager only (one host sync): 0/1 values, and each row's tokens one contiguous run."""
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(caller.message("attention_mask must hold only 0 (padding) and 1 (token)"))
+        mask = mask.to(torch.bool)
     starts = mask[:, :1].sum(-1) + (mask[:, 1:] & ~mask[:, :-1]).sum(-1)
     if bool((starts > 1).any()):
         rows = torch.nonzero(starts > 1).flatten().tolist()
         raise ValueError(
-            "attn_implementation='varlen_compile': each row of attention_mask must hold one "
-            f"contiguous run of tokens (left or right padding); rows {rows} have gaps. Pack such "
-            "rows as separate sequences (DataCollatorWithFlattening) instead"
+            caller.message(
+                "each row of attention_mask must hold one contiguous run of tokens (left or right padding); "
+                f"rows {rows} have gaps. Pack such rows as separate sequences (DataCollatorWithFlattening) instead"
+            )
         )
 
 
