@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# One device-machine session: install, then the steps named in $STEPS, each time-boxed, logs
-# under $OUT (the device tool's folder that comes back). Usage:
-#   STEPS="tests sweep bench" bash benchmarks/device_session.sh
-# (TESTS_FILES picks test files for the tests step, TESTS_WORKERS runs them in that many pytest-xdist
-# processes (its wheels in .whl/); it is time-boxed with SIGINT, so pytest still prints its summary
-# and --durations=$TESTS_DURATIONS.)
-# steps: tests fuzz memcheck ab abfeatures sweep profile ncu model features fa4tests choice bench,
-# scaleout-fake (bench_context_parallel.py on one GPU as rank 0 of 2, fake process group), and on a
-# machine with 2 GPUs: multigpu (the multigpu tests) and scaleout (bench_context_parallel.py for
-# each of $CP_SHAPES, then examples/train_fsdp.py for each GPUs:tokens of $FSDP_RUNS, tokens/s). Wheels in
-# .whl/ (carried by the device tool, e.g. expecttest) are installed first. FlashAttention 4 is
-# installed when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/
-# to /tmp/fa4 on the warm machine, this call carries .fa4b/).
+# One call on a GPU machine: install the package (and FlashAttention 4 when its wheels came along),
+# then run the steps named in $STEPS one after another, each time-boxed, logs and result files
+# under $OUT (the folder that comes back). Run from the repository root:
+#   STEPS="tests run" bash benchmarks/device_session.sh
+# Steps (each step's *_ARGS are passed to its command; see benchmarks/README.md):
+#   tests fuzz memcheck fa4tests multigpu   the GPU test suites (TESTS_FILES, TESTS_WORKERS: pytest-xdist
+#                                           workers from .whl/; time-boxed with SIGINT so pytest still
+#                                           prints its summary and --durations=$TESTS_DURATIONS)
+#   run choice features model ab sweep profile   python -m benchmarks <step> $<STEP>_ARGS
+#   ncu                                     Nsight Compute of the forward kernels (NCU_IMPLS x NCU_CASES)
+#   context-parallel                        torchrun on 2 GPUs, one run per $CP_SHAPES (docs x doc length)
+#   context-parallel-fake                   one GPU as rank 0 of 2 over the fake process group, per $CP_SHAPES
+#   fsdp                                    examples/train_fsdp.py per GPUs:tokens of $FSDP_RUNS (tokens/s)
+# Wheels in .whl/ (e.g. expecttest, pytest-xdist) are installed first. FlashAttention 4 is installed
+# when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/ to /tmp/fa4 on
+# the warm machine, the next carries .fa4b/).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off in every process (the 2-GPU machine requires it; harmless elsewhere).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp/out}
+export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/wheels.log" 2>&1 || { tail -20 "$OUT/wheels.log"; exit 1; }
@@ -46,39 +49,36 @@ for step in ${STEPS:-tests}; do
         compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ${MEMCHECK_FLAGS:-} python3 -m pytest -q -m gpu \
         ${MEMCHECK_TESTS:-tests/test_gpu.py tests/test_gpu_compile.py} -k "${MEMCHECK_K:-not training and not autotune and not cuda_graphs and not 100_batches}" \
         -rfE --tb=short 2>&1 | tee "$OUT/memcheck.log" | tail -15; echo "memcheck exit ${PIPESTATUS[0]}" ;;
-    ab) timeout "${AB_TIMEOUT:-200}" python3 benchmarks/ab_kernels.py ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep -v DEBUG | tail -12 ;;
-    abfeatures) timeout "${AB_TIMEOUT:-300}" python3 benchmarks/ab_features.py ${ABF_ARGS:-} 2>&1 | tee "$OUT/ab_features.log" | grep -v DEBUG | tail -30 ;;
-    sweep) (cd benchmarks && timeout "${SWEEP_TIMEOUT:-150}" python3 sweep_configs.py ${SWEEP_ARGS:-}) 2>&1 | tee "$OUT/sweep.log" | grep -v '^{' ;;
-    profile) (cd benchmarks && timeout "${PROFILE_TIMEOUT:-400}" python3 profile_step.py ${PROFILE_ARGS:-host headline-causal headline}) 2>&1 \
-        | tee "$OUT/profile.log" | grep -v DEBUG | tail -${PROFILE_TAIL:-30} ;;
+    run|choice|features|model|ab|sweep|profile)  # result files go to $OUT (the commands' default --out)
+        args="${step^^}_ARGS"; default=""
+        [ "$step" = ab ] && default=softcap
+        [ "$step" = profile ] && default="host headline-causal headline"
+        # shellcheck disable=SC2086
+        timeout "${STEP_TIMEOUT:-400}" python3 -m benchmarks "$step" ${!args:-$default} 2>&1 | tee "$OUT/$step.log" \
+          | grep -v '^{' | grep -v DEBUG | tail -"${STEP_TAIL:-30}" ;;
     ncu) for impl in ${NCU_IMPLS:-ours fa4}; do for case in ${NCU_CASES:-d128}; do
           timeout "${NCU_TIMEOUT:-150}" ncu -k regex:"varlen_fwd|flash_fwd" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
             --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
-            python3 benchmarks/profile_step.py ncu "$case" --impl "$impl" > "$OUT/ncu_${case}_${impl}.txt" 2>&1
+            python3 -m benchmarks profile ncu "$case" --impl "$impl" > "$OUT/ncu_${case}_${impl}.txt" 2>&1
           grep -E "^  [a-z]|Duration|Throughput|Pipe|Issue|Warp Cycles|Registers|Theoretical Occ|Achieved Occ|Shared Memory Config" \
-            "$OUT/ncu_${case}_${impl}.txt" | grep -v "^    ---" | head -${NCU_TAIL:-45}; done; done ;;
-    model) (cd benchmarks && timeout "${MODEL_TIMEOUT:-300}" python3 bench_model.py --out "$OUT" ${MODEL_ARGS:-}) 2>&1 | tee "$OUT/model.log" | grep -v '^{' | grep -v DEBUG | tail -12 ;;
-    features) timeout "${FEATURES_TIMEOUT:-300}" python3 benchmarks/bench_features.py --tag "${FEATURES_TAG:-h200-features}" ${FEATURES_ARGS:-} 2>&1 \
-        | tee "$OUT/features.log" | grep -v DEBUG | tail -25; cp benchmarks/results/"${FEATURES_TAG:-h200-features}".* "$OUT"/ 2>/dev/null ;;
+            "$OUT/ncu_${case}_${impl}.txt" | grep -v "^    ---" | head -"${NCU_TAIL:-45}"; done; done ;;
     fa4tests) timeout "${FA4_TIMEOUT:-400}" python3 -m pytest -q tests/test_gpu_fa4.py -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
-        | tee "$OUT/fa4_tests.log" | tail -${TESTS_TAIL:-40} ;;
-    choice) timeout "${CHOICE_TIMEOUT:-400}" python3 benchmarks/bench_choice.py --out "$OUT" --tag "${CHOICE_TAG:-h200-choice}" ${CHOICE_ARGS:-} 2>&1 \
-        | tee "$OUT/choice.log" | grep -v '^{' | grep -v DEBUG | tail -20 ;;
+        | tee "$OUT/fa4_tests.log" | tail -"${TESTS_TAIL:-40}" ;;
     multigpu) timeout -s INT "${MULTIGPU_TIMEOUT:-500}" python3 -m pytest -q -m multigpu tests/test_distributed.py -rfEs --tb=short \
-        --durations=5 2>&1 | tee "$OUT/multigpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
-    scaleout) for shape in ${CP_SHAPES:-2x65536 2x131072 32x4096}; do
-          timeout "${CP_TIMEOUT:-240}" torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py --docs "${shape%x*}" \
+        --durations=5 2>&1 | tee "$OUT/multigpu_tests.log" | tail -"${TESTS_TAIL:-40}" ;;
+    context-parallel) for shape in ${CP_SHAPES:-2x65536 2x131072 32x4096}; do
+          timeout "${CP_TIMEOUT:-240}" torchrun --nproc-per-node 2 -m benchmarks context-parallel --docs "${shape%x*}" \
             --doc-len "${shape#*x}" --out "$OUT/context_parallel.jsonl" >> "$OUT/context_parallel.log" 2>&1
-          grep -E "^\||tokens, " "$OUT/context_parallel.log" | tail -5 | grep -v "^|---"; done
-        for run in ${FSDP_RUNS:-1:65536 2:65536 2:131072}; do  # GPUs:tokens per global batch
+          grep -E "^\||tokens, " "$OUT/context_parallel.log" | tail -4 | grep -v "^|---"; done ;;
+    context-parallel-fake) for shape in ${CP_SHAPES:-2x65536 2x131072}; do
+          timeout "${CP_TIMEOUT:-240}" python3 -m benchmarks context-parallel --fake-world-size 2 --docs "${shape%x*}" \
+            --doc-len "${shape#*x}" --out "$OUT/context_parallel_fake.jsonl" >> "$OUT/context_parallel_fake.log" 2>&1
+          grep -E "^\||tokens, " "$OUT/context_parallel_fake.log" | tail -4 | grep -v "^|---"; done ;;
+    fsdp) for run in ${FSDP_RUNS:-1:65536 2:65536 2:131072}; do  # GPUs:tokens per global batch
           timeout "${FSDP_TIMEOUT:-240}" torchrun --nproc-per-node "${run%:*}" examples/train_fsdp.py --tokens "${run#*:}" \
             --out "$OUT/fsdp_${run%:*}gpu_${run#*:}.json" ${FSDP_ARGS:-} > "$OUT/fsdp_${run%:*}gpu_${run#*:}.log" 2>&1
           echo "FSDP, ${run%:*} GPU(s), ${run#*:} tokens per step: $(grep "^step" "$OUT/fsdp_${run%:*}gpu_${run#*:}.log" | tail -1)"; done ;;
-    scaleout-fake) for shape in ${CP_SHAPES:-2x65536 2x131072}; do  # one GPU as rank 0 of 2: compute + memory
-          timeout "${CP_TIMEOUT:-240}" python3 benchmarks/bench_context_parallel.py --fake-world-size 2 --docs "${shape%x*}" \
-            --doc-len "${shape#*x}" --out "$OUT/context_parallel_fake.jsonl" >> "$OUT/context_parallel_fake.log" 2>&1
-          grep -E "^\||tokens, " "$OUT/context_parallel_fake.log" | tail -4 | grep -v "^|---"; done ;;
-    bench) (cd benchmarks && timeout "${BENCH_TIMEOUT:-240}" python3 bench.py --out "$OUT" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
+    *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "## step $step took $(( $(date +%s) - start ))s"
 done

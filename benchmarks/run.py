@@ -1,0 +1,296 @@
+"""``run``: implementations side by side on the standard cases; ``choice``: our template against
+FlashAttention 4 behind our op, the measurements behind the kernel choice's default table."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from . import harness, internals
+from .harness import CASES, CHOICE_CASES, Case, Inputs, log_row, make_inputs
+
+RUN_HELP = """\
+Side-by-side speed of varlen attention implementations on one GPU, in one process, on the same
+packed random bf16 inputs: forward and forward+backward, medians of triton.testing.do_bench.
+
+implementations (--impls):
+  ours        torch.compile(varlen_attn, fullgraph=True), config.kernel="triton": our templates
+  ours-auto   the same with config.kernel="auto" (the default switch: the lowering's default
+              table picks the kernel, FlashAttention 4 where it was measured faster)
+  ours-fa4    the same with config.kernel="fa4": FA4 behind our op
+  fa4         FlashAttention 4's flash_attn_varlen_func called directly, uncompiled (max_seqlen ints)
+  ours-eager  our standalone Triton kernels (the templates' @triton.jit math, no Inductor)
+  aten        aten._flash_attention_forward/_backward (FlashAttention 2) called directly
+  sdpa        scaled_dot_product_attention on a padded batch with a boolean mask
+  flex        compiled flex_attention with a document block mask built once, outside the timing
+  floor       not attention: torch.compile of pointwise ops on the same q, k, v, forward and
+              backward: the per-call cost any compiled one-op graph pays
+
+Small cases are bound by host time per call, which drifts within a process: --rounds N builds
+each implementation once and times them in N interleaved rounds (<tag>-rounds.md). Writes
+<out>/<tag>.md and .json (and .png, -fwdbwd.png with --plot)."""
+
+CHOICE_HELP = """\
+Our Triton template (config.kernel="triton") against FlashAttention 4 (config.kernel="fa4"),
+both behind our op and compiled fullgraph, on the grid of head dims, masking and features behind
+the kernel choice's default table (lowering/choices.py): 16 sequences <= 4096 tokens, 16 query
+heads, 4 kv heads, bf16. ratio = template time / FA4 time (above 1: FA4 faster); "measured"
+picks FA4 where it is faster forward and forward+backward; "table" is what the default table
+picks today. The generated code is checked to call FA4 exactly when it is forced. Needs
+flash-attn-4."""
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_once(cases: list[Case], impls: list[str], backward: bool, cuda_graph: bool) -> list[dict]:
+    """Each implementation built and timed on each case (a fresh compile per build)."""
+    rows = []
+    for case in cases:
+        harness.fresh_compile()
+        x = make_inputs(case)
+        for impl in impls:
+            harness.fresh_compile()  # ours and ours-auto differ only in the switch
+            row = {"case": case.name, "impl": impl, "tokens": case.total, "seqs": len(case.lengths),
+                   **harness.measure(case, impl, x, backward, cuda_graph)}
+            log_row(row)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _round_timers(x: Inputs, built: dict[str, harness.Built], backward: bool, cuda_graph: bool) -> dict:
+    """``(impl, "fwd" | "fwdbwd")`` -> a timer of that implementation under its kernel switch."""
+
+    def timer(impl: str, step) -> Callable[[], float]:
+        def timed() -> float:
+            with harness.kernel_switch(impl):
+                return step(built[impl], x, cuda_graph)
+
+        return timed
+
+    timers = {}
+    for impl in built:
+        timers[(impl, "fwd")] = timer(impl, harness.time_forward)
+        if backward:
+            timers[(impl, "fwdbwd")] = timer(impl, harness.time_forward_backward)
+    return timers
+
+
+def run_rounds(cases: list[Case], impls: list[str], backward: bool, rounds: int, cuda_graph: bool) -> list[dict]:
+    """Each case's implementations built once, then timed in ``rounds`` interleaved rounds:
+    rows with the median over the rounds in ``fwd_ms`` / ``fwdbwd_ms`` and every round's time
+    in ``fwd_rounds`` / ``fwdbwd_rounds``."""
+    rows = []
+    for case in cases:
+        harness.fresh_compile()
+        x = make_inputs(case)
+        # No reset in between: each keeps its compiled code, guarded on the kernel switch.
+        built = {impl: harness.build(case, impl, x, backward=backward) for impl in impls}
+        samples = harness.interleaved(_round_timers(x, built, backward, cuda_graph), rounds)
+        for impl in impls:
+            row = {"case": case.name, "impl": impl, "tokens": case.total, "seqs": len(case.lengths)}
+            for (name, key), values in samples.items():
+                if name == impl:
+                    row[f"{key}_rounds"], row[f"{key}_ms"] = values, statistics.median(values)
+            harness.add_rates(row, case)
+            log_row(row)
+            rows.append(row)
+        del built
+        torch.cuda.empty_cache()
+    return rows
+
+
+RATIO_PAIRS = (("ours", "aten"), ("ours", "fa4"), ("ours-auto", "fa4"), ("ours-fa4", "fa4"))
+"""The (ours, peer) ratio columns of the table, where both are run."""
+
+
+def _by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    table: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        table.setdefault(row["case"], {})[row["impl"]] = row
+    return table
+
+
+def speedups(rows: list[dict], metric: str, ours: str, peer: str) -> dict[str, float]:
+    """Per case, ``peer`` time / ``ours`` time (above 1: ours faster)."""
+    return {case: got[peer][metric] / got[ours][metric] for case, got in _by_case(rows).items()
+            if metric in got.get(ours, {}) and metric in got.get(peer, {})}
+
+
+def _cell(row: dict, impl: str, metric: str, rate: str) -> str:
+    if metric not in row:
+        return row.get("error", "-")[:40]
+    if impl == "floor":  # no attention work: the time only
+        return f"{row[metric]:.3f}"
+    return f"{row[metric]:.3f} ({row[rate]:.0f})"
+
+
+def side_by_side_markdown(rows: list[dict], impls: list[str], backward: bool, cuda_graph: bool) -> str:
+    timing = "do_bench_cudagraph (CUDA-graph replays: GPU time, no launch overhead)" if cuda_graph else "do_bench"
+    lines = [f"{harness.device_line()}; bf16; median ms (TFLOP/s) of {timing}.", ""]
+    pairs = [(o, p) for o, p in RATIO_PAIRS if o in impls and p in impls]
+    metrics = [("fwd", "forward")] + ([("fwdbwd", "forward+backward")] if backward else [])
+    for key, title in metrics:
+        metric, rate = f"{key}_ms", f"{key}_tflops"
+        ratios = {pair: speedups(rows, metric, *pair) for pair in pairs}
+        body = [[case, *(_cell(got.get(impl, {}), impl, metric, rate) for impl in impls),
+                 *(f"{ratios[pair][case]:.2f}x" if case in ratios[pair] else "-" for pair in pairs)]
+                for case, got in _by_case(rows).items()]
+        lines += [f"### {title}", ""]
+        lines += harness.markdown_table(["case", *impls, *(f"{o} vs {p}" for o, p in pairs)], body) + [""]
+        lines += [f"Geometric mean {o} vs {p} ({title}): {harness.geomean(r.values()):.2f}x; min {min(r.values()):.2f}x"
+                  for (o, p), r in ratios.items() if r] + [""]
+    builds = [row for row in rows if "mask_build_ms" in row]
+    if builds:
+        lines += ["FlexAttention block-mask build (not in the timings): "
+                  + ", ".join(f"{row['case']} {row['mask_build_ms']:.1f} ms" for row in builds), ""]
+    return "\n".join(lines)
+
+
+def rounds_markdown(rows: list[dict], impls: list[str]) -> str:
+    """Per case and direction: each implementation's times over the rounds, median and range,
+    and the per-round ratio of each implementation to the last one listed."""
+    lines = []
+    for case, got in _by_case(rows).items():
+        for key, title in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+            if not all(f"{key}_rounds" in got[impl] for impl in impls):
+                continue
+            lines.append(f"## {case}: {title} ms per round")
+            for impl in impls:
+                values = got[impl][f"{key}_rounds"]
+                lines.append(f"{impl:>10}: " + " ".join(f"{v:.3f}" for v in values)
+                             + f"   median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}")
+            peer = impls[-1]
+            for impl in impls[:-1]:
+                ratios = [p / o for o, p in zip(got[impl][f"{key}_rounds"], got[peer][f"{key}_rounds"])]
+                lines.append(f"{impl} vs {peer} per round: " + " ".join(f"{r:.2f}" for r in ratios)
+                             + f"   median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], impls: list[str], path: Path, metric: str = "fwd_tflops") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(_by_case(rows))
+    impls = [impl for impl in impls if impl != "floor"]
+    figure, axes = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 4.5))
+    width = 0.8 / len(impls)
+    for index, impl in enumerate(impls):
+        values = [_by_case(rows)[case].get(impl, {}).get(metric, 0) for case in cases]
+        axes.bar([position + index * width for position in range(len(cases))], values, width, label=impl)
+    axes.set_xticks([position + 0.4 - width / 2 for position in range(len(cases))], cases, rotation=30, ha="right")
+    axes.set_ylabel(metric.replace("_", " ").replace("tflops", "TFLOP/s"))
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    cases = harness.pick(CASES, args.cases)
+    impls = args.impls.split(",")
+    unknown = [impl for impl in impls if impl not in harness.IMPLEMENTATIONS]
+    if unknown:
+        raise SystemExit(f"--impls: unknown {', '.join(unknown)}; choose from {', '.join(harness.IMPLEMENTATIONS)}")
+    backward = not args.no_backward
+    if args.rounds > 1:
+        rows = run_rounds(cases, impls, backward, args.rounds, args.cuda_graph)
+        text = side_by_side_markdown(rows, impls, backward, args.cuda_graph) + "\n" + rounds_markdown(rows, impls)
+        harness.write_results(args.out, f"{args.tag}-rounds", rows, text)
+        return
+    rows = run_once(cases, impls, backward, args.cuda_graph)
+    out = harness.write_results(args.out, args.tag, rows, side_by_side_markdown(rows, impls, backward, args.cuda_graph))
+    if args.plot:
+        plot(rows, impls, out / f"{args.tag}.png")
+        if backward:
+            plot(rows, impls, out / f"{args.tag}-fwdbwd.png", metric="fwdbwd_tflops")
+
+
+# ----------------------------------------------------------------------------- choice
+
+
+def choice_row(case: Case) -> dict:
+    """Template and FA4 behind our op on one case: forward and forward+backward ms, or the
+    error that stopped one (a silent fallback must not make a row of the table)."""
+    x = make_inputs(case)
+    row: dict = {"case": case.name}
+    for impl, label in (("ours", "triton"), ("ours-fa4", "fa4")):
+        harness.fresh_compile()
+        try:
+            built = harness.build(case, impl, x)
+            with harness.kernel_switch(impl), torch.no_grad():
+                ran_fa4 = internals.calls_fa4(run_and_get_code(built.attention, x.q, x.k, x.v)[1])
+            if ran_fa4 != (label == "fa4"):
+                raise RuntimeError(f"kernel={label!r} but the compiled forward {'calls' if ran_fa4 else 'does not call'} FA4")
+            with harness.kernel_switch(impl):
+                row[f"{label}_fwd_ms"] = harness.time_forward(built, x)
+                row[f"{label}_fwdbwd_ms"] = harness.time_forward_backward(built, x)
+        except Exception as error:  # noqa: BLE001 -- report and go on
+            row[f"{label}_error"] = harness.error_text(error, 160)
+    row["table_picks_fa4"] = internals.default_table_picks_fa4(case, torch.cuda.get_device_capability()[0])
+    return row
+
+
+def choice_markdown(rows: list[dict]) -> str:
+    lines = [f"{harness.device_line()}; bf16; 16 seqs <= 4096, 16 q heads, 4 kv heads; compiled behind our op; "
+             "median ms; ratio = template / FA4 (above 1: FA4 faster)", ""]
+    body = []
+    for row in rows:
+        table = "FA4" if row["table_picks_fa4"] else "template"
+        if "triton_fwd_ms" not in row or "fa4_fwd_ms" not in row:
+            body.append([row["case"], row.get("triton_error", "-")[:40], row.get("fa4_error", "-")[:40], "", "", "", "", "", table])
+            continue
+        fwd = row["triton_fwd_ms"] / row["fa4_fwd_ms"]
+        both = row["triton_fwdbwd_ms"] / row["fa4_fwdbwd_ms"]
+        measured = "FA4" if fwd > 1 and both > 1 else "template"
+        body.append([row["case"], f"{row['triton_fwd_ms']:.3f}", f"{row['fa4_fwd_ms']:.3f}", f"{fwd:.2f}",
+                     f"{row['triton_fwdbwd_ms']:.3f}", f"{row['fa4_fwdbwd_ms']:.3f}", f"{both:.2f}", measured, table])
+    header = ["case", "template fwd", "FA4 fwd", "fwd ratio", "template fwd+bwd", "FA4 fwd+bwd", "fwd+bwd ratio",
+              "measured", "table"]
+    return "\n".join(lines + harness.markdown_table(header, body))
+
+
+QUICK = ("d64-causal", "d128-causal", "d192v128-causal", "d128-softcap-causal")
+
+
+def cmd_choice(args: argparse.Namespace) -> None:
+    missing = internals.fa4_missing()
+    if missing is not None:
+        raise SystemExit(f"choice needs FlashAttention 4: {missing}")
+    cases = harness.pick(CHOICE_CASES, QUICK if args.quick else (args.cases or list(CHOICE_CASES)))
+    rows = []
+    for case in cases:
+        row = choice_row(case)
+        log_row(row)
+        rows.append(row)
+    harness.write_results(args.out, args.tag, rows, choice_markdown(rows))
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser("run", help="implementations side by side on the standard cases", description=RUN_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--cases", default=",".join(CASES), help="comma-separated, from: " + ", ".join(CASES))
+    run.add_argument("--impls", default=",".join(i for i in harness.IMPLEMENTATIONS if i != "ours-fa4"),
+                     help="comma-separated (default: %(default)s)")
+    run.add_argument("--no-backward", action="store_true", help="forward only")
+    run.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (GPU time only)")
+    run.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per case (small cases)")
+    run.add_argument("--plot", action="store_true", help="bar charts of TFLOP/s (needs matplotlib)")
+    harness.add_output_arguments(run, "bench")
+    run.set_defaults(func=cmd_run)
+
+    choice = commands.add_parser("choice", help="our template vs FA4 behind our op (the default table's data)",
+                                 description=CHOICE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choice.add_argument("--cases", default=None, help="comma-separated, from: " + ", ".join(CHOICE_CASES))
+    choice.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    harness.add_output_arguments(choice, "choice")
+    choice.set_defaults(func=cmd_choice)
