@@ -437,9 +437,24 @@ def kernel_switch(impl: str, kernel: str | None = None):
     return config.patch(kernel=kernel or KERNEL_SWITCH.get(impl, "auto"))
 
 
+FEATURE_IMPLEMENTATIONS = ("ours", "ours-auto", "ours-fa4")
+"""The implementations that take every feature of a :class:`Case`; the others measure plain
+causal or full attention."""
+
+
+def features_of(case: Case) -> list[str]:
+    """The case's features beyond plain causal or full attention."""
+    defaults = Case(case.name, case.lengths, case.heads_q, case.heads_kv, case.head_dim, case.causal,
+                    head_dim_v=case.head_dim_v)
+    return [field.name for field in dataclasses.fields(Case) if getattr(case, field.name) != getattr(defaults, field.name)]
+
+
 def build(case: Case, impl: str, x: Inputs, kernel: str | None = None, backward: bool = True) -> Built:
     """One implementation, compiled (under :func:`kernel_switch`) and warmed up by one call
     (with autograd recording when ``backward`` will be timed: paged K/V has no backward)."""
+    if impl not in FEATURE_IMPLEMENTATIONS and features_of(case):
+        raise ValueError(f"{impl} measures plain causal or full attention; case {case.name!r} has "
+                         f"{', '.join(features_of(case))}: use one of {', '.join(FEATURE_IMPLEMENTATIONS)}")
     with kernel_switch(impl, kernel), torch.set_grad_enabled(backward):
         built = IMPLEMENTATIONS[impl](case, x)
         built.attention(x.q, x.k, x.v)
