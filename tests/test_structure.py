@@ -1,7 +1,7 @@
 """The package's layering (docs/design.md §3), read from the source: imports run one way, the
 kernel layer is used through its one entry, no import is hidden in a function, no cycles.
 
-Bottom: ``params``, ``config``, ``_compat``, ``eligibility``, ``reference``, ``validation``
+Bottom: ``params``, ``config``, ``_compat``, ``_tracing``, ``eligibility``, ``reference``, ``validation``
 (nothing above them). Middle: ``lowering/`` (imports only the bottom's ``params``, ``config``,
 ``_compat``, ``eligibility``). Top: the rest of ``varlen_compile``, which imports ``lowering/``
 only as ``varlen_compile.lowering`` (its ``__init__``), never a module inside it.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE, LOWERING = ROOT / "varlen_compile", ROOT / "lowering"
-BOTTOM = {"params", "config", "_compat", "eligibility", "reference", "validation"}
+BOTTOM = {"params", "config", "_compat", "_tracing", "eligibility", "reference", "validation"}
 LOWERING_MAY_USE = {"params", "config", "_compat", "eligibility"}
 
 

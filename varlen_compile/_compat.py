@@ -25,11 +25,9 @@ __all__ = [
     "TORCH_VERSION",
     "has_triton",
     "has_inductor",
-    "is_symbolic",
-    "is_traced",
+    "jagged_view",
     "reduce_scatter_sum",
     "runtime_check",
-    "stream_is_capturing",
     "triton_version",
 ]
 
@@ -131,28 +129,16 @@ def has_inductor() -> bool:
     return True
 
 
-def is_symbolic(x: object) -> bool:
-    """True for SymInt/SymFloat values produced while tracing."""
-    return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool))
-
-
-def is_traced(t: torch.Tensor) -> bool:
-    """True when ``t`` has no readable values: Dynamo/export tracing, fake or functional tensors.
-
-    Value checks (which read ``cu_seq`` on the host) are skipped in that case, so tracing never
-    host-syncs or graph-breaks.
-    """
-    if torch.compiler.is_compiling():
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return is_fake(t) or isinstance(t, FunctionalTensor) or t.device.type == "meta"
-
-
-def stream_is_capturing(device: torch.device) -> bool:
-    """True while a CUDA graph is being captured on the current stream of ``device``."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def jagged_view(values: torch.Tensor, offsets: torch.Tensor, min_seqlen: object, max_seqlen: object) -> torch.Tensor:
+    """A jagged nested tensor viewing ``values`` with ``offsets`` (and the cached min/max lengths,
+    or None): ``nested_view_from_values_offsets``, what torch's own jagged SDPA builds its output
+    with, where torch has it (2.11-2.15); else the public ``nested_tensor_from_jagged``, which on
+    torch 2.15 warns at every call under tracing (``is_fx_tracing``)."""
+    try:
+        from torch.nested._internal.nested_tensor import nested_view_from_values_offsets
+    except ImportError:  # pragma: no cover - a torch that moved it
+        return torch.nested.nested_tensor_from_jagged(values, offsets, min_seqlen=min_seqlen, max_seqlen=max_seqlen)
+    return nested_view_from_values_offsets(values, offsets, min_seqlen=min_seqlen, max_seqlen=max_seqlen)
 
 
 def all_gather_autograd(tensor: torch.Tensor, gather_dim: int, group: object) -> torch.Tensor:

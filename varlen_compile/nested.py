@@ -25,7 +25,7 @@ sync, skipped when they share the tensor); compiled calls use the key's offsets 
 ``varlen_compile.config.check_offsets``, assert on the device that the value's are equal.
 
 The output NJT is built as torch's own jagged SDPA builds its output
-(``torch.nested._internal.nested_tensor.nested_view_from_values_offsets``): the public
+(``_compat.jagged_view``): the public
 ``torch.nested.nested_tensor_from_jagged`` adds only a check for ``torch.fx.symbolic_trace``
 that logs an "is_fx_tracing will return true ..." warning.
 
@@ -43,9 +43,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch.nested._internal.nested_tensor import nested_view_from_values_offsets
 
 from . import _compat, config
+from ._tracing import is_traced
 from .api import attend
 from .validation import Caller, check_dropout
 
@@ -125,7 +125,7 @@ def scaled_dot_product_attention(
         SDPA, query_t.values(), key_t.values(), value_t.values(), query_t.offsets().to(torch.int32),
         key_t.offsets().to(torch.int32), max_q, max_k, is_causal, scale=scale, enable_gqa=enable_gqa,
     )
-    return nested_view_from_values_offsets(out, query_t.offsets(), min_seqlen=min_q, max_seqlen=max_q).transpose(1, 2)
+    return _compat.jagged_view(out, query_t.offsets(), min_q, max_q).transpose(1, 2)
 
 
 def _check_all_or_none_nested(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -205,7 +205,7 @@ def _check_same_lengths(key: torch.Tensor, value: torch.Tensor) -> None:
     key_offsets, value_offsets = key.offsets(), value.offsets()
     if key_offsets is value_offsets:
         return
-    if not _compat.is_traced(key_offsets):
+    if not is_traced(key_offsets):
         if not torch.equal(key_offsets, value_offsets):
             raise ValueError(
                 "scaled_dot_product_attention: key and value must have equal sequence lengths, got "

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends, reference
-from ._compat import is_traced
+from ._tracing import is_traced
 from .params import (
     OPTIONAL_INPUTS,
     AttnOptions,

@@ -31,7 +31,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from . import config
-from ._compat import is_symbolic, is_traced, runtime_check, stream_is_capturing
+from ._compat import runtime_check
+from ._tracing import is_symbolic, is_traced, stream_is_capturing
 
 __all__ = [
     "Caller",

@@ -36,7 +36,7 @@ import logging
 
 import torch
 
-from .. import _compat
+from .._tracing import is_traced
 from ..api import attend
 from ..validation import Caller, check_dropout, check_flag, check_hint, check_tensor, describe
 
@@ -282,7 +282,7 @@ def _padded_offsets(caller: Caller, mask: torch.Tensor, len_q: int, len_k: int) 
     the run's last query meets its last key, so bottom-right causal masking is right also with a
     KV cache. All on the device, at fixed shapes.
     """
-    if not _compat.is_traced(mask):
+    if not is_traced(mask):
         _check_mask_values(caller, mask)
     mask = mask.to(torch.bool)
     lengths = mask.sum(-1)
