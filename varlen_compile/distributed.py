@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import _compat, config
+from ._tracing import is_traced
 from .ops import call_backward, call_forward
 from .params import AttnOptions, BatchLayout, OptionalInputs
 from .validation import (
@@ -265,7 +266,7 @@ def context_parallel_varlen_attn(
     world_size = dist.get_world_size(group)
     total = query.shape[0] * world_size
     zigzag_chunks(total, world_size, dist.get_rank(group))  # checks that T splits evenly
-    if not _compat.is_traced(cu_seq):
+    if not is_traced(cu_seq):
         check_offset_values(caller, cu_seq, cu_seq, total, total, max_len, max_len)
     kernel = config.checked_kernel()
     return _ContextParallelAttention.apply(query, key, value, cu_seq, max_len, options, group, kernel)
