@@ -47,7 +47,7 @@ for step in ${STEPS:-tests}; do
         ${FUZZ_K:+-k "$FUZZ_K"} --durations=12 2>&1 | tee "$OUT/fuzz.log" | grep -v "DEBUG\|torch.__trace" | tail -25 ;;
     memcheck) PYTORCH_NO_CUDA_MEMORY_CACHING=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${MEMCHECK_TIMEOUT:-300}" \
         compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ${MEMCHECK_FLAGS:-} python3 -m pytest -q -m gpu \
-        ${MEMCHECK_TESTS:-tests/test_gpu.py tests/test_gpu_compile.py} -k "${MEMCHECK_K:-not training and not autotune and not cuda_graphs and not 100_batches}" \
+        ${MEMCHECK_TESTS:-tests/test_numerics_gpu.py tests/test_compile_gpu.py} -k "${MEMCHECK_K:-not training and not autotune and not cuda_graphs and not 100_batches}" \
         -rfE --tb=short 2>&1 | tee "$OUT/memcheck.log" | tail -15; echo "memcheck exit ${PIPESTATUS[0]}" ;;
     run|choice|features|model|ab|sweep|profile)  # result files go to $OUT (the commands' default --out)
         args="${step^^}_ARGS"; default=""
@@ -62,7 +62,7 @@ for step in ${STEPS:-tests}; do
             python3 -m benchmarks profile ncu "$case" --impl "$impl" > "$OUT/ncu_${case}_${impl}.txt" 2>&1
           grep -E "^  [a-z]|Duration|Throughput|Pipe|Issue|Warp Cycles|Registers|Theoretical Occ|Achieved Occ|Shared Memory Config" \
             "$OUT/ncu_${case}_${impl}.txt" | grep -v "^    ---" | head -"${NCU_TAIL:-45}"; done; done ;;
-    fa4tests) timeout "${FA4_TIMEOUT:-400}" python3 -m pytest -q tests/test_gpu_fa4.py -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
+    fa4tests) timeout "${FA4_TIMEOUT:-400}" python3 -m pytest -q tests/test_choice_gpu.py -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
         | tee "$OUT/fa4_tests.log" | tail -"${TESTS_TAIL:-40}" ;;
     multigpu) timeout -s INT "${MULTIGPU_TIMEOUT:-500}" python3 -m pytest -q -m multigpu tests/test_distributed.py -rfEs --tb=short \
         --durations=5 2>&1 | tee "$OUT/multigpu_tests.log" | tail -"${TESTS_TAIL:-40}" ;;

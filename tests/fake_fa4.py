@@ -6,7 +6,7 @@ show: window sides are ``None`` or ``>= 0`` (never our ``-1``), offsets are int3
 contiguous, inputs 16-bit, ``lse`` a float32 ``(H_q, T_q)`` buffer it writes into, rows that
 attend no key get ``lse = -inf`` (as FA4 may write them), and the backward leaves the dK/dV rows
 of unused keys (past ``seqused_k``) unwritten, as FA4 does. The numbers come from our float32
-reference; the real kernel is checked against the float64 reference by ``test_gpu_fa4.py``.
+reference; the real kernel is checked against the float64 reference by ``test_choice_gpu.py``.
 """
 
 from __future__ import annotations

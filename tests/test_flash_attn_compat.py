@@ -83,7 +83,7 @@ def test_unsupported_arguments_raise(kwargs, pattern):
 def test_softcap_and_alibi_follow_fa2_conventions():
     """FA2's softcap and alibi_slopes: the same attention as varlen_attn's (whose conventions
     are checked against transformers' Gemma 2 and SDPA with an ALiBi bias in
-    test_reference_features.py)."""
+    test_reference.py)."""
     from varlen_compile import varlen_attn
 
     spec = SPECS[0]

@@ -3,7 +3,7 @@
 Run as a script (``python tests/tools/compile_sm90.py``) with ``TRITON_INTERPRET`` unset: the
 interpreter replaces ``@triton.jit`` functions, and interpreted functions cannot be compiled.
 Prints one JSON object per case: ``{"case": ..., "ok": bool, "shared": bytes, "error": str}``.
-tests/test_kernels_compile.py runs it and checks every line.
+tests/test_kernels_sm90.py runs it and checks every line.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def test_eager_backward_reads_a_strided_lse(kernel):
 
 @pytest.mark.parametrize(
     "dtype,head_dim,window",
-    [  # fp32 once (its kernels take 11 s to compile; test_gpu_features.py has fp32 compiled)
+    [  # fp32 once (its kernels take 11 s to compile; test_features_gpu.py has fp32 compiled)
         (torch.bfloat16, 96, (-1, -1)),
         (torch.float16, 128, (32, 8)),
         (torch.bfloat16, 256, (-1, 0)),

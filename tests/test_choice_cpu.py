@@ -3,7 +3,7 @@ default table, the path without FlashAttention 4, the FA4 adapter against a stan
 interface, and the offsets it sanitizes (under the Triton interpreter).
 
 What needs a GPU and FA4 itself (numerics of the real kernel, generated code, syncs, CUDA
-graphs, speed) is in ``test_gpu_fa4.py`` and ``benchmarks/``.
+graphs, speed) is in ``test_choice_gpu.py`` and ``benchmarks/``.
 """
 
 from __future__ import annotations

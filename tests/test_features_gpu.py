@@ -73,7 +73,7 @@ def _reference(inputs, case, dtype, grad_out, grad_lse):
 
 # Each feature alone in bf16, eager and compiled; fp32 (the slowest kernels to compile, 9-20 s a
 # test on the H200) once, compiled, with every feature at the same time (the eager fp32 kernels
-# are test_gpu.py's fp32 launcher case and the interpreter tests' business).
+# are test_numerics_gpu.py's fp32 launcher case and the interpreter tests' business).
 FEATURE_RUNS = [(name, torch.bfloat16, mode) for name in CASES for mode in ("eager", "compiled")]
 FEATURE_RUNS.append(("all", torch.float32, "compiled"))
 
