@@ -136,7 +136,7 @@ class ForwardConfig:
     heads of a GQA group, so each K/V tile is loaded once for the group (see
     :func:`pack_gqa_group` for when it applies). H200, bf16, D=128, forward: 0.94x the time of
     the unpacked kernel at G=4 causal, 0.97x full, 0.86x at G=8 causal, 0.29x for decode-like
-    batches of 1-16 queries per sequence (``benchmarks/ab_features.py --ab gqa-pack``).
+    batches of 1-16 queries per sequence (``python -m benchmarks ab gqa-pack``).
     """
 
     block_m: int
@@ -188,7 +188,7 @@ def default_forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
         return ForwardConfig(64, 32, 4, 2) if padded <= 128 else ForwardConfig(32, 32, 4, 1)
     if padded <= 64:
         # H100, bf16, headline batch: 1.44x aten flash vs 1.25x for (128, 64, 4, 3);
-        # causal 1.78x vs 1.45x (benchmarks/sweep_configs.py).
+        # causal 1.78x vs 1.45x (``python -m benchmarks sweep``).
         return ForwardConfig(64, 64, 4, 3)
     if padded <= 128:
         # H100, bf16, 16 x <=4096 tokens: 1.33x aten flash; 4 warps spill (0.83x).

@@ -1,4 +1,4 @@
-"""#11's features through the public API and the ops on the CPU: eager calls against the
+"""The scoring and key features through the public API and the ops on the CPU: eager calls against the
 float64 reference, opcheck of both ops with the new arguments, fullgraph compile (gradients
 included, the sink's too), export keeping the arguments, the FLOP count, ``varlen_attn_out``.
 The kernels' own math for these features is checked in test_features_interpreter.py.
