@@ -12,6 +12,10 @@
 #   context-parallel                        torchrun on 2 GPUs, one run per $CP_SHAPES (docs x doc length)
 #   context-parallel-fake                   one GPU as rank 0 of 2 over the fake process group, per $CP_SHAPES
 #   fsdp                                    examples/train_fsdp.py per GPUs:tokens of $FSDP_RUNS (tokens/s)
+# Another torch (benchmarks/torch_in_parts.sh): TORCH_PARTS=<carried folder> collects its parts in
+# /tmp/torch_parts, one call per folder; the call with the last folder unpacks them to
+# /tmp/torch_site, and every call after puts it first on PYTHONPATH (IMAGE_TORCH=1: the machine's
+# torch, with only the FlashAttention 4 packed beside it).
 # Wheels in .whl/ (e.g. expecttest, pytest-xdist) are installed first. FlashAttention 4 is installed
 # when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/ to /tmp/fa4 on
 # the warm machine, the next carries .fa4b/).
@@ -21,6 +25,19 @@ export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+if [ -n "${TORCH_PARTS:-}" ]; then
+  mkdir -p /tmp/torch_parts && cp "$TORCH_PARTS"/* /tmp/torch_parts/
+  if [ ! -f /tmp/torch_parts/SHA256SUMS ]; then echo "collected $(ls /tmp/torch_parts/part.* | wc -l) parts"; exit 0; fi
+  if [ ! -d /tmp/torch_site/torch ]; then
+    (cd /tmp/torch_parts && sha256sum -c --quiet SHA256SUMS) || { echo "a part is missing: carry every folder again, back to back"; exit 3; }
+    mkdir -p /tmp/torch_site && cat $(ls /tmp/torch_parts/part.* | sort) | xz -d -T0 | tar -x -C /tmp/torch_site
+  fi
+fi
+if [ -d /tmp/torch_site/torch ]; then
+  fa4_site=/tmp/torch_site/fa4:/tmp/torch_site/fa4/nvidia_cutlass_dsl/dsl_packages
+  if [ -n "${IMAGE_TORCH:-}" ]; then export PYTHONPATH=$fa4_site${PYTHONPATH:+:$PYTHONPATH}
+  else export PYTHONPATH=/tmp/torch_site:$fa4_site${PYTHONPATH:+:$PYTHONPATH}; fi
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/wheels.log" 2>&1 || { tail -20 "$OUT/wheels.log"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
