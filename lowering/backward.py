@@ -77,7 +77,7 @@ def _delta(grad_out: ir.IRNode, out: ir.IRNode) -> ir.IRNode:
 def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     op = torch.ops.varlen_compile.varlen_attn_backward.default
     bound = bind_op_args(op, args, kwargs)
-    plan = plan_template(bound, "backward")
+    plan = plan_template(bound)
     if isinstance(plan, str):
         return fallback(op, plan, args, kwargs)
     head_dim, head_dim_v, layout, options, optional = plan
@@ -111,7 +111,7 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     input_nodes, names = list(inputs.values()), tuple(inputs)
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    kernels = kernels_for(bound["kernel"], query, key, value, layout, options, optional, "backward", (head_dim, head_dim_v))
+    kernels = kernels_for(bound["kernel"], query, key, layout, options, optional, (head_dim, head_dim_v))
     constants = template_constants(options, optional, head_dim, head_dim_v, query.get_dtype(), side="backward")
     choices: list[Any] = []
     configs = _configs(max(head_dim, head_dim_v), query.get_dtype(), size_hint(group)) if TEMPLATE in kernels else []

@@ -33,7 +33,7 @@ from torch._inductor import ir
 
 from varlen_compile import eligibility
 from varlen_compile.eligibility import ATEN, FA4, TEMPLATE
-from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, Side
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 from .common import call_of_nodes, size_hint
 
@@ -75,14 +75,14 @@ def fa4_is_default(
 
 
 def kernels_for(
-    requested: str, query: ir.IRNode, key: ir.IRNode, value: ir.IRNode, layout: BatchLayout, options: AttnOptions,
-    optional: OptionalInputs, side: Side, head_dims: tuple[int, int],
+    requested: str, query: ir.IRNode, key: ir.IRNode, layout: BatchLayout, options: AttnOptions,
+    optional: OptionalInputs, head_dims: tuple[int, int],
 ) -> tuple[str, ...]:
     """:func:`varlen_compile.eligibility.select` for an op call the template can serve (CUDA
     IR nodes; ``head_dims`` specialized)."""
     if requested == TEMPLATE:
         return (TEMPLATE,)
-    call = call_of_nodes(query, key, value, options, optional, layout, side, head_dims)
+    call = call_of_nodes(query, key, options, optional, layout, head_dims)
     return eligibility.select(
         requested,
         fa4_reason=eligibility.unsupported(FA4, call),

@@ -13,11 +13,12 @@ import sympy
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
+from torch._inductor.lowering import to_dtype
 from torch._inductor.select_algorithm import ExternKernelChoice, TritonTemplate, realize_inputs
 from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import FloorDiv
 
-from varlen_compile import eligibility
+from varlen_compile import config, eligibility
 from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, Side, unflatten
 
 from . import extern_ops
@@ -64,22 +65,21 @@ class Plan(NamedTuple):
 
 
 def call_of_nodes(
-    query: ir.IRNode, key: ir.IRNode, value: ir.IRNode, options: AttnOptions, optional: OptionalInputs,
-    layout: BatchLayout, side: Side, head_dims: tuple[int, int] | None = None,
+    query: ir.IRNode, key: ir.IRNode, options: AttnOptions, optional: OptionalInputs, layout: BatchLayout,
+    head_dims: tuple[int, int],
 ) -> eligibility.Call:
-    """The :class:`~varlen_compile.eligibility.Call` of an op call inside a graph (IR nodes;
-    ``head_dims`` when already specialized). ``H_q == H_kv`` counts only when statically known;
-    a graph compiled for AOTInductor or with ``cpp_wrapper`` cannot call Python kernels."""
-    head_dim, head_dim_v = head_dims or (query.get_size()[-1], value.get_size()[-1])
+    """The :class:`~varlen_compile.eligibility.Call` of an op call inside a graph (IR nodes,
+    the head dims specialized). ``H_q == H_kv`` counts only when statically known; a graph
+    compiled for AOTInductor or with ``cpp_wrapper`` cannot call Python kernels."""
     return eligibility.Call(
-        query.get_device(), query.get_dtype(), head_dim, head_dim_v,
-        V.graph.sizevars.statically_known_equals(query.get_size()[1], key.get_size()[-2]),
-        options, {name: node.get_dtype() for name, node in optional.items()},
-        layout.max_q is not None and layout.max_k is not None, side, python_kernels=not V.graph.cpp_wrapper,
+        device=query.get_device(), dtype=query.get_dtype(), head_dim=head_dims[0], head_dim_v=head_dims[1],
+        same_heads=V.graph.sizevars.statically_known_equals(query.get_size()[1], key.get_size()[-2]),
+        options=options, optional=frozenset(optional), hints=layout.max_q is not None and layout.max_k is not None,
+        compiled=True, python_kernels=not V.graph.cpp_wrapper,
     )
 
 
-def plan_template(bound: dict[str, Any], side: Side) -> Plan | str:
+def plan_template(bound: dict[str, Any]) -> Plan | str:
     """The :class:`Plan` when our templates serve the op call ``bound`` (its arguments by
     name), else why not (``varlen_compile.eligibility``).
 
@@ -92,14 +92,12 @@ def plan_template(bound: dict[str, Any], side: Side) -> Plan | str:
     a ConstraintViolationError: leave the head dim static.)
     """
     query, key, value = bound["query"], bound["key"], bound["value"]
-    reason = eligibility.triton_device_unsupported(query.get_device(), query.get_dtype())
+    reason = eligibility.triton_device_unsupported(query.get_device(), query.get_dtype(), compiled=True)
     if reason is not None:
         return reason
     head_dims = (_static_int(query.get_size()[-1]), _static_int(value.get_size()[-1]))
     layout, options, optional = unflatten(bound)
-    reason = eligibility.unsupported(
-        eligibility.TEMPLATE, call_of_nodes(query, key, value, options, optional, layout, side, head_dims)
-    )
+    reason = eligibility.unsupported(eligibility.TEMPLATE, call_of_nodes(query, key, options, optional, layout, head_dims))
     if reason is not None:
         return reason
     options = dataclasses.replace(
@@ -114,10 +112,12 @@ def plan_template(bound: dict[str, Any], side: Side) -> Plan | str:
 
 def optional_input_nodes(optional: OptionalInputs, side: Side) -> dict[str, ir.IRNode]:
     """The optional inputs the ``side`` template reads that are present, by name in registry
-    order (the order the templates' input lists are generated in), realized contiguous
-    (eligibility has checked their dtypes)."""
+    order (the order the templates' input lists are generated in), realized contiguous in the
+    registry's dtype (validation gives them that dtype; the ops called directly may not)."""
     return {
-        spec.name: ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(optional[spec.name]))
+        spec.name: ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(
+            optional[spec.name] if optional[spec.name].get_dtype() == spec.dtype else to_dtype(optional[spec.name], spec.dtype)
+        ))
         for spec in optional.specs(side)
     }
 
@@ -163,13 +163,15 @@ def lowering_with_fallback(op: torch._ops.OpOverload, lowering: Callable[..., An
     """``lowering``, or, where it fails on an Inductor internal it does not know (a torch release
     that renamed or changed one: :data:`INDUCTOR_API_ERRORS`), the op's eager implementation,
     logged once as every fallback is: a user's compile never crashes on our lowering
-    (docs/design.md §14)."""
+    (docs/design.md §14). ``varlen_compile.config.strict_lowering`` re-raises instead."""
 
     @functools.wraps(lowering)
     def lower(*args: Any, **kwargs: Any) -> Any:
         try:
             return lowering(*args, **kwargs)
         except INDUCTOR_API_ERRORS as error:
+            if config.strict_lowering:
+                raise
             reason = f"the lowering cannot build on torch {torch.__version__} ({type(error).__name__}: {error})"
             return fallback(op, reason, args, kwargs)
 

@@ -76,7 +76,7 @@ def _configs(head_dim: int, dtype: torch.dtype) -> list[ForwardConfig]:
 def varlen_attn_lowering(*args: Any, **kwargs: Any):
     op = torch.ops.varlen_compile.varlen_attn.default
     bound = bind_op_args(op, args, kwargs)
-    plan = plan_template(bound, "forward")
+    plan = plan_template(bound)
     if isinstance(plan, str):
         return fallback(op, plan, args, kwargs)
     head_dim, head_dim_v, layout, options, optional = plan
@@ -98,7 +98,7 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
     input_nodes, names = list(inputs.values()), tuple(inputs)
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    kernels = kernels_for(bound["kernel"], query, key, value, layout, options, optional, "forward", (head_dim, head_dim_v))
+    kernels = kernels_for(bound["kernel"], query, key, layout, options, optional, (head_dim, head_dim_v))
     constants = template_constants(options, optional, head_dim, head_dim_v, query.get_dtype())
     # The page size as a constexpr when static (symbolic under dynamic shapes: never a guard).
     page_size = key.get_size()[1] if optional.paged else None

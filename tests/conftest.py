@@ -26,6 +26,15 @@ def interpret():
 
 
 @pytest.fixture(autouse=True)
+def _strict_lowering(monkeypatch):
+    """A lowering that fails re-raises in tests: the fallback that keeps users' compiles alive
+    must not hide a bug of ours (tests of the fallback turn it off)."""
+    from varlen_compile import config
+
+    monkeypatch.setattr(config, "strict_lowering", True)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 

@@ -189,7 +189,8 @@ def assert_matches_reference(
     plain = reference_outputs(case, plain_dtype, grad_out=grad_out, grad_lse=grad_lse, **attn_kwargs)
     assert_meets_error_rule(out, oracle[0], plain[0], name="out")
     if lse is not None:
-        assert lse.dtype == torch.float32, f"lse must be float32, got {lse.dtype}"
+        expected = torch.float64 if case.q.dtype == torch.float64 else torch.float32
+        assert lse.dtype == expected, f"lse must be {expected} for {case.q.dtype} inputs, got {lse.dtype}"
         assert_meets_error_rule(lse, oracle[1], plain[1], name="lse")
     if grads is not None:
         assert grad_out is not None, "gradients need the grad_out they were computed with"

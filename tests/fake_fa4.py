@@ -11,6 +11,7 @@ reference; the real kernel is checked against the float64 reference by ``test_ch
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -38,9 +39,10 @@ def _options(causal, window_size_left, window_size_right, softmax_scale, softcap
 
 
 def make_interface() -> types.ModuleType:
-    """A fresh fake module; ``module.calls`` records every call's keyword arguments."""
+    """A fresh fake module; ``module.calls`` records every call's arguments (defaults included),
+    ``module.passed`` the names of the keywords each call passed."""
     module = types.ModuleType("fake_flash_attn_cute_interface")
-    module.calls = []
+    module.calls, module.passed = [], []
 
     def _flash_attn_fwd(
         q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
@@ -89,6 +91,18 @@ def make_interface() -> types.ModuleType:
             dv[start:start + count] = grads[2][start:start + count]
         return dq, dk, dv
 
-    module._flash_attn_fwd = _flash_attn_fwd
-    module._flash_attn_bwd = _flash_attn_bwd
+    module._flash_attn_fwd = _recording(module, "fwd", _flash_attn_fwd)
+    module._flash_attn_bwd = _recording(module, "bwd", _flash_attn_bwd)
     return module
+
+
+def _recording(module: types.ModuleType, name: str, function):
+    """``function``, recording the keywords each call passes in ``module.passed`` (the
+    signature stays the function's: ``inspect.signature`` follows ``__wrapped__``)."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        module.passed.append((name, set(kwargs)))
+        return function(*args, **kwargs)
+
+    return call

@@ -194,11 +194,16 @@ def fa4_present(monkeypatch):
 LAYOUT = BatchLayout(None, None)
 
 
-def fa4_reason(dtype, head_dims, options=AttnOptions(), optional=(), same_heads=True, device=CUDA, side="forward"):
+def make_call(dtype=torch.bfloat16, head_dims=(128, 128), options=AttnOptions(), optional=(), same_heads=True,
+              device=CUDA, hints=False, **kwargs) -> eligibility.Call:
+    """An eligibility call described by metadata (``optional``: names)."""
+    return eligibility.Call(device=device, dtype=dtype, head_dim=head_dims[0], head_dim_v=head_dims[1],
+                            same_heads=same_heads, options=options, optional=frozenset(optional), hints=hints, **kwargs)
+
+
+def fa4_reason(dtype, head_dims, options=AttnOptions(), optional=(), same_heads=True, device=CUDA):
     """eligibility's answer for FA4 on a call described by metadata (``optional``: names)."""
-    call = eligibility.Call(device, dtype, *head_dims, same_heads, options,
-                            {name: torch.int32 for name in optional}, False, side)
-    return eligibility.unsupported("fa4", call)
+    return eligibility.unsupported("fa4", make_call(dtype, head_dims, options, optional, same_heads, device))
 
 
 @pytest.mark.parametrize(
@@ -232,7 +237,7 @@ def test_fa4_eligibility_where_its_backward_is_narrower(fa4_present):
     sm100's head-dim-256 backward takes no softcap, window or gradient into lse."""
     def reason(head_dims, same_heads=True, grad_lse=False, **options):
         return fa4_reason(torch.bfloat16, head_dims, AttnOptions(**options), ("grad_lse",) if grad_lse else (),
-                          same_heads=same_heads, side="backward" if grad_lse else "forward")
+                          same_heads=same_heads)
 
     assert reason((192, 128)) is None
     assert "with GQA" in reason((192, 128), same_heads=False)
@@ -264,8 +269,71 @@ def test_every_registry_input_fa4_cannot_take_makes_it_ineligible(fa4_present):
     from varlen_compile.params import OPTIONAL_INPUTS
 
     for spec in OPTIONAL_INPUTS:
-        reason = fa4_reason(torch.bfloat16, (128, 128), optional=(spec.name,), side=spec.read_by[-1])
+        reason = fa4_reason(torch.bfloat16, (128, 128), optional=(spec.name,))
         assert (reason is None) == (spec.fa4 is not None), spec.name
+
+
+@pytest.mark.parametrize(
+    "requested, call, expected",
+    [
+        ("auto", dict(hints=True), "aten"),
+        ("auto", dict(hints=False), "triton"),  # aten flash would read cu_seq (a sync)
+        ("auto", dict(hints=True, optional=("alibi_slopes",)), "triton"),
+        ("auto", dict(hints=True, dtype=torch.float32), "triton"),
+        ("auto", dict(hints=True, dtype=torch.float64), "reference"),
+        ("auto", dict(hints=True, device=torch.device("cpu")), "reference"),
+        ("aten", dict(hints=True), "aten"),
+        ("aten", dict(hints=False), "triton"),
+        ("triton", dict(hints=True), "triton"),
+        ("triton", dict(hints=True, head_dims=(512, 512)), "reference"),
+        ("fa4", dict(hints=True), "fa4"),
+        ("fa4", dict(hints=True, optional=("alibi_slopes",)), "triton"),  # aten takes no ALiBi either
+        ("fa4", dict(hints=True, dtype=torch.float32), "triton"),
+        ("fa4", dict(hints=True, head_dims=(36, 36), optional=()), "triton"),
+    ],
+)
+def test_the_eager_kernel_follows_the_preference_then_what_serves(fa4_present, requested, call, expected):
+    """Eager calls: FA4 when preferred and it serves, else aten flash where it serves (auto,
+    aten, fa4), else our Triton kernels, else the exact reference."""
+    assert eligibility.eager_kernel(requested, make_call(**call)) == expected
+
+
+def test_an_unservable_eager_preference_says_once_what_runs_instead(fa4_present, caplog, monkeypatch):
+    monkeypatch.setattr(eligibility, "_logged", set())
+    caplog.set_level(logging.INFO, logger="varlen_compile.eligibility")
+    for _ in range(3):
+        assert eligibility.eager_kernel("fa4", make_call(hints=True, dtype=torch.float32)) == "triton"
+    messages = [record.getMessage() for record in caplog.records if "kernel='fa4' cannot serve" in record.getMessage()]
+    assert len(messages) == 1 and "float16 and bfloat16" in messages[0] and "kernel 'triton' runs it" in messages[0]
+
+
+def test_rocm_runs_the_standalone_kernels_eagerly_and_keeps_compiled_graphs_off_the_templates(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert eligibility.unsupported("triton", make_call()) is None
+    assert "ROCm" in eligibility.unsupported("triton", make_call(compiled=True))
+
+
+def test_extern_ops_bind_by_name_from_what_the_lowerings_pass():
+    """Every argument of the four private extern ops is bound by name from the template's
+    inputs (the fixed ones and the optional inputs of the registry that side reads) and the
+    scalars (the options and the hints), as the lowerings pass them."""
+    import dataclasses
+
+    from varlen_compile.params import OPTIONAL_INPUTS
+
+    fixed = {
+        "forward": {"query", "key", "value", "cu_seq_q", "cu_seq_k", "lse"},
+        "backward": {"grad_out", "query", "key", "value", "out", "lse", "delta", "cu_seq_q", "cu_seq_k",
+                     "grad_query", "grad_value"},
+    }
+    scalars = {field.name for field in dataclasses.fields(AttnOptions)} | {"max_q", "max_k"}
+    for name, side in ((extern_ops.FLASH_FORWARD, "forward"), (extern_ops.FA4_FORWARD, "forward"),
+                       (extern_ops.FLASH_BACKWARD, "backward"), (extern_ops.FA4_BACKWARD, "backward")):
+        names = fixed[side] | {spec.name for spec in OPTIONAL_INPUTS if side in spec.read_by} | scalars
+        op = getattr(torch.ops.varlen_compile, name).default
+        assert {argument.name for argument in op._schema.arguments} <= names, name
+        values = {name: name for name in names}  # each argument gets its own name back
+        assert extern_ops.op_arguments(op, values) == [argument.name for argument in op._schema.arguments]
 
 
 # ---------------------------------------------------------------------------- selection
@@ -380,13 +448,12 @@ def test_kernels_for_reads_the_cudagraphs_setting(monkeypatch):
     monkeypatch.setattr(choices, "_batch_size_hints", lambda query, layout: (768.0, 98304))
     monkeypatch.setattr(eligibility, "unsupported", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(choices, "call_of_nodes", lambda *args, **kwargs: eligibility.Call(
-        CUDA, torch.bfloat16, 64, 64, True, AttnOptions(is_causal=True), {}, False))
+    monkeypatch.setattr(choices, "call_of_nodes", lambda *args, **kwargs: make_call(
+        head_dims=(64, 64), options=AttnOptions(is_causal=True), compiled=True))
     query = SimpleNamespace(get_size=lambda: [6144, 16, 64])
     for cudagraphs in (False, True):
         with inductor_config.patch({"triton.cudagraphs": cudagraphs, "max_autotune": False}):
-            choices.kernels_for("auto", query, query, query, LAYOUT, AttnOptions(is_causal=True), OptionalInputs(),
-                                "forward", (64, 64))
+            choices.kernels_for("auto", query, query, LAYOUT, AttnOptions(is_causal=True), OptionalInputs(), (64, 64))
     assert seen == [False, True]
 
 
@@ -423,9 +490,13 @@ def test_fa4_adapter_round_trip(name, fa4_present, interpret, poison_empty):
                       softcap=spec.get("softcap", 0.0), sink=sink)
     assert_matches_reference(case, out, lse, grads, grad_out=grad_out, grad_lse=grad_lse,
                              **ref_kwargs)
-    forward_call = fa4_present.calls[0][1]
+    forward_call, backward_call = fa4_present.calls[0][1], fa4_present.calls[1][1]
     assert forward_call["max_seqlen_q"] is None and forward_call["max_seqlen_k"] is None
-    assert fa4_present.calls[1][1]["learnable_sink"] is None
+    # The adapter passes exactly the keywords _compat checks FA4's entry points for (the
+    # registry's optional-input keywords among them); the sink only to the forward.
+    (_, forward_keywords), (_, backward_keywords) = fa4_present.passed
+    assert forward_keywords == set(_compat.FA4_FORWARD_KEYWORDS) and backward_keywords == set(_compat.FA4_BACKWARD_KEYWORDS)
+    assert (forward_call["learnable_sink"] is None) == (sink is None) and backward_call["learnable_sink"] is None
 
 
 @pytest.mark.interpreter

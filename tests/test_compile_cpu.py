@@ -16,7 +16,7 @@ from torch._inductor.utils import fresh_inductor_cache
 
 from factory import AttnSpec, make_case, make_cu_seq
 from modules import BACKWARD_OP, FORWARD_OP, AttentionBlock, CompiledOpLoggingMode, OpLoggingMode
-from varlen_compile import AuxRequest, varlen_attn
+from varlen_compile import AuxRequest, config, varlen_attn
 
 HEADS, HEAD_DIM = 4, 16
 LENGTHS = [5, 0, 9, 1]
@@ -170,28 +170,43 @@ def test_fallback_logs_why_once(caplog):
     assert {message.split(" runs ")[0] for message in messages} == {FORWARD_OP, BACKWARD_OP}
 
 
-def test_a_lowering_that_meets_an_unknown_inductor_api_falls_back(monkeypatch, caplog):
-    """A torch whose Inductor changed an internal the lowering uses (here: the forward's first
+@pytest.mark.parametrize("side", ["forward", "backward"])
+def test_a_lowering_that_meets_an_unknown_inductor_api_falls_back(side, monkeypatch, caplog):
+    """A torch whose Inductor changed an internal the lowering uses (here: the lowering's first
     step raises the AttributeError a removed attribute would): the compile still succeeds, the
-    op's eager implementation runs inside the graph with the right result, and the reason is
-    logged once."""
-    from varlen_compile.lowering import fallback, forward
+    op's eager implementation runs inside the graph with the right results, forward and
+    backward, and the reason is logged once. With ``config.strict_lowering`` (the test suite's
+    default) the error is raised instead."""
+    from varlen_compile.lowering import backward, fallback, forward
 
     def moved(*args, **kwargs):
         raise AttributeError("module 'torch._inductor.ir' has no attribute 'FixedLayout'")
 
-    monkeypatch.setattr(forward, "plan_template", moved)
-    fallback._logged.clear()
-    caplog.set_level(logging.INFO, logger="varlen_compile")
-    compiled = torch.compile(lambda *args: varlen_attn(*args, is_causal=True), backend="inductor", fullgraph=True)
-    case = make_case([3, 0, 6], heads_q=HEADS, head_dim=HEAD_DIM)
+    monkeypatch.setattr(forward if side == "forward" else backward, "plan_template", moved)
+    case = make_case([3, 0, 6], heads_q=HEADS, head_dim=HEAD_DIM, requires_grad=True)
+    attention = lambda *args: varlen_attn(*args, is_causal=True)  # noqa: E731
+
+    def step(function):
+        out = function(*case.inputs())
+        return out, torch.autograd.grad(out.sum(), (case.q, case.k, case.v))
+
     with fresh_inductor_cache():
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="FixedLayout"):
+            step(torch.compile(attention, backend="inductor", fullgraph=True))
+        monkeypatch.setattr(config, "strict_lowering", False)
+        fallback._logged.clear()
+        caplog.set_level(logging.INFO, logger="varlen_compile")
         for _ in range(2):
             torch._dynamo.reset()
-            out = compiled(*case.inputs())
-    torch.testing.assert_close(out, varlen_attn(*case.inputs(), is_causal=True), rtol=0, atol=0)
+            out, grads = step(torch.compile(attention, backend="inductor", fullgraph=True))
+    expected_out, expected_grads = step(attention)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
     messages = [r.getMessage() for r in caplog.records if "cannot build on torch" in r.getMessage()]
-    assert len(messages) == 1 and "FixedLayout" in messages[0] and FORWARD_OP in messages[0], messages
+    op = FORWARD_OP if side == "forward" else BACKWARD_OP
+    assert len(messages) == 1 and "FixedLayout" in messages[0] and op in messages[0], messages
 
 
 _PROBE_SETUPS = {

@@ -143,10 +143,9 @@ def test_return_aux(return_aux):
 
 @pytest.mark.parametrize("features", ["plain", "sink-alibi-window"])
 def test_float64_is_exact_forward_and_backward(features):
-    """float64 inputs: out, lse and every gradient (q, k, v and the sink, with a gradient flowing
-    into lse) match float64 autograd through the reference to rounding (1e-12), although the op
-    returns lse in float32: the backward recomputes it in float64, and a float64 sink is not
-    rounded to float32."""
+    """float64 inputs: out, lse (float64 too) and every gradient (q, k, v and the sink, with a
+    gradient flowing into lse) match float64 autograd through the reference to rounding (1e-12):
+    nothing on the way is rounded to float32, the sink included."""
     case = make_case([7, 0, 1, 12], [9, 3, 1, 12], heads_q=4, heads_kv=2, head_dim=16, dtype=torch.float64,
                      requires_grad=True)
     extra = {}
@@ -165,9 +164,27 @@ def test_float64_is_exact_forward_and_backward(features):
     ref_out, ref_lse = reference.attention_forward(
         *copies[:3], case.cu_seq_q, case.cu_seq_k, is_causal=True, compute_dtype=torch.float64, **reference_extra
     )
-    ref_grads = torch.autograd.grad((ref_out, ref_lse), copies, (grad_out, grad_lse.double()))
+    ref_grads = torch.autograd.grad((ref_out, ref_lse), copies, (grad_out, grad_lse))
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=0)  # the op's lse is float32
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
     for name, grad, ref in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads):
         assert grad.dtype == torch.float64, name
         torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12, msg=lambda text, name=name: f"{name}: {text}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_the_backward_op_uses_the_lse_it_is_given(dtype):
+    """The backward op computes probabilities from the ``lse`` passed in (context parallelism
+    passes a merged one), never from one of its own: a shifted lse scales every probability by
+    e^-1, so dV is e^-1 times the true one."""
+    from varlen_compile.ops import call_backward, call_forward
+    from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
+
+    case = make_case([6, 1, 9], heads_q=2, head_dim=16, dtype=dtype)
+    layout, options, none = BatchLayout(case.cu_seq_q, case.cu_seq_k), AttnOptions(is_causal=True), OptionalInputs()
+    out, lse = call_forward(case.q, case.k, case.v, layout, options, none)
+    grad_out = torch.randn_like(out)
+    _, _, dv = call_backward(grad_out, case.q, case.k, case.v, out, lse, layout, options, none)
+    _, _, dv_shifted = call_backward(grad_out, case.q, case.k, case.v, out, lse + 1, layout, options, none)
+    torch.testing.assert_close(dv_shifted, dv * torch.exp(torch.tensor(-1.0, dtype=dtype)))

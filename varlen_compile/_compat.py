@@ -15,8 +15,12 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from .params import OPTIONAL_INPUTS
+
 __all__ = [
     "AUX_REQUEST_TYPES",
+    "FA4_BACKWARD_KEYWORDS",
+    "FA4_FORWARD_KEYWORDS",
     "FA4_VERSIONS",
     "fa4_interface",
     "all_gather",
@@ -82,16 +86,23 @@ tested: 4.0.0b36). Its varlen forward/backward entry points are private function
 ``flash_attn.cute.interface``, so the keywords we pass are also checked against their
 signatures: a release that renamed one is refused with a logged reason, never called."""
 
-# The keyword arguments varlen_compile._fa4 passes to FA4's private entry points.
-_FA4_FORWARD_KEYWORDS = (
-    "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
-    "causal", "softcap", "window_size_left", "window_size_right", "learnable_sink", "return_lse",
-    "out", "lse",
-)
-_FA4_BACKWARD_KEYWORDS = (
-    "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right", "cu_seqlens_q",
-    "cu_seqlens_k", "seqused_k", "max_seqlen_q", "max_seqlen_k", "dq", "dk", "dv", "dlse",
-)
+_FA4_FIXED_KEYWORDS = {
+    "forward": ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "softcap",
+                "window_size_left", "window_size_right", "return_lse", "lse"),
+    "backward": ("softmax_scale", "causal", "softcap", "window_size_left", "window_size_right", "cu_seqlens_q",
+                 "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dq", "dk", "dv"),
+}
+
+
+def _fa4_keywords(side: str) -> tuple[str, ...]:
+    """The keywords ``varlen_compile.lowering.fa4`` passes to FA4's ``side`` entry point: the
+    fixed ones and the optional inputs' (the registry's ``fa4`` names)."""
+    return _FA4_FIXED_KEYWORDS[side] + tuple(
+        spec.fa4 for spec in OPTIONAL_INPUTS if spec.fa4 is not None and side in spec.read_by
+    )
+
+
+FA4_FORWARD_KEYWORDS, FA4_BACKWARD_KEYWORDS = _fa4_keywords("forward"), _fa4_keywords("backward")
 
 
 @functools.cache
@@ -108,7 +119,7 @@ def fa4_interface() -> tuple[types.ModuleType | None, str]:
         from flash_attn.cute import interface
     except Exception as error:  # a broken CUDA / CuTe DSL install must not break our package
         return None, f"import flash_attn.cute.interface failed: {type(error).__name__}: {error}"
-    for name, keywords in (("_flash_attn_fwd", _FA4_FORWARD_KEYWORDS), ("_flash_attn_bwd", _FA4_BACKWARD_KEYWORDS)):
+    for name, keywords in (("_flash_attn_fwd", FA4_FORWARD_KEYWORDS), ("_flash_attn_bwd", FA4_BACKWARD_KEYWORDS)):
         function = getattr(interface, name, None)
         if function is None:
             return None, f"flash-attn-4 {version} has no flash_attn.cute.interface.{name}"

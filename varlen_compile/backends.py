@@ -23,28 +23,28 @@ import logging
 import torch
 
 from . import eligibility, lowering, reference
-from .params import AttnOptions, BatchLayout, OptionalInputs, Side
+from .params import AttnOptions, BatchLayout, OptionalInputs, lse_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["backward", "exact_lse", "forward"]
+__all__ = ["backward", "forward"]
 
 
 def _kernel(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions,
-    optional: OptionalInputs, kernel: str, side: Side,
+    optional: OptionalInputs, kernel: str,
 ) -> str:
     hints = layout.max_q is not None and layout.max_k is not None
-    call = eligibility.call_of_tensors(query, key, value, options, optional, hints, side)
-    return eligibility.eager_kernel(kernel, call)
+    return eligibility.eager_kernel(kernel, eligibility.call_of_tensors(query, key, value, options, optional, hints))
 
 
 def forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions,
     optional: OptionalInputs, kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse float32 contiguous ``(H_q, T_q)``."""
-    chosen = _kernel(query, key, value, layout, options, optional, kernel, "forward")
+    """``(out, lse)``: out contiguous ``(T_q, H_q, D)``, lse contiguous ``(H_q, T_q)`` in
+    :func:`~varlen_compile.params.lse_dtype`."""
+    chosen = _kernel(query, key, value, layout, options, optional, kernel)
     if chosen == eligibility.FA4:
         return lowering.fa4.forward(query, key, value, layout, options, optional)
     if chosen == eligibility.ATEN:
@@ -56,7 +56,7 @@ def forward(
     out, lse = reference.attention_forward(
         query, key, value, layout.cu_seq_q, layout.cu_seq_k, options=options, **optional,
     )
-    return out.contiguous(), lse.float().contiguous()
+    return out.contiguous(), lse.to(lse_dtype(query.dtype)).contiguous()
 
 
 def backward(
@@ -75,7 +75,7 @@ def backward(
     ``grad_lse``. ``lse`` may be any strided ``(H_q, T_q)`` view (context parallelism passes
     column slices); aten flash and FA4 read it as contiguous, so it is made contiguous here."""
     lse = lse.contiguous()
-    chosen = _kernel(query, key, value, layout, options, optional, kernel, "backward")
+    chosen = _kernel(query, key, value, layout, options, optional, kernel)
     if chosen == eligibility.FA4:
         dq, dk, dv = lowering.fa4.backward(grad_out, query, key, value, out, lse, layout, options, optional)
         return dq.contiguous(), dk, dv.contiguous()
@@ -86,22 +86,6 @@ def backward(
         return lowering.launcher.backward(grad_out, query, key, value, out, lse, layout, options, optional)
     log.debug("varlen_attn: reference backward on %s %s", query.device, query.dtype)
     dq, dk, dv = reference.attention_backward(
-        grad_out, query, key, value, out, exact_lse(query, key, value, lse, layout, options, optional),
-        layout.cu_seq_q, layout.cu_seq_k, options=options, **optional,
+        grad_out, query, key, value, out, lse, layout.cu_seq_q, layout.cu_seq_k, options=options, **optional,
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-def exact_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lse: torch.Tensor, layout: BatchLayout,
-    options: AttnOptions, optional: OptionalInputs,
-) -> torch.Tensor:
-    """``lse`` as the backward needs it: for float64 inputs recomputed in float64 by the
-    reference (the forward op returns lse in float32, which would cap float64 gradients near
-    1e-6 relative), else as it is."""
-    if query.dtype != torch.float64:
-        return lse
-    forward_inputs = {name: optional[name] for name in ("sink", "alibi_slopes", "seqused_k") if name in optional}
-    return reference.attention_forward(
-        query, key, value, layout.cu_seq_q, layout.cu_seq_k, options=options, **forward_inputs
-    )[1]

@@ -26,7 +26,12 @@ for the Python kernels) leaves it to our Triton kernels, which serve every CUDA 
 - ``"aten"``: aten flash attention (FlashAttention 2), compiled and eager; it needs the
   ``max_q``/``max_k`` hints as ints.
 
-Set it for a block of code with :func:`patch`.
+``strict_lowering`` (env ``VARLEN_COMPILE_STRICT_LOWERING=1``): a lowering that fails on an
+Inductor internal it does not know falls back to the op's eager implementation (logged once),
+so a user's compile never crashes on it; set this to re-raise instead (the test suite does, so
+that a bug of ours cannot hide behind the fallback). Read inside Inductor, not guarded on.
+
+Set switches for a block of code with :func:`patch`.
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-__all__ = ["KERNELS", "check_offsets", "kernel", "patch"]
+__all__ = ["KERNELS", "check_offsets", "kernel", "patch", "strict_lowering"]
 
 KERNELS = ("auto", "triton", "fa4", "aten")
 
 check_offsets: bool = os.environ.get("VARLEN_COMPILE_CHECK_OFFSETS", "0") == "1"
 kernel: str = os.environ.get("VARLEN_COMPILE_KERNEL", "auto")
+strict_lowering: bool = os.environ.get("VARLEN_COMPILE_STRICT_LOWERING", "0") == "1"
 
 
 def checked_kernel() -> str:
@@ -60,7 +66,7 @@ def patch(**changes: object) -> Iterator[None]:
     """Set switches of this module for the ``with`` block, e.g.
     ``with varlen_compile.config.patch(kernel="fa4"): ...``. Calls traced inside the block are
     guarded on the values, so a function compiled inside it recompiles outside it."""
-    unknown = sorted(set(changes) - {"check_offsets", "kernel"})
+    unknown = sorted(set(changes) - {"check_offsets", "kernel", "strict_lowering"})
     if unknown:
         raise AttributeError(f"varlen_compile.config has no switch {unknown[0]!r}")
     if "kernel" in changes:

@@ -25,12 +25,13 @@ import dataclasses
 import logging
 import numbers
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from . import _compat
 from .config import check_kernel_name
-from .params import OPTIONAL_INPUTS, AttnOptions, Side
+from .params import OPTIONAL_INPUTS, AttnOptions
 
 __all__ = [
     "ATEN",
@@ -43,16 +44,19 @@ __all__ = [
     "REFERENCE",
     "TEMPLATE",
     "TRITON_DTYPES",
-    "eager_kernel",
-    "select",
+    "aten_unsupported",
     "call_of_tensors",
+    "eager_kernel",
+    "fa4_unsupported",
+    "select",
     "supported_head_dim",
     "triton_device_unsupported",
+    "triton_unsupported",
     "unsupported",
 ]
 
 log = logging.getLogger(__name__)
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, str, str]] = set()
 
 TEMPLATE, ATEN, FA4 = "triton", "aten", "fa4"
 REFERENCE = "reference"
@@ -70,15 +74,16 @@ def supported_head_dim(head_dim: int) -> bool:
     return 1 <= head_dim <= MAX_HEAD_DIM
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Call:
     """What decides eligibility, from metadata only.
 
     ``same_heads``: ``H_q == H_kv`` is known to hold (False when unknown, e.g. symbolic).
-    ``optional``: the optional inputs present, by registry name, with their dtypes (the
-    backward's ``grad_lse`` included). ``hints``: ``max_q`` and ``max_k`` are both known.
-    ``side``: the forward op or the backward op. ``python_kernels``: False in AOTInductor /
-    ``cpp_wrapper`` graphs, which cannot call a Python kernel.
+    ``optional``: the names of the optional inputs present (the backward's ``grad_lse``
+    included). ``hints``: ``max_q`` and ``max_k`` are both known. ``compiled``: the call is in
+    a graph Inductor lowers (our kernels are then the templates, not built for ROCm yet).
+    ``python_kernels``: False in AOTInductor / ``cpp_wrapper`` graphs, which cannot call a
+    Python kernel.
     """
 
     device: torch.device | None
@@ -87,9 +92,9 @@ class Call:
     head_dim_v: int
     same_heads: bool
     options: AttnOptions
-    optional: Mapping[str, torch.dtype]
+    optional: frozenset[str]
     hints: bool
-    side: Side = "forward"
+    compiled: bool = False
     python_kernels: bool = True
 
     @property
@@ -102,18 +107,13 @@ class Call:
 
 
 def call_of_tensors(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    options: AttnOptions,
-    optional: Mapping[str, torch.Tensor],
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: AttnOptions, optional: Mapping[str, Any],
     hints: bool,
-    side: Side = "forward",
 ) -> Call:
     """The :class:`Call` of an eager op call (``key`` contiguous or paged: heads at dim -2)."""
     return Call(
-        query.device, query.dtype, query.shape[-1], value.shape[-1], query.shape[1] == key.shape[-2],
-        options, {name: tensor.dtype for name, tensor in optional.items()}, hints, side,
+        device=query.device, dtype=query.dtype, head_dim=query.shape[-1], head_dim_v=value.shape[-1],
+        same_heads=query.shape[1] == key.shape[-2], options=options, optional=frozenset(optional), hints=hints,
     )
 
 
@@ -122,13 +122,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Number) or getattr(value, "is_Number", False)
 
 
-def triton_device_unsupported(device: torch.device | None, dtype: torch.dtype) -> str | None:
+def triton_device_unsupported(device: torch.device | None, dtype: torch.dtype, compiled: bool) -> str | None:
     """The part of :func:`triton_unsupported` that needs neither head dims nor options: the
     lowerings ask it first, so a graph the templates cannot serve guards on nothing."""
     if device is None or device.type != "cuda":
         return f"the Triton kernels are CUDA-only (device: {device})"
-    if torch.version.hip is not None:
-        return "the Triton kernels are not built for ROCm yet"
+    if compiled and torch.version.hip is not None:
+        return "the Triton templates are not built for ROCm yet"
     if not _compat.has_triton():
         return "Triton is not installed"
     if dtype not in TRITON_DTYPES:
@@ -137,9 +137,9 @@ def triton_device_unsupported(device: torch.device | None, dtype: torch.dtype) -
 
 
 def triton_unsupported(call: Call) -> str | None:
-    """Our Triton kernels: CUDA, fp16/bf16/fp32, head dims 1..256, a constant scale and softcap
-    (the templates take them as constants), float32 sinks and slopes."""
-    reason = triton_device_unsupported(call.device, call.dtype)
+    """Our Triton kernels: CUDA, fp16/bf16/fp32, head dims 1..256, and in compiled graphs a
+    constant scale and softcap (the templates take them as constants)."""
+    reason = triton_device_unsupported(call.device, call.dtype, call.compiled)
     if reason is not None:
         return reason
     if not (supported_head_dim(call.head_dim) and supported_head_dim(call.head_dim_v)):
@@ -148,10 +148,6 @@ def triton_unsupported(call: Call) -> str | None:
         return "a symbolic softmax scale (the templates take it as a constant)"
     if not _is_number(call.options.softcap):
         return "a symbolic softcap (the templates take it as a constant)"
-    for spec in OPTIONAL_INPUTS:
-        dtype = call.optional.get(spec.name)
-        if dtype is not None and dtype != spec.dtype:
-            return f"{spec.name} of dtype {dtype} (the kernels read {spec.dtype})"
     return None
 
 
@@ -271,18 +267,23 @@ def select(
 def eager_kernel(requested: str, call: Call) -> str:
     """The kernel an eager call runs: FA4 when asked for and it serves the call; else aten flash
     where it serves (``"auto"``, ``"aten"``, ``"fa4"``); else our Triton kernels; else the exact
-    reference (``"reference"``)."""
+    reference (``"reference"``). A preference that cannot serve the call is logged once per
+    reason, naming what runs instead."""
     order = {FA4: (FA4, ATEN, TEMPLATE), TEMPLATE: (TEMPLATE,)}.get(requested, (ATEN, TEMPLATE))
-    for kernel in order:
+    chosen, refused = REFERENCE, None
+    for kernel in order:  # a preferred kernel comes first in its order
         reason = unsupported(kernel, call)
         if reason is None:
-            return kernel
-        if kernel == requested == FA4:
-            log.debug("varlen_attn: kernel='fa4' cannot serve this call (%s): our kernels run it", reason)
-    return REFERENCE
+            chosen = kernel
+            break
+        if kernel == requested:
+            refused = reason
+    if refused is not None:
+        _log_once(requested, refused, "the exact reference" if chosen == REFERENCE else f"kernel {chosen!r}")
+    return chosen
 
 
-def _log_once(requested: str, reason: str) -> None:
-    if (requested, reason) not in _logged:
-        _logged.add((requested, reason))
-        log.info("varlen_compile: kernel=%r cannot serve a call (%s); our Triton template runs it", requested, reason)
+def _log_once(requested: str, reason: str, runs: str = "our Triton template") -> None:
+    if (requested, reason, runs) not in _logged:
+        _logged.add((requested, reason, runs))
+        log.info("varlen_compile: kernel=%r cannot serve a call (%s); %s runs it", requested, reason, runs)

@@ -27,6 +27,7 @@ from .params import (
     argument_names,
     bind_op_args,
     op_kwargs,
+    lse_dtype,
     unflatten,
 )
 
@@ -53,7 +54,8 @@ def varlen_attn_op(
     block_table: torch.Tensor | None = None,
     kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: out ``(T_q, H_q, D_v)`` in the input dtype, lse float32 ``(H_q, T_q)``.
+    """``(out, lse)``: out ``(T_q, H_q, D_v)`` in the input dtype, lse ``(H_q, T_q)`` float32
+    (float64 for float64 inputs: :func:`~varlen_compile.params.lse_dtype`).
 
     ``key``/``value`` are ``(T_k, H_kv, D / D_v)``, or pages ``(pages, page_size, H_kv, D / D_v)``
     with ``block_table`` (then ``cu_seq_k`` is not read). ``kernel``: the preferred kernel,
@@ -67,7 +69,7 @@ def varlen_attn_op(
 def _varlen_attn_fake(query, key, value, *flat_params, **kwargs):
     total_q, num_heads, _ = query.shape
     out = query.new_empty((total_q, num_heads, value.shape[-1]))
-    lse = query.new_empty((num_heads, total_q), dtype=torch.float32)
+    lse = query.new_empty((num_heads, total_q), dtype=lse_dtype(query.dtype))
     return out, lse
 
 
@@ -195,7 +197,6 @@ def _backward(
     )))
     if "sink" in optional and ctx.needs_input_grad[_ARG_INDEX["sink"]]:
         sink = optional["sink"]
-        lse = backends.exact_lse(query, key, value, lse, layout, ctx.options, optional)
         grads["sink"] = reference.sink_grad(sink, lse, grad_out, out, grad_lse).to(sink.dtype)
     return tuple(grads.get(argument.name) for argument in _FORWARD._schema.arguments)
 

@@ -40,6 +40,7 @@ __all__ = [
     "argument_names",
     "bind_op_args",
     "flat_args",
+    "lse_dtype",
     "op_kwargs",
     "optional_inputs_of",
     "unflatten",
@@ -189,6 +190,12 @@ class OptionalInputs(Mapping[str, Any]):
 
 
 _PARAM_TYPES = (BatchLayout, AttnOptions)
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the log-sum-exp the ops return for inputs of ``dtype``: float32, or float64
+    for float64 inputs (their exact path keeps float64 throughout, lse included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def flat_args(layout: BatchLayout, options: AttnOptions, optional: OptionalInputs) -> dict[str, Any]:
