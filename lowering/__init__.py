@@ -28,13 +28,16 @@ from varlen_compile import _compat
 from . import aten, fa4, launcher
 
 _NO_TEMPLATES = "" if _compat.has_triton() else "Triton is not installed"
+fallback = None
 if _compat.has_inductor():
-    from . import fallback
-
+    try:
+        from . import fallback
+    except (ImportError, AttributeError) as error:  # Inductor's lowering registry itself moved
+        _NO_TEMPLATES = f"Inductor's lowering registry is unknown on torch {_compat.TORCH_VERSION} ({error})"
     if not _NO_TEMPLATES:
         try:
             from . import backward, cache_tag, forward
-        except (ImportError, AttributeError) as error:  # an Inductor internal this torch lacks
+        except Exception as error:  # an Inductor internal this torch lacks or changed (import-time objects)
             _NO_TEMPLATES = f"the lowerings cannot import on torch {_compat.TORCH_VERSION} ({type(error).__name__}: {error})"
 
 __all__ = ["aten", "fa4", "launcher", "register_lowerings"]
@@ -52,9 +55,10 @@ def register_lowerings() -> None:
         log.debug("varlen_compile: no Inductor; compiled graphs call the ops as they are")
         return
     if _NO_TEMPLATES:
-        level = logging.WARNING if "cannot import" in _NO_TEMPLATES else logging.INFO
+        level = logging.INFO if _NO_TEMPLATES == "Triton is not installed" else logging.WARNING
         log.log(level, "varlen_compile: %s; compiled graphs call the ops' eager implementations", _NO_TEMPLATES)
-        fallback.register_fallbacks(_NO_TEMPLATES)
+        if fallback is not None:
+            fallback.register_fallbacks(_NO_TEMPLATES)
         return
     forward.register()
     backward.register()

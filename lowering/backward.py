@@ -22,14 +22,14 @@ from varlen_compile.params import bind_op_args
 from . import extern_ops
 from .choices import ATEN, FA4, TEMPLATE, kernels_for
 from .common import (
-    cu_seq_generator,
+    append_extern_choices,
+    autotune_generators,
     extern_choice,
     extern_scalars,
     gqa_group,
     input_gen_fns,
     lowering_with_fallback,
     make_template,
-    optional_input_generators,
     optional_input_nodes,
     plan_template,
     prepare_attention_input,
@@ -130,18 +130,11 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
             BLOCK_N2=config.block_n2,
             **constants,
         )
-    scalars = extern_scalars(layout, options)
-    for kernel, choice, extern_op in ((ATEN, aten_flash_backward_choice, extern_ops.FLASH_BACKWARD),
-                                      (FA4, fa4_backward_choice, extern_ops.FA4_BACKWARD)):
-        if kernel in kernels:
-            choice.maybe_append_choice(
-                choices, input_nodes=input_nodes, layout=layout_dk, op=extern_op, names=names, scalars=scalars
-            )
-    generators = {
-        "cu_seq_q": cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
-        "cu_seq_k": cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(total_k)),
-        **optional_input_generators(),
+    externs = {
+        ATEN: (aten_flash_backward_choice, extern_ops.FLASH_BACKWARD), FA4: (fa4_backward_choice, extern_ops.FA4_BACKWARD),
     }
+    append_extern_choices(choices, kernels, externs, input_nodes, layout_dk, names, extern_scalars(layout, options))
+    generators = autotune_generators(cu_seq_q, total_q, cu_seq_k, total_k)
     grad_key = autotune_select_algorithm(
         "varlen_attn_bwd", choices, input_nodes, layout_dk, input_gen_fns=input_gen_fns(names, generators)
     )

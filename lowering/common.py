@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -38,7 +37,8 @@ __all__ = [
     "input_gen_fns",
     "lowering_with_fallback",
     "make_template",
-    "optional_input_generators",
+    "append_extern_choices",
+    "autotune_generators",
     "optional_input_nodes",
     "plan_template",
     "prepare_attention_input",
@@ -107,7 +107,7 @@ def plan_template(bound: dict[str, Any]) -> Plan | str:
         window_left=_static_int(options.window_left),
         window_right=_static_int(options.window_right),
     )
-    return Plan(*head_dims, layout, options, optional)
+    return Plan(head_dim=head_dims[0], head_dim_v=head_dims[1], layout=layout, options=options, optional=optional)
 
 
 def optional_input_nodes(optional: OptionalInputs, side: Side) -> dict[str, ir.IRNode]:
@@ -226,10 +226,29 @@ def full_int32(value: int) -> Callable[[ir.Buffer], torch.Tensor]:
     return generate
 
 
-def optional_input_generators() -> dict[str, Callable[[ir.Buffer], torch.Tensor]]:
-    """Autotuning data for the optional int32 inputs, by name: every key used (the kernels
-    clamp ``seqused_k`` to the slot), pages in order (they clamp entries to the pool)."""
-    return {"seqused_k": full_int32(2**30), "block_table": arange_int32_rows()}
+def autotune_generators(
+    cu_seq_q: ir.IRNode, total_q: Any, cu_seq_k: ir.IRNode, total_k: Any
+) -> dict[str, Callable[[ir.Buffer], torch.Tensor]]:
+    """Autotuning data by input name: near-equal sequences for the offsets, every key used for
+    ``seqused_k`` (the kernels clamp it to the slot), pages in order for ``block_table`` (they
+    clamp entries to the pool)."""
+    return {
+        "cu_seq_q": cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
+        "cu_seq_k": cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(total_k)),
+        "seqused_k": full_int32(2**30),
+        "block_table": arange_int32_rows(),
+    }
+
+
+def append_extern_choices(
+    choices: list[Any], kernels: tuple[str, ...], externs: Mapping[str, tuple[ExternKernelChoice, str]],
+    input_nodes: list[ir.IRNode], layout: ir.Layout, names: tuple[str, ...], scalars: Mapping[str, Any],
+) -> None:
+    """Append the extern choice of each kernel in ``kernels`` that ``externs`` has (kernel ->
+    (choice, private op)), bound by name to the template's inputs and the call's scalars."""
+    for kernel, (choice, op) in externs.items():
+        if kernel in kernels:
+            choice.maybe_append_choice(choices, input_nodes=input_nodes, layout=layout, op=op, names=names, scalars=scalars)
 
 
 def arange_int32_rows() -> Callable[[ir.Buffer], torch.Tensor]:

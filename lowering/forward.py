@@ -21,18 +21,17 @@ from varlen_compile.params import bind_op_args
 from . import extern_ops
 from .choices import ATEN, FA4, TEMPLATE, kernels_for
 from .common import (
-    cu_seq_generator,
+    append_extern_choices,
+    autotune_generators,
     extern_choice,
     extern_scalars,
     gqa_group,
     input_gen_fns,
     lowering_with_fallback,
     make_template,
-    optional_input_generators,
     optional_input_nodes,
     plan_template,
     prepare_attention_input,
-    size_hint,
     template_constants,
 )
 from .fallback import fallback
@@ -125,18 +124,11 @@ def varlen_attn_lowering(*args: Any, **kwargs: Any):
             PACK_GQA=pack_gqa_group(config, static_group),
             **constants,
         )
-    scalars = extern_scalars(layout, options)
-    for kernel, choice, extern_op in ((ATEN, aten_flash_forward_choice, extern_ops.FLASH_FORWARD),
-                                      (FA4, fa4_forward_choice, extern_ops.FA4_FORWARD)):
-        if kernel in kernels:
-            choice.maybe_append_choice(
-                choices, input_nodes=input_nodes, layout=out_layout, op=extern_op, names=names, scalars=scalars
-            )
-    generators = {
-        "cu_seq_q": cu_seq_generator(size_hint(cu_seq_q.get_size()[0]), size_hint(total_q)),
-        "cu_seq_k": cu_seq_generator(size_hint(cu_seq_k.get_size()[0]), size_hint(key.get_size()[0])),
-        **optional_input_generators(),
+    externs = {
+        ATEN: (aten_flash_forward_choice, extern_ops.FLASH_FORWARD), FA4: (fa4_forward_choice, extern_ops.FA4_FORWARD),
     }
+    append_extern_choices(choices, kernels, externs, input_nodes, out_layout, names, extern_scalars(layout, options))
+    generators = autotune_generators(cu_seq_q, total_q, cu_seq_k, key.get_size()[0])
     out = autotune_select_algorithm(
         "varlen_attn_fwd", choices, input_nodes, out_layout, input_gen_fns=input_gen_fns(names, generators)
     )

@@ -163,7 +163,10 @@ def attend(
 def _run(call: CheckedCall) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward op on a validated call: the parameter objects, then the op."""
     layout = BatchLayout(call.cu_seq_q, call.cu_seq_k, call.max_q, call.max_k)
-    options = AttnOptions(call.is_causal, call.scale, call.window_left, call.window_right, softcap=call.softcap)
+    options = AttnOptions(
+        is_causal=call.is_causal, scale=call.scale, window_left=call.window_left, window_right=call.window_right,
+        softcap=call.softcap,
+    )
     optional = OptionalInputs(
         seqused_k=call.seqused_k, block_table=call.block_table, sink=call.sink, alibi_slopes=call.alibi_slopes
     )

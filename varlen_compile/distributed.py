@@ -78,7 +78,7 @@ import torch.distributed as dist
 from . import _compat, config
 from ._tracing import is_traced
 from .ops import call_backward, call_forward
-from .params import AttnOptions, BatchLayout, OptionalInputs
+from .params import AttnOptions, BatchLayout, OptionalInputs, lse_dtype
 from .validation import (
     Caller, check_flag, check_hint, check_int, check_offset_values, check_scale, check_tensor, check_tensors, check_window,
     describe,
@@ -463,7 +463,7 @@ class _RingAttention(torch.autograd.Function):
         block = _key_value_rows(key, value)
         wide = torch.promote_types(query.dtype, torch.float32)
         out = query.new_zeros((query.shape[0], query.shape[1], value.shape[-1]), dtype=wide)
-        lse = query.new_full((query.shape[1], query.shape[0]), -_INF, dtype=torch.float32)
+        lse = query.new_full((query.shape[1], query.shape[0]), -_INF, dtype=lse_dtype(query.dtype))
         visiting = block
         for step in range(world_size):
             last = step + 1 == world_size
@@ -579,7 +579,9 @@ def context_parallel_varlen_attn(
     window_left, window_right = check_window(caller, window_size)
     check_tensors(caller, query, key, value, cu_seq, cu_seq, enable_gqa)
     max_len = check_hint(caller, "max_q", max_len)
-    options = AttnOptions(is_causal, check_scale(caller, scale), window_left, window_right)
+    options = AttnOptions(
+        is_causal=is_causal, scale=check_scale(caller, scale), window_left=window_left, window_right=window_right
+    )
     if not _is_causal(options) and (window_left, window_right) != (-1, -1):
         raise ValueError(
             f"context_parallel_varlen_attn: window_size={tuple(window_size)} without causal masking is "

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _compat, config
-from ._tracing import is_traced
+from ._tracing import is_traced, stream_is_capturing
 from .api import attend
 from .validation import Caller, check_dropout
 
@@ -200,12 +200,12 @@ def _check_nested_call(
 
 def _check_same_lengths(key: torch.Tensor, value: torch.Tensor) -> None:
     """Key and value ``(B, j, H, D)`` need equal lengths. Eagerly their offsets are compared by
-    value (one host sync; none when they share the tensor); traced calls use the key's offsets,
-    with a device-side assertion under ``config.check_offsets``."""
+    value (one host sync; none when they share the tensor); traced and CUDA-graph-captured calls
+    use the key's offsets, with a device-side assertion under ``config.check_offsets``."""
     key_offsets, value_offsets = key.offsets(), value.offsets()
     if key_offsets is value_offsets:
         return
-    if not is_traced(key_offsets):
+    if not (is_traced(key_offsets) or stream_is_capturing(key_offsets.device)):
         if not torch.equal(key_offsets, value_offsets):
             raise ValueError(
                 "scaled_dot_product_attention: key and value must have equal sequence lengths, got "

@@ -159,10 +159,10 @@ _BACKWARD = torch.ops.varlen_compile.varlen_attn_backward.default
 _FORWARD_ARGS, _BACKWARD_ARGS = argument_names(_FORWARD), argument_names(_BACKWARD)
 _DIFFERENTIABLE = ("query", "key", "value")
 _ARG_INDEX = {argument.name: index for index, argument in enumerate(_FORWARD._schema.arguments)}
-# What the backward needs, saved by name: the optional inputs are the forward op's.
-_SAVED = ("query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k") + tuple(
-    spec.name for spec in OPTIONAL_INPUTS if spec.name in _ARG_INDEX
-)
+# What the backward needs, saved by name: the fixed tensors, then the forward op's optional inputs.
+_SAVED_FIXED = ("query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k")
+_SAVED_OPTIONAL = tuple(spec.name for spec in OPTIONAL_INPUTS if spec.name in _ARG_INDEX)
+_SAVED = _SAVED_FIXED + _SAVED_OPTIONAL
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -181,7 +181,7 @@ def _backward(
 ) -> tuple[torch.Tensor | None, ...]:
     saved = dict(zip(_SAVED, ctx.saved_tensors))
     query, key, value, out, lse = (saved[name] for name in ("query", "key", "value", "out", "lse"))
-    optional = OptionalInputs({name: saved[name] for name in _SAVED[7:]}, grad_lse=grad_lse)
+    optional = OptionalInputs({name: saved[name] for name in _SAVED_OPTIONAL}, grad_lse=grad_lse)
     if optional.paged:
         raise NotImplementedError(
             "varlen_attn: paged K/V (block_table) is forward-only (as in torch.nn.attention.varlen); "

@@ -104,7 +104,7 @@ class OptionalInput:
     ``read_by``: the kernels that take it as an input. ``flag_in``: the kernels whose code it
     changes (a superset: a sink changes the backward's math through lse, without being read).
     ``fa4``: FlashAttention 4's keyword for it, or None when FA4 cannot serve it.
-    ``dtype``: what the kernels read.
+    ``dtype``: what the kernels read. ``doc``: its shape and meaning, for messages and docs.
     """
 
     name: str

@@ -19,7 +19,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from varlen_compile.lowering import launcher
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/
+from benchmarks.sweep import resource_usage  # noqa: E402  (registers and spills from the cubin)
+from varlen_compile.lowering import launcher  # noqa: E402
 from varlen_compile.lowering.configs import (
     backward_constexprs,
     default_backward_config,
@@ -275,26 +277,6 @@ def compile_offsets_kernel(target) -> dict:
         except Exception:  # noqa: BLE001 - reported to the test
             results.append({"case": name, "ok": False, "shared": 0, "error": traceback.format_exc(limit=4)[-2500:]})
     return results
-
-
-def resource_usage(compiled) -> dict[str, int]:
-    """``{"REG": .., "STACK": .., "SHARED": ..}`` of a compiled kernel (REG and STACK per thread
-    from ``cuobjdump --dump-resource-usage``, SHARED from Triton's metadata)."""
-    import subprocess
-    import tempfile
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(compiled.asm["cubin"])
-        handle.flush()
-        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", handle.name], capture_output=True,
-                              text=True, check=True).stdout
-    usage = {"SHARED": compiled.metadata.shared}
-    for part in text.split():
-        key, _, value = part.partition(":")
-        if key in ("REG", "STACK") and value.isdigit():
-            usage[key] = int(value)
-    return usage
 
 
 def static_vs_dynamic_tokens() -> dict:

@@ -224,12 +224,6 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch * length, heads, head_dim)
 
 
-def _packed_hint(max_length: object, length: int) -> int:
-    """An int upper bound on every sequence length: the collator's ``max_length_*`` when it is an
-    int, else the row length (a tensor hint would need a host sync to read)."""
-    return max_length if isinstance(max_length, int) and not isinstance(max_length, bool) else length
-
-
 def _offsets(
     caller: Caller,
     attention_mask: torch.Tensor | None,
