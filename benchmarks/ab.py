@@ -234,6 +234,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     revision.add_argument("--base", default=".ab_base", help="a folder with the base's template files (default: %(default)s)")
     revision.add_argument("--base-rev", default=None, help="a git commit to take the base templates from")
     revision.add_argument("--save-base", default=None, metavar="REV",
-                          help="write REV's templates to --base and exit (the device machine has no .git: carry the folder)")
+                          help="write REV's templates to --base and exit (for a machine without .git: copy the folder along)")
     revision.add_argument("--cases", default="headline-causal,d128,d128-causal,gqa-causal,many-short-causal",
                           help="comma-separated standard cases (default: %(default)s)")

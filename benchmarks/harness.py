@@ -590,12 +590,12 @@ def markdown_table(header: list[str], rows: Iterable[Iterable[object]]) -> list[
 
 
 def log_row(row: dict) -> None:
-    """One result row as a JSON line (device_session.sh filters them by their leading ``{``)."""
+    """One result row as a JSON line (gpu_steps.sh filters them by their leading ``{``)."""
     log.info(json.dumps(row))
 
 
 def default_out() -> str:
-    """Where result files go: ``$OUT`` when set (the device machine's folder that comes back),
+    """Where result files go: ``$OUT`` when set (the folder a GPU run writes its outputs to),
     else ``benchmarks/results``."""
     return os.environ.get("OUT", str(RESULTS))
 

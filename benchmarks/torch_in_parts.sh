@@ -9,9 +9,9 @@
 # .whl; they go to the site folder's fa4/ subfolder (put it on PYTHONPATH for either torch).
 # Writes .torch_parts/NN/part.* (git-ignored) and prints how many folders there are. On the GPU
 # machine, one call per folder, back to back (its /tmp must survive between them):
-#   TORCH_PARTS=.torch_parts/NN bash benchmarks/device_session.sh   (STEPS unset: only collects)
+#   TORCH_PARTS=.torch_parts/NN bash benchmarks/gpu_steps.sh   (STEPS unset: only collects)
 # and with the last folder the steps to run on that torch:
-#   TORCH_PARTS=.torch_parts/NN STEPS="tests memcheck run" bash benchmarks/device_session.sh
+#   TORCH_PARTS=.torch_parts/NN STEPS="tests memcheck run" bash benchmarks/gpu_steps.sh
 # which joins the parts (checksums), unpacks them to /tmp/torch_site and puts it first on
 # PYTHONPATH. torch's own CUDA libraries (nvidia-* wheels) are not included: it loads the
 # machine's. Measured 2026-12-01: torch 2.15.0 + triton 3.9.0 (786 MiB of wheels) and FA4's

@@ -1,8 +1,8 @@
 """FlashAttention 4 as a kernel choice behind our ops, on the GPU.
 
 Skipped without a CUDA GPU that FA4 serves (sm90/sm100) or without ``flash_attn.cute``
-(``pip install varlen-compile[fa4]``; on the device machine see ``../shared/tools/fa4_wheels.sh``
-and the ``fa4`` steps of ``benchmarks/device_session.sh``).
+(``pip install varlen-compile[fa4]``; on a GPU machine without network access, the FA4 wheels
+as ``benchmarks/gpu_steps.sh`` installs them).
 
 Numerics against the float64 reference under the error rule (docs/design.md §15), eager and compiled, forward
 and gradients (the sink's too): lengths 0 and 1, q_len != k_len, GQA, causal, windows, softcap,

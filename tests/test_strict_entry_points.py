@@ -268,7 +268,7 @@ def test_eager_and_compiled_accept_the_same_calls():
 
 
 def test_fa2_causal_runs_causal_only_for_true():
-    """A truthy non-bool no longer means causal, and a falsy one no longer non-causal."""
+    """A truthy non-bool is not taken as causal, nor a falsy one as non-causal: both are refused."""
     causal, full = fa2_call(causal=True), fa2_call(causal=False)
     assert not torch.equal(causal, full)
     torch.testing.assert_close(causal, varlen_call(is_causal=True), rtol=0, atol=0)

@@ -79,7 +79,7 @@ class Caller:
 class CheckedCall(NamedTuple):
     """A validated ``varlen_attn`` call: contiguous offsets, the max hints (read off the offsets
     in eager calls), the window as ``(left, right)``, softcap as a float (0.0 = off), sink and
-    ALiBi slopes as contiguous float32."""
+    ALiBi slopes contiguous in float32 (float64 for float64 queries)."""
 
     query: torch.Tensor
     key: torch.Tensor

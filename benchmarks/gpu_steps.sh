@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the package (and FlashAttention 4 when its wheels came along),
 # then run the steps named in $STEPS one after another, each time-boxed, logs and result files
-# under $OUT (the folder that comes back). Run from the repository root:
-#   STEPS="tests run" bash benchmarks/device_session.sh
+# under $OUT. Run from the repository root:
+#   STEPS="tests run" bash benchmarks/gpu_steps.sh
 # Steps (each step's *_ARGS are passed to its command; see benchmarks/README.md):
 #   tests fuzz memcheck fa4tests multigpu   the GPU test suites (TESTS_FILES, TESTS_WORKERS: pytest-xdist
 #                                           workers from .whl/; time-boxed with SIGINT so pytest still
@@ -12,13 +12,13 @@
 #   context-parallel                        torchrun on 2 GPUs, one run per $CP_SHAPES (docs x doc length)
 #   context-parallel-fake                   one GPU as rank 0 of 2 over the fake process group, per $CP_SHAPES
 #   fsdp                                    examples/train_fsdp.py per GPUs:tokens of $FSDP_RUNS (tokens/s)
-# Another torch (benchmarks/torch_in_parts.sh): TORCH_PARTS=<carried folder> collects its parts in
+# Another torch (benchmarks/torch_in_parts.sh): TORCH_PARTS=<a parts folder> collects its parts in
 # /tmp/torch_parts, one call per folder; the call with the last folder unpacks them to
 # /tmp/torch_site, and every call after puts it first on PYTHONPATH (IMAGE_TORCH=1: the machine's
 # torch, with only the FlashAttention 4 packed beside it).
 # Wheels in .whl/ (e.g. expecttest, pytest-xdist) are installed first. FlashAttention 4 is installed
-# when its wheels arrived (../shared/tools/fa4_wheels.sh: a first call copies .fa4a/ to /tmp/fa4 on
-# the warm machine, the next carries .fa4b/).
+# from its wheels when they are in the tree: the wheels in .fa4b/, the large one split into
+# .fa4a/part.aa (copied to /tmp/fa4 by a first call) and .fa4b/part.ab.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off in every process (the 2-GPU machine requires it; harmless elsewhere).
@@ -49,7 +49,7 @@ if [ -d .fa4b ] && compgen -G "/tmp/fa4/part.*" >/dev/null; then
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
   python3 -c "import flash_attn.cute.interface as i; from importlib.metadata import version; print('flash-attn-4', version('flash-attn-4'))"
 elif [ -d .fa4b ]; then
-  echo "FA4 wheels: /tmp/fa4 is empty (the first call found no warm machine): redo both calls"; exit 3
+  echo "FA4 wheels: /tmp/fa4 is empty (the machine was restarted between the two calls): redo both calls"; exit 3
 elif [ -d /tmp/site/flash_attn ]; then  # installed by an earlier call on this (still warm) machine
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
 fi
