@@ -28,17 +28,21 @@ from varlen_compile import _compat
 from . import aten, fa4, launcher
 
 _NO_TEMPLATES = "" if _compat.has_triton() else "Triton is not installed"
-fallback = None
+# ``fallback`` is bound only after the import is tried: a package attribute of that name set
+# first would be what ``from . import fallback`` returns, and the module would never load.
 if _compat.has_inductor():
     try:
         from . import fallback
     except (ImportError, AttributeError) as error:  # Inductor's lowering registry itself moved
+        fallback = None
         _NO_TEMPLATES = f"Inductor's lowering registry is unknown on torch {_compat.TORCH_VERSION} ({error})"
     if not _NO_TEMPLATES:
         try:
             from . import backward, cache_tag, forward
         except Exception as error:  # an Inductor internal this torch lacks or changed (import-time objects)
             _NO_TEMPLATES = f"the lowerings cannot import on torch {_compat.TORCH_VERSION} ({type(error).__name__}: {error})"
+else:
+    fallback = None
 
 __all__ = ["aten", "fa4", "launcher", "register_lowerings"]
 
