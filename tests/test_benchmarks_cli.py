@@ -1,7 +1,7 @@
 """The benchmarks stay runnable and organised, checked on a machine without a GPU.
 
-They run on the GPU machine only, so nothing else would notice a broken import, a removed
-helper or a dead link until device time is spent on it: every ``python -m benchmarks``
+They run on a GPU only, so nothing else would notice a broken import, a removed function or
+a dead link until a GPU run fails on it: every ``python -m benchmarks``
 subcommand parses ``--help`` (one process for all), nothing under ``benchmarks/`` imports from
 ``tests/``, only ``benchmarks/internals.py`` touches the package's internals, and every result
 file is named by machine and date, listed in the results index and linked where it exists."""
