@@ -109,7 +109,9 @@ def modeled_communication_ms(local: torch.Tensor, world_size: int, exchange: str
     ``link_gbs`` GB/s."""
     kv_bytes = 2 * local.numel() * local.element_size()  # this rank's K and V
     if exchange == "all_gather":
-        sent = 3 * (world_size - 1) * kv_bytes  # 2 all-gathers, 1 more, 2 reduce-scatters of K- or V-size
+        # 4 all-gathers (K and V, forward and backward) and 2 reduce-scatters (dK, dV): each sends
+        # W - 1 blocks of K's size, kv_bytes / 2.
+        sent = 3 * (world_size - 1) * kv_bytes
     else:
         sent = 2 * (world_size - 1) * kv_bytes + world_size * kv_bytes * 4 // local.element_size()
     return sent / (link_gbs * 1e9) * 1e3
