@@ -4,13 +4,15 @@
 # under $OUT. Run from the repository root:
 #   STEPS="tests run" bash benchmarks/gpu_steps.sh
 # Steps (each step's *_ARGS are passed to its command; see benchmarks/README.md):
-#   tests fuzz memcheck fa4tests multigpu   the GPU test suites (TESTS_FILES, TESTS_WORKERS: pytest-xdist
+#   tests fuzz memcheck fa4tests multigpu   the GPU test suites (TESTS_FILES, TESTS_WORKERS/FA4_WORKERS: pytest-xdist
 #                                           workers from .whl/; time-boxed with SIGINT so pytest still
 #                                           prints its summary and --durations=$TESTS_DURATIONS)
 #   run choice features model ab sweep profile   python -m benchmarks <step> $<STEP>_ARGS
 #   ncu                                     Nsight Compute of the forward kernels (NCU_IMPLS x NCU_CASES)
 #   context-parallel                        torchrun on 2 GPUs, one run per $CP_SHAPES (docs x doc length)
-#   context-parallel-fake                   one GPU as rank 0 of 2 over the fake process group, per $CP_SHAPES
+#   context-parallel-fake                   one GPU as rank 0 of W over the fake process group, per world
+#                                           size:shape of $CP_FAKE_RUNS ("4:4x131072") and exchange of $CP_EXCHANGES
+#   examples                                examples/quickstart.py and examples/export_aoti.py
 #   fsdp                                    examples/train_fsdp.py per GPUs:tokens of $FSDP_RUNS (tokens/s)
 # Another torch (benchmarks/torch_in_parts.sh): TORCH_PARTS=<a parts folder> collects its parts in
 # /tmp/torch_parts, one call per folder; the call with the last folder unpacks them to
@@ -79,7 +81,8 @@ for step in ${STEPS:-tests}; do
             python3 -m benchmarks profile ncu "$case" --impl "$impl" > "$OUT/ncu_${case}_${impl}.txt" 2>&1
           grep -E "^  [a-z]|Duration|Throughput|Pipe|Issue|Warp Cycles|Registers|Theoretical Occ|Achieved Occ|Shared Memory Config" \
             "$OUT/ncu_${case}_${impl}.txt" | grep -v "^    ---" | head -"${NCU_TAIL:-45}"; done; done ;;
-    fa4tests) timeout "${FA4_TIMEOUT:-400}" python3 -m pytest -q tests/test_choice_gpu.py -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
+    fa4tests) timeout "${FA4_TIMEOUT:-400}" python3 -m pytest -q tests/test_choice_gpu.py -rfEs --tb=short ${PYTEST_K:+-k "$PYTEST_K"} \
+        ${FA4_WORKERS:+-n "$FA4_WORKERS"} 2>&1 \
         | tee "$OUT/fa4_tests.log" | tail -"${TESTS_TAIL:-40}" ;;
     multigpu) timeout -s INT "${MULTIGPU_TIMEOUT:-500}" python3 -m pytest -q -m multigpu tests/test_distributed.py -rfEs --tb=short \
         --durations=5 2>&1 | tee "$OUT/multigpu_tests.log" | tail -"${TESTS_TAIL:-40}" ;;
@@ -87,10 +90,15 @@ for step in ${STEPS:-tests}; do
           timeout "${CP_TIMEOUT:-240}" torchrun --nproc-per-node 2 -m benchmarks context-parallel --docs "${shape%x*}" \
             --doc-len "${shape#*x}" --out "$OUT/context_parallel.jsonl" >> "$OUT/context_parallel.log" 2>&1
           grep -E "^\||tokens, " "$OUT/context_parallel.log" | tail -4 | grep -v "^|---"; done ;;
-    context-parallel-fake) for shape in ${CP_SHAPES:-2x65536 2x131072}; do
-          timeout "${CP_TIMEOUT:-240}" python3 -m benchmarks context-parallel --fake-world-size 2 --docs "${shape%x*}" \
-            --doc-len "${shape#*x}" --out "$OUT/context_parallel_fake.jsonl" >> "$OUT/context_parallel_fake.log" 2>&1
-          grep -E "^\||tokens, " "$OUT/context_parallel_fake.log" | tail -4 | grep -v "^|---"; done ;;
+    context-parallel-fake) for run in ${CP_FAKE_RUNS:-2:2x65536 2:2x131072}; do  # world size:docs x doc length
+          shape=${run#*:}; for exchange in ${CP_EXCHANGES:-all_gather}; do
+          timeout "${CP_TIMEOUT:-240}" python3 -m benchmarks context-parallel --fake-world-size "${run%%:*}" --docs "${shape%x*}" \
+            --doc-len "${shape#*x}" --exchange "$exchange" ${CP_ARGS:-} --out "$OUT/context_parallel_fake.jsonl" \
+            >> "$OUT/context_parallel_fake.log" 2>&1
+          grep -E "^\||tokens, " "$OUT/context_parallel_fake.log" | tail -4 | grep -v "^|---"; done; done ;;
+    examples) for example in quickstart export_aoti; do
+          timeout "${EXAMPLES_TIMEOUT:-240}" python3 "examples/$example.py" > "$OUT/example_$example.log" 2>&1
+          echo "examples/$example.py exit $?: $(tail -3 "$OUT/example_$example.log" | tr '\n' ' ')"; done ;;
     fsdp) for run in ${FSDP_RUNS:-1:65536 2:65536 2:131072}; do  # GPUs:tokens per global batch
           timeout "${FSDP_TIMEOUT:-240}" torchrun --nproc-per-node "${run%:*}" examples/train_fsdp.py --tokens "${run#*:}" \
             --out "$OUT/fsdp_${run%:*}gpu_${run#*:}.json" ${FSDP_ARGS:-} > "$OUT/fsdp_${run%:*}gpu_${run#*:}.log" 2>&1
