@@ -37,6 +37,10 @@ if [ -n "${TORCH_PARTS:-}" ]; then
 fi
 if [ -d /tmp/torch_site/torch ]; then
   fa4_site=/tmp/torch_site/fa4:/tmp/torch_site/fa4/nvidia_cutlass_dsl/dsl_packages
+  # NVIDIA libraries packed beside that torch (newer than the machine's) are found before the machine's.
+  if [ -z "${IMAGE_TORCH:-}" ] && compgen -G "/tmp/torch_site/nvidia/*/lib" >/dev/null; then
+    for lib in /tmp/torch_site/nvidia/*/lib; do export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; done
+  fi
   if [ -n "${IMAGE_TORCH:-}" ]; then export PYTHONPATH=$fa4_site${PYTHONPATH:+:$PYTHONPATH}
   else export PYTHONPATH=/tmp/torch_site:$fa4_site${PYTHONPATH:+:$PYTHONPATH}; fi
 fi

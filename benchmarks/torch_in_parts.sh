@@ -7,15 +7,20 @@
 #
 # Extra wheel files (e.g. FlashAttention 4's, already downloaded) can follow as paths ending in
 # .whl; they go to the site folder's fa4/ subfolder (put it on PYTHONPATH for either torch).
+# NVIDIA libraries newer than the machine's can follow as specs (nvidia-nvshmem-cu13==3.7.2): only
+# their shared libraries are kept, in nvidia/<name>/lib beside torch, where it loads them from.
 # Writes .torch_parts/NN/part.* (git-ignored) and prints how many folders there are. On the GPU
 # machine, one call per folder, back to back (its /tmp must survive between them):
 #   TORCH_PARTS=.torch_parts/NN bash benchmarks/gpu_steps.sh   (STEPS unset: only collects)
 # and with the last folder the steps to run on that torch:
 #   TORCH_PARTS=.torch_parts/NN STEPS="tests memcheck run" bash benchmarks/gpu_steps.sh
 # which joins the parts (checksums), unpacks them to /tmp/torch_site and puts it first on
-# PYTHONPATH. torch's own CUDA libraries (nvidia-* wheels) are not included: it loads the
-# machine's. Measured 2026-12-01: torch 2.15.0 + triton 3.9.0 (786 MiB of wheels) and FA4's
-# wheels (100 MiB) made 10 parts (xz -6 of the unpacked trees, 582 MiB) instead of 16.
+# PYTHONPATH. torch's own CUDA libraries (nvidia-* wheels) are not included unless named: it loads
+# the machine's. torch 2.15.0 cannot load with the H200 image's NVSHMEM 3.4.5 (it needs 3.7.2:
+# "libtorch_nvshmem.so: undefined symbol: nvshmem_selected_device_transport", 2026-12-01); add
+# nvidia-nvshmem-cu13==3.7.2 (its host library, 49 MiB, about 40 MiB compressed). Measured
+# 2026-12-01: torch 2.15.0 + triton 3.9.0 (786 MiB of wheels) and FA4's wheels (100 MiB) made 10
+# parts (xz -6 of the unpacked trees, 582 MiB) instead of 16.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 work=$(mktemp -d)
@@ -40,6 +45,8 @@ if [ ${#extra[@]} -gt 0 ]; then
 fi
 # Not loaded by a CUDA run of this package: Triton's AMD backend, the pre-sm90 ptxas (Triton 3.9
 # compiles sm_90 with ptxas-blackwell), static profiling libraries, protoc.
+# NVIDIA library wheels: their shared libraries only (headers, bitcode and static archives stay).
+find "$work/site/nvidia" -type f ! -name "*.so*" -delete 2>/dev/null || true
 rm -rf "$work/site/triton/backends/amd" "$work/site/triton/backends/nvidia/bin/ptxas" \
   "$work/site/triton/backends/nvidia/lib/cupti-blackwell" "$work/site/torch/bin/protoc"*
 find "$work/site/triton/backends/nvidia/lib" -name "*.a" -delete 2>/dev/null || true

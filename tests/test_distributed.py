@@ -424,8 +424,20 @@ def test_fsdp_example_two_gpus_match_one_gpu(tmp_path):
     assert sum(two[-4:]) < sum(two[:4]), f"loss did not go down: {two}"
 
 
+def _attention_node(out: torch.Tensor):
+    """The autograd node of the context-parallel exchange behind ``out``."""
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and "Attention" in type(node).__name__:
+            return node
+        stack.extend(next_node for next_node, _ in (node.next_functions if node is not None else ()))
+    raise AssertionError(f"no attention node behind {out.grad_fn}")
+
+
 def test_single_rank_equals_varlen_attn_and_errors():
-    """One rank (two zig-zag chunks): equal to varlen_attn; misuse gets clear errors."""
+    """One rank (two zig-zag chunks): equal to varlen_attn, keeping only out and lse beside the
+    rank's own inputs for the backward; misuse gets clear errors."""
     from varlen_compile import varlen_attn
     from varlen_compile.distributed import context_parallel_varlen_attn, zigzag_shard, zigzag_unshard
 
@@ -437,7 +449,14 @@ def test_single_rank_equals_varlen_attn_and_errors():
         expected = varlen_attn(*case.inputs(), is_causal=True)
         expected_grads = torch.autograd.grad(expected.sum(), (case.q, case.k, case.v))
         for exchange in EXCHANGES:
-            out = zigzag_unshard(context_parallel_varlen_attn(*local, case.cu_seq_q, None, True, exchange=exchange))
+            local_out = context_parallel_varlen_attn(*local, case.cu_seq_q, None, True, exchange=exchange)
+            # What is kept for the backward: this rank's K and V themselves, never a copy of them.
+            saved = _attention_node(local_out).saved_tensors
+            saved_pointers = {tensor.data_ptr() for tensor in saved}
+            assert {local[1].data_ptr(), local[2].data_ptr()} <= saved_pointers, exchange
+            kept = sum(tensor.nbytes for tensor in saved if tensor.data_ptr() not in {x.data_ptr() for x in local})
+            assert kept <= local_out.nbytes + 4 * local_out.shape[0] * local_out.shape[1] + case.cu_seq_q.nbytes, exchange
+            out = zigzag_unshard(local_out)
             torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
             grads = torch.autograd.grad(out.sum(), (case.q, case.k, case.v))
             for grad, wanted in zip(grads, expected_grads):

@@ -452,8 +452,8 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, rows: slice, part_out: tor
 
 class _RingAttention(torch.autograd.Function):
     """Zig-zag context-parallel attention over a ring: K/V blocks travel rank to rank, each
-    step's partial results merge through the lse. Saves this rank's tensors only (q, its K/V
-    block, out, lse); the backward sends the blocks round again, with the dK/dV of each block
+    step's partial results merge through the lse. Saves this rank's tensors only (q, k, v, out,
+    lse); the backward sends the blocks round again, with the dK/dV of each block
     travelling beside it and arriving home after the last step."""
 
     @staticmethod
@@ -481,14 +481,17 @@ class _RingAttention(torch.autograd.Function):
         # A new tensor even where the dtype matches: torch 2.11's Dynamo took the accumulator itself
         # (mutated in place) for an output without gradient, and ran the backward on zeros.
         out, lse = out.to(query.dtype, copy=True), lse.masked_fill(lse == -_INF, _INF)
-        ctx.save_for_backward(query, block, cu_seq, out, lse)
+        # K and V themselves, not their concatenated block: the block is a copy, and saving it
+        # would keep this rank's K/V twice from forward to backward (the backward rebuilds it).
+        ctx.save_for_backward(query, key, value, cu_seq, out, lse)
         ctx.max_len, ctx.options, ctx.group, ctx.kernel = max_len, options, group, kernel
         ctx.key_shape, ctx.value_shape, ctx.key_dtype = key.shape[1:], value.shape[1:], key.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, block, cu_seq, out, lse = ctx.saved_tensors
+        query, key, value, cu_seq, out, lse = ctx.saved_tensors
+        block = _key_value_rows(key, value)
         group = ctx.group
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         total = query.shape[0] * world_size
