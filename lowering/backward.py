@@ -111,7 +111,7 @@ def varlen_attn_backward_lowering(*args: Any, **kwargs: Any):
     input_nodes, names = list(inputs.values()), tuple(inputs)
     num_seqs = cu_seq_q.get_size()[0] - 1
 
-    kernels = kernels_for(bound["kernel"], query, key, layout, options, optional, (head_dim, head_dim_v))
+    kernels = kernels_for(bound["kernel"], query, key, layout, options, optional, (head_dim, head_dim_v), backward=True)
     constants = template_constants(options, optional, head_dim, head_dim_v, query.get_dtype(), side="backward")
     choices: list[Any] = []
     configs = _configs(max(head_dim, head_dim_v), query.get_dtype(), size_hint(group)) if TEMPLATE in kernels else []

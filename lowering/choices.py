@@ -76,10 +76,11 @@ def fa4_is_default(
 
 def kernels_for(
     requested: str, query: ir.IRNode, key: ir.IRNode, layout: BatchLayout, options: AttnOptions,
-    optional: OptionalInputs, head_dims: tuple[int, int],
+    optional: OptionalInputs, head_dims: tuple[int, int], backward: bool = False,
 ) -> tuple[str, ...]:
     """:func:`varlen_compile.eligibility.select` for an op call the template can serve (CUDA
-    IR nodes; ``head_dims`` specialized)."""
+    IR nodes; ``head_dims`` specialized); a ``backward`` under deterministic algorithms gets
+    the template only."""
     if requested == TEMPLATE:
         return (TEMPLATE,)
     call = call_of_nodes(query, key, options, optional, layout, head_dims)
@@ -88,6 +89,7 @@ def kernels_for(
         fa4_reason=eligibility.unsupported(FA4, call),
         aten_reason=eligibility.unsupported(ATEN, call),
         max_autotune=bool(inductor_config.max_autotune),
+        deterministic=backward and eligibility.deterministic_backward(),
         fa4_default=fa4_is_default(
             call.arch()[0], *head_dims, options, optional, *_batch_size_hints(query, layout),
             cuda_graphs=bool(inductor_config.triton.cudagraphs),

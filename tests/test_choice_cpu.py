@@ -82,6 +82,42 @@ def test_the_switch_reaches_both_ops_through_autograd():
         ]
 
 
+def test_the_fa2_drop_in_deterministic_runs_our_kernels_whatever_the_switch():
+    """``flash_attn_varlen_func(..., deterministic=True)``: both ops get ``kernel="triton"``
+    (a bitwise-repeatable backward), also when the switch asks for FA4; without it, the switch."""
+    from varlen_compile.flash_attn_compat import flash_attn_varlen_func
+
+    case = make_case([3, 0, 5], heads_q=2, requires_grad=True)
+    for deterministic, expected in ((True, "triton"), (False, "fa4")):
+        with config.patch(kernel="fa4"), _OpLog() as log:
+            out = flash_attn_varlen_func(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k, 5, 5,
+                                         causal=True, deterministic=deterministic)
+            out.sum().backward()
+        assert log.calls == [
+            ("varlen_compile.varlen_attn", expected),
+            ("varlen_compile.varlen_attn_backward", expected),
+        ], deterministic
+
+
+def test_deterministic_algorithms_reach_the_eager_backward(monkeypatch):
+    """The eager backward asks for a deterministic kernel exactly while
+    ``torch.use_deterministic_algorithms(True)`` is on; the forward never does."""
+    asked = []
+    choose = eligibility.eager_kernel
+    monkeypatch.setattr(eligibility, "eager_kernel",
+                        lambda requested, call, deterministic=False: asked.append(deterministic) or choose(requested, call,
+                                                                                                          deterministic))
+    case = make_case([3, 0, 5], heads_q=2, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        for enabled in (True, False):
+            torch.use_deterministic_algorithms(enabled)
+            varlen_attn(*case.inputs(), is_causal=True).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert asked == [False, True, False, False]
+
+
 def test_flipping_the_switch_recompiles_and_lands_in_the_graph():
     def attention(query, key, value, cu_seq):
         return varlen_attn(query, key, value, cu_seq, cu_seq, is_causal=True)
@@ -296,6 +332,30 @@ def test_the_eager_kernel_follows_the_preference_then_what_serves(fa4_present, r
     """Eager calls: FA4 when preferred and it serves, else aten flash where it serves (auto,
     aten, fa4), else our Triton kernels, else the exact reference."""
     assert eligibility.eager_kernel(requested, make_call(**call)) == expected
+
+
+@pytest.mark.parametrize("requested", ["auto", "aten", "fa4", "triton"])
+def test_a_deterministic_backward_never_runs_aten_flash_or_fa4(fa4_present, requested):
+    """A backward under deterministic algorithms: our Triton kernels (eager) or the template
+    (compiled, under max-autotune too) whatever the preference, else the exact reference;
+    aten flash and FA4 sum dQ with atomics."""
+    assert eligibility.eager_kernel(requested, make_call(hints=True), deterministic=True) == "triton"
+    assert eligibility.eager_kernel(requested, make_call(hints=True, dtype=torch.float64), deterministic=True) == "reference"
+    for max_autotune in (False, True):
+        assert eligibility.select(requested, fa4_reason=None, aten_reason=None, max_autotune=max_autotune,
+                                  fa4_default=True, deterministic=True) == ("triton",)
+    # Without it, the same calls may run them.
+    assert eligibility.eager_kernel(requested, make_call(hints=True)) == {"auto": "aten"}.get(requested, requested)
+
+
+def test_deterministic_backward_follows_the_torch_switch():
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        for enabled in (True, False):
+            torch.use_deterministic_algorithms(enabled)
+            assert eligibility.deterministic_backward() is enabled
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def test_an_unservable_eager_preference_says_once_what_runs_instead(fa4_present, caplog, monkeypatch):

@@ -151,17 +151,20 @@ def attend(
     max_q: int | None = None,
     max_k: int | None = None,
     is_causal: bool = False,
+    kernel: str | None = None,
     **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`varlen_attn` on behalf of another entry point: validated by
     :func:`varlen_compile.validation.check_call` in ``caller``'s words (its function name and
     argument names), and always ``(out, lse)``. ``options`` are :func:`varlen_attn`'s keywords,
-    without ``return_aux`` and ``num_splits``."""
-    return _run(check_call(caller, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, **options))
+    without ``return_aux`` and ``num_splits``. ``kernel``: a kernel the entry point requires
+    (one of ``config.KERNELS``), instead of ``varlen_compile.config.kernel``."""
+    call = check_call(caller, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, **options)
+    return _run(call, config.checked_kernel() if kernel is None else config.check_kernel_name(kernel))
 
 
-def _run(call: CheckedCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward op on a validated call: the parameter objects, then the op."""
+def _run(call: CheckedCall, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op on a validated call: the parameter objects, then the op with ``kernel``."""
     layout = BatchLayout(call.cu_seq_q, call.cu_seq_k, call.max_q, call.max_k)
     options = AttnOptions(
         is_causal=call.is_causal, scale=call.scale, window_left=call.window_left, window_right=call.window_right,
@@ -170,7 +173,7 @@ def _run(call: CheckedCall) -> tuple[torch.Tensor, torch.Tensor]:
     optional = OptionalInputs(
         seqused_k=call.seqused_k, block_table=call.block_table, sink=call.sink, alibi_slopes=call.alibi_slopes
     )
-    return call_forward(call.query, call.key, call.value, layout, options, optional, config.checked_kernel())
+    return call_forward(call.query, call.key, call.value, layout, options, optional, kernel)
 
 
 def _check_extras(caller: Caller, return_aux: object, num_splits: object) -> bool:

@@ -32,10 +32,11 @@ __all__ = ["backward", "forward"]
 
 def _kernel(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions,
-    optional: OptionalInputs, kernel: str,
+    optional: OptionalInputs, kernel: str, deterministic: bool = False,
 ) -> str:
     hints = layout.max_q is not None and layout.max_k is not None
-    return eligibility.eager_kernel(kernel, eligibility.call_of_tensors(query, key, value, options, optional, hints))
+    call = eligibility.call_of_tensors(query, key, value, options, optional, hints)
+    return eligibility.eager_kernel(kernel, call, deterministic)
 
 
 def forward(
@@ -75,7 +76,7 @@ def backward(
     ``grad_lse``. ``lse`` may be any strided ``(H_q, T_q)`` view (context parallelism passes
     column slices); aten flash and FA4 read it as contiguous, so it is made contiguous here."""
     lse = lse.contiguous()
-    chosen = _kernel(query, key, value, layout, options, optional, kernel)
+    chosen = _kernel(query, key, value, layout, options, optional, kernel, eligibility.deterministic_backward())
     if chosen == eligibility.FA4:
         dq, dk, dv = lowering.fa4.backward(grad_out, query, key, value, out, lse, layout, options, optional)
         return dq.contiguous(), dk, dv.contiguous()

@@ -45,7 +45,9 @@ __all__ = [
     "TEMPLATE",
     "TRITON_DTYPES",
     "aten_unsupported",
+    "NONDETERMINISTIC_BACKWARD",
     "call_of_tensors",
+    "deterministic_backward",
     "eager_kernel",
     "fa4_unsupported",
     "select",
@@ -237,7 +239,8 @@ def unsupported(kernel: str, call: Call) -> str | None:
 
 
 def select(
-    requested: str, *, fa4_reason: str | None, aten_reason: str | None, max_autotune: bool, fa4_default: bool
+    requested: str, *, fa4_reason: str | None, aten_reason: str | None, max_autotune: bool, fa4_default: bool,
+    deterministic: bool = False,
 ) -> tuple[str, ...]:
     """The kernels that compete in a compiled graph for a call the template serves, from the
     preference and what can serve the call (``*_reason``: None when that kernel can, else why
@@ -249,8 +252,14 @@ def select(
     - ``"auto"`` under ``max-autotune``: the template and every kernel that can serve the call.
     - ``"auto"`` otherwise: FA4 where it can serve the call and the default table picks it
       (``fa4_default``), else the template.
+
+    ``deterministic`` (a backward under :func:`deterministic_backward`): FA4 and aten flash
+    cannot serve it (:data:`NONDETERMINISTIC_BACKWARD`), whatever the preference.
     """
     check_kernel_name(requested)
+    if deterministic:
+        fa4_reason = fa4_reason or NONDETERMINISTIC_BACKWARD
+        aten_reason = aten_reason or NONDETERMINISTIC_BACKWARD
     if requested == TEMPLATE:
         return (TEMPLATE,)
     if requested in (FA4, ATEN):
@@ -264,12 +273,31 @@ def select(
     return (FA4,) if fa4_reason is None and fa4_default else (TEMPLATE,)
 
 
-def eager_kernel(requested: str, call: Call) -> str:
+NONDETERMINISTIC_BACKWARD = (
+    "torch.use_deterministic_algorithms(True) is on and its backward sums dQ with atomics "
+    "(not bitwise repeatable)"
+)
+"""Why aten flash and FA4 do not run a backward while deterministic algorithms are on: our
+Triton backward (each dK/dV/dQ element owned by one program, no atomics) and the reference do."""
+
+
+def deterministic_backward() -> bool:
+    """Whether a backward must be bitwise repeatable: ``torch.use_deterministic_algorithms(True)``
+    (Dynamo guards on it, so a compiled graph follows the switch)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def eager_kernel(requested: str, call: Call, deterministic: bool = False) -> str:
     """The kernel an eager call runs: FA4 when asked for and it serves the call; else aten flash
     where it serves (``"auto"``, ``"aten"``, ``"fa4"``); else our Triton kernels; else the exact
-    reference (``"reference"``). A preference that cannot serve the call is logged once per
-    reason, naming what runs instead."""
+    reference (``"reference"``). ``deterministic`` (a backward under
+    :func:`deterministic_backward`): our Triton kernels, else the reference. A preference that
+    cannot serve the call is logged once per reason, naming what runs instead."""
+    if deterministic and requested in (FA4, ATEN):
+        _log_once(requested, NONDETERMINISTIC_BACKWARD, "our Triton kernels or the exact reference")
     order = {FA4: (FA4, ATEN, TEMPLATE), TEMPLATE: (TEMPLATE,)}.get(requested, (ATEN, TEMPLATE))
+    if deterministic:
+        order = (TEMPLATE,)
     chosen, refused = REFERENCE, None
     for kernel in order:  # a preferred kernel comes first in its order
         reason = unsupported(kernel, call)

@@ -19,7 +19,11 @@ the probabilities only under dropout, for its tests). What differs, and why:
   tensors (FA2 requires int32 too; nothing is cast), ``softmax_scale`` a finite float or None.
 - ``dropout_p`` and ``softcap`` default to ``None`` (off) rather than FA2's ``0.0``; ``0.0`` means
   the same. A float default would make Dynamo restart its analysis once under ``dynamic=True``.
-- ``deterministic`` is accepted either way: our backward is always deterministic (no atomics).
+- ``deterministic=True`` gives bitwise-repeatable gradients, as FA2 promises: the call runs our
+  Triton kernels (forward and backward; their backward sums with no atomics), or the exact
+  reference where they cannot serve it, whatever ``varlen_compile.config.kernel`` says.
+  ``deterministic=False`` leaves the choice to the config; ``torch.use_deterministic_algorithms(True)``
+  keeps every backward off aten flash and FA4 (whose backwards sum dQ with atomics) too.
 - ``softcap`` and ``alibi_slopes`` (``(H_q,)`` float32 slopes, FA2's convention) run in our
   kernels, forward and backward; ``(batch, H_q)`` slopes are not supported.
 - Not supported, each a ``ValueError``: ``dropout_p > 0``, ``block_table`` (FA2's paged
@@ -34,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from .api import attend
+from .eligibility import TEMPLATE
 from .validation import Caller, check_dropout, check_flag, check_hint
 
 __all__ = ["flash_attn_varlen_func"]
@@ -78,12 +83,12 @@ def flash_attn_varlen_func(
                 "or call varlen_compile.varlen_attn(..., block_table=, seqused_k=)"
             )
         )
-    check_flag(caller, "deterministic", deterministic)  # our backward is always deterministic
+    deterministic = check_flag(caller, "deterministic", deterministic)
     return_attn_probs = check_flag(caller, "return_attn_probs", return_attn_probs)
     out, lse = attend(
         caller, q, k, v, cu_seqlens_q, cu_seqlens_k, check_hint(caller, "max_q", max_seqlen_q, ignore_tensor=True),
         check_hint(caller, "max_k", max_seqlen_k, ignore_tensor=True), causal, scale=softmax_scale, window_size=window_size,
-        enable_gqa=True, softcap=softcap, alibi_slopes=alibi_slopes,
+        enable_gqa=True, softcap=softcap, alibi_slopes=alibi_slopes, kernel=TEMPLATE if deterministic else None,
     )
     return (out, lse, None) if return_attn_probs else out
 
