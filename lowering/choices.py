@@ -22,14 +22,21 @@ other  any                 any                                 any              
     smaller batch cannot hide; except in graphs compiled for CUDA graphs
     (``mode="reduce-overhead"``), whose replays pay no per-call host time.
 
-The mean length (``T_q / N``) and the rows (``T_q * H_q``) are those of the batch the graph was
-compiled for (its size hints under dynamic shapes): the choice is made once per compile.
+The mean length (``T_q / N``) and the rows (``T_q * H_q``) are decided on the graph's sizes
+with a guard (:func:`holds`): under dynamic shapes a batch on the other side of a boundary
+recompiles once, and each side's graph serves its batches after that. Unbacked sizes cannot be
+guarded on; their size hints decide.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import sympy
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
+from torch._inductor.virtualized import V
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from varlen_compile import eligibility
 from varlen_compile.eligibility import ATEN, FA4, TEMPLATE
@@ -37,7 +44,10 @@ from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 from .common import call_of_nodes, size_hint
 
-__all__ = ["ATEN", "FA4", "FA4_DEFAULT", "FA4_MIN_ROWS", "TEMPLATE", "fa4_is_default", "kernels_for"]
+__all__ = [
+    "ATEN", "FA4", "FA4_DEFAULT", "FA4_MIN_ROWS", "TEMPLATE", "fa4_is_default", "fa4_min_length", "fa4_size_rule",
+    "holds", "kernels_for",
+]
 
 FA4_DEFAULT: dict[int, dict[tuple[int, int], int]] = {9: {(64, 64): 512, (128, 128): 0}}
 """Arch major -> ``(D, D_v)`` -> the mean sequence length (tokens) from which FA4 is the
@@ -50,27 +60,63 @@ FA4_MIN_ROWS = 1 << 17
 """``T_q * H_q`` from which FA4's host time behind our op is hidden by its GPU time."""
 
 
+def fa4_min_length(
+    arch_major: int, head_dim: int, head_dim_v: int, options: AttnOptions, optional: OptionalInputs
+) -> int | None:
+    """The mean sequence length from which the default table picks FA4 for these head dims,
+    masks and features (where FA4 is eligible), or None where it never does. Measured with no
+    optional input but the backward's ``grad_lse``."""
+    left, right = options.window()
+    min_length = FA4_DEFAULT.get(arch_major, {}).get((head_dim, head_dim_v))
+    if (
+        min_length is None
+        or left >= 0
+        or right not in (-1, 0)
+        or (options.softcap != 0.0 and (head_dim, head_dim_v) not in FA4_SOFTCAP_DEFAULT.get(arch_major, ()))
+        or not set(optional) <= {"grad_lse"}
+    ):
+        return None
+    return min_length
+
+
+def fa4_size_rule(tokens: Any, heads: Any, sequences: Any, min_length: int, cuda_graphs: bool) -> list[sympy.Basic]:
+    """The table's conditions on the batch's sizes (ints or Inductor's symbolic sizes), all of
+    which must hold for FA4: the mean length ``T_q / N >= min_length`` (as ``T_q >= min_length
+    * N``: no division, and true for ``N = 0``) and, unless the graph is compiled for CUDA graphs
+    (whose replays pay no host time), ``T_q * H_q >= FA4_MIN_ROWS``."""
+    rules = [sympy.Ge(sympy.sympify(tokens), min_length * sympy.sympify(sequences))] if min_length > 0 else []
+    if not cuda_graphs:
+        rules.append(sympy.Ge(sympy.sympify(tokens) * sympy.sympify(heads), FA4_MIN_ROWS))
+    return rules
+
+
+def holds(rule: sympy.Basic) -> bool:
+    """``rule`` decided for the graph being compiled. On backed sizes with a guard: a later batch
+    on the other side of the boundary recompiles once, and each side's graph is reused after
+    that, so the choice follows the batch. On unbacked sizes (``mark_unbacked``), which cannot
+    be guarded on, from the size hints."""
+    if rule in (sympy.true, sympy.false):
+        return bool(rule)
+    if free_unbacked_symbols(rule):
+        return bool(rule.subs({symbol: size_hint(symbol) for symbol in rule.free_symbols}))
+    return bool(V.graph.sizevars.evaluate_expr(rule))
+
+
 def fa4_is_default(
     arch_major: int, head_dim: int, head_dim_v: int, options: AttnOptions, optional: OptionalInputs,
     mean_length: float | None = None,
     rows: int | None = None,
     cuda_graphs: bool = False,
 ) -> bool:
-    """Whether the default table picks FA4 (where it is eligible). ``mean_length``: ``T_q / N``
-    and ``rows``: ``T_q * H_q`` of the compiled batch (None: unknown, taken as large).
+    """Whether the default table picks FA4 (where it is eligible) for a batch of concrete sizes:
+    ``mean_length`` ``T_q / N`` and ``rows`` ``T_q * H_q`` (None: unknown, taken as large).
     ``cuda_graphs``: the graph is compiled for Inductor's CUDA graphs, where FA4's host time
-    behind our op is not paid per call (no row floor). Measured with no optional input but
-    the backward's ``grad_lse``."""
-    left, right = options.window()
-    min_length = FA4_DEFAULT.get(arch_major, {}).get((head_dim, head_dim_v))
+    behind our op is not paid per call (no row floor)."""
+    min_length = fa4_min_length(arch_major, head_dim, head_dim_v, options, optional)
     return (
         min_length is not None
         and (mean_length is None or mean_length >= min_length)
         and (rows is None or cuda_graphs or rows >= FA4_MIN_ROWS)
-        and left < 0
-        and right in (-1, 0)
-        and (options.softcap == 0.0 or (head_dim, head_dim_v) in FA4_SOFTCAP_DEFAULT.get(arch_major, ()))
-        and set(optional) <= {"grad_lse"}
     )
 
 
@@ -80,26 +126,26 @@ def kernels_for(
 ) -> tuple[str, ...]:
     """:func:`varlen_compile.eligibility.select` for an op call the template can serve (CUDA
     IR nodes; ``head_dims`` specialized); a ``backward`` under deterministic algorithms gets
-    the template only."""
+    the template only. For ``"auto"``, the default table's size rule is decided on the graph's
+    sizes (:func:`holds`: guarded), and only where FA4 could run."""
     if requested == TEMPLATE:
         return (TEMPLATE,)
     call = call_of_nodes(query, key, options, optional, layout, head_dims)
+    fa4_reason = eligibility.unsupported(FA4, call)
+    max_autotune = bool(inductor_config.max_autotune)
+    deterministic = backward and eligibility.deterministic_backward()
+    fa4_default = False
+    min_length = fa4_min_length(call.arch()[0], *head_dims, options, optional)
+    if requested == "auto" and not max_autotune and not deterministic and fa4_reason is None and min_length is not None:
+        tokens, heads = query.get_size()[:2]
+        sequences = 0 if layout.cu_seq_q is None else layout.cu_seq_q.get_size()[0] - 1
+        rules = fa4_size_rule(tokens, heads, sequences, min_length, bool(inductor_config.triton.cudagraphs))
+        fa4_default = all(holds(rule) for rule in rules)  # stops at the first that fails: one guard
     return eligibility.select(
         requested,
-        fa4_reason=eligibility.unsupported(FA4, call),
+        fa4_reason=fa4_reason,
         aten_reason=eligibility.unsupported(ATEN, call),
-        max_autotune=bool(inductor_config.max_autotune),
-        deterministic=backward and eligibility.deterministic_backward(),
-        fa4_default=fa4_is_default(
-            call.arch()[0], *head_dims, options, optional, *_batch_size_hints(query, layout),
-            cuda_graphs=bool(inductor_config.triton.cudagraphs),
-        ),
+        max_autotune=max_autotune,
+        deterministic=deterministic,
+        fa4_default=fa4_default,
     )
-
-
-def _batch_size_hints(query: ir.IRNode, layout: BatchLayout) -> tuple[float | None, int | None]:
-    """``(T_q / N, T_q * H_q)`` from the size hints of the graph being compiled (an unbacked size
-    takes Inductor's fallback hint; no mean without a sequence)."""
-    tokens, heads = (size_hint(size) for size in query.get_size()[:2])
-    sequences = 0 if layout.cu_seq_q is None else size_hint(layout.cu_seq_q.get_size()[0]) - 1
-    return (tokens / sequences if sequences > 0 else None), tokens * heads

@@ -494,27 +494,113 @@ def test_default_table_has_no_row_floor_in_cuda_graphs(rows):
     assert not fa4_is_default(9, 64, 64, causal, none, 279.0, rows, cuda_graphs=True)
 
 
-def test_kernels_for_reads_the_cudagraphs_setting(monkeypatch):
-    """kernels_for passes Inductor's triton.cudagraphs (set by mode="reduce-overhead") to the
-    default table."""
+def _symbolic_batch(tokens: int, offsets: int):
+    """A graph handler over a fresh ShapeEnv and IR-node stand-ins whose sizes are backed
+    symbols with these hints: the query ``(T_q, 16, 128)`` and ``cu_seq_q`` ``(N + 1,)``."""
     from types import SimpleNamespace
 
+    from torch._dynamo.source import ConstantSource
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    t, n = (env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+            for hint, name in ((tokens, "t"), (offsets, "n")))
+    query = SimpleNamespace(get_size=lambda: [t, 16, 128])
+    cu_seq = SimpleNamespace(get_size=lambda: [n])
+    return env, SimpleNamespace(sizevars=SizeVarAllocator(env)), query, BatchLayout(cu_seq, cu_seq, None, None)
+
+
+@pytest.fixture
+def fa4_could_run(monkeypatch):
+    """kernels_for's view of a compiled sm90 bf16 call at head dims 128 where FA4 can run."""
+    from varlen_compile.lowering import choices
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(choices, "call_of_nodes", lambda *args, **kwargs: make_call(
+        head_dims=(128, 128), options=AttnOptions(is_causal=True), compiled=True))
+    reasons = {"fa4": None, "aten": "no max hints"}
+    monkeypatch.setattr(eligibility, "unsupported", lambda kernel, call: reasons[kernel])
+    return reasons
+
+
+@pytest.mark.parametrize("tokens, expected", [(12288, ("fa4",)), (6144, ("triton",))])
+def test_the_default_choice_follows_the_batch_through_a_guard(fa4_could_run, tokens, expected):
+    """Under dynamic shapes the table's row rule (``T_q * H_q >= 2**17``) is decided on the
+    symbolic sizes with a guard: the graph holds for batches on the same side, and a batch on
+    the other side fails the guard (Dynamo recompiles once, and that graph picks the other
+    kernel), instead of keeping the first compiled batch's choice."""
     from torch._inductor import config as inductor_config
+    from torch._inductor.virtualized import V
 
     from varlen_compile.lowering import choices
 
-    seen = []
-    monkeypatch.setattr(choices, "fa4_is_default", lambda *args, **kwargs: seen.append(kwargs["cuda_graphs"]) or False)
-    monkeypatch.setattr(choices, "_batch_size_hints", lambda query, layout: (768.0, 98304))
-    monkeypatch.setattr(eligibility, "unsupported", lambda *args, **kwargs: None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(choices, "call_of_nodes", lambda *args, **kwargs: make_call(
-        head_dims=(64, 64), options=AttnOptions(is_causal=True), compiled=True))
-    query = SimpleNamespace(get_size=lambda: [6144, 16, 64])
-    for cudagraphs in (False, True):
-        with inductor_config.patch({"triton.cudagraphs": cudagraphs, "max_autotune": False}):
-            choices.kernels_for("auto", query, query, LAYOUT, AttnOptions(is_causal=True), OptionalInputs(), (64, 64))
-    assert seen == [False, True]
+    env, graph, query, layout = _symbolic_batch(tokens, 9)
+    with V.set_graph_handler(graph), inductor_config.patch({"triton.cudagraphs": False, "max_autotune": False}):
+        kernels = choices.kernels_for("auto", query, query, layout, AttnOptions(is_causal=True), OptionalInputs(),
+                                      (128, 128))
+    assert kernels == expected
+    (guard,) = env.guards
+    t = next(symbol for symbol in guard.expr.free_symbols)
+    fa4_side, template_side = (8192, 65536), (1024, 8191)  # 2**17 rows at 16 heads: 8192 tokens
+    same, other = (fa4_side, template_side) if expected == ("fa4",) else (template_side, fa4_side)
+    assert [bool(guard.expr.subs(t, size)) for size in same + other] == [True, True, False, False]
+
+
+def test_the_default_choice_adds_no_guard_where_it_does_not_depend_on_the_sizes(fa4_could_run):
+    """No guard where the sizes cannot change the answer: a forced kernel, max-autotune, CUDA
+    graphs (no row floor at head dim 128), FA4 unable to run."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.virtualized import V
+
+    from varlen_compile.lowering import choices
+
+    causal, none = AttnOptions(is_causal=True), OptionalInputs()
+    for requested, patch, fa4_reason, expected in (
+        ("triton", {}, None, ("triton",)),
+        ("fa4", {}, None, ("fa4",)),
+        ("auto", {"max_autotune": True}, None, ("triton", "fa4")),
+        ("auto", {"triton.cudagraphs": True}, None, ("fa4",)),
+        ("auto", {}, "not installed", ("triton",)),
+    ):
+        fa4_could_run["fa4"] = fa4_reason
+        env, graph, query, layout = _symbolic_batch(6144, 9)
+        with V.set_graph_handler(graph), inductor_config.patch({"triton.cudagraphs": False, "max_autotune": False, **patch}):
+            assert choices.kernels_for(requested, query, query, layout, causal, none, (128, 128)) == expected, requested
+        assert not env.guards, (requested, patch, fa4_reason)
+
+
+def test_the_size_rule_holds_on_hints_for_unbacked_sizes():
+    """Unbacked sizes (``mark_unbacked``) cannot be guarded on: the rule is decided on their hint
+    (Inductor's fallback for unbacked sizes), with no guard."""
+    from types import SimpleNamespace
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from varlen_compile.lowering import choices
+
+    env = ShapeEnv()
+    tokens = env.create_unbacked_symint().node.expr
+    fallback = inductor_config.unbacked_symint_fallback
+    with V.set_graph_handler(SimpleNamespace(sizevars=SizeVarAllocator(env))):
+        rows, = choices.fa4_size_rule(tokens, 16, 4, 0, cuda_graphs=False)
+        assert choices.holds(rows) is (16 * fallback >= choices.FA4_MIN_ROWS)
+        mean, _ = choices.fa4_size_rule(tokens, 16, 4, 512, cuda_graphs=False)
+        assert choices.holds(mean) is (fallback >= 4 * 512)
+    assert not env.guards
+
+
+def test_the_size_rule_reads_the_mean_length_without_dividing():
+    from varlen_compile.lowering import choices
+
+    mean, rows = choices.fa4_size_rule(3000, 16, 6, 512, cuda_graphs=False)
+    assert bool(mean) is False and bool(rows) is False  # mean 500 < 512; 48000 rows
+    mean, rows = choices.fa4_size_rule(12288, 16, 0, 512, cuda_graphs=False)
+    assert bool(mean) and bool(rows)  # no sequence: no mean length to fail
+    assert choices.fa4_size_rule(3000, 16, 6, 0, cuda_graphs=True) == []
 
 
 # ---------------------------------------------------------------------------- the FA4 adapter
@@ -665,16 +751,3 @@ def test_offsets_kernel_leaves_well_formed_offsets_alone(interpret):
     assert torch.equal(q, cu) and torch.equal(k, cu) and torch.equal(u, used)
 
 
-def test_batch_size_hints_from_the_ir_sizes(monkeypatch):
-    """The default table's (mean length, rows) come from the query's (T_q, H_q) and cu_seq_q's
-    N + 1 (Inductor's size hints; plain ints here)."""
-    from types import SimpleNamespace
-
-    from varlen_compile.lowering import choices
-
-    monkeypatch.setattr(choices, "size_hint", int)
-    query = SimpleNamespace(get_size=lambda: [6144, 16, 64])
-    cu_seq = SimpleNamespace(get_size=lambda: [9])
-    assert choices._batch_size_hints(query, BatchLayout(cu_seq, cu_seq)) == (768.0, 98304)
-    empty = SimpleNamespace(get_size=lambda: [1])
-    assert choices._batch_size_hints(query, BatchLayout(empty, empty)) == (None, 98304)
