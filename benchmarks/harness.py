@@ -449,14 +449,16 @@ def features_of(case: Case) -> list[str]:
     return [field.name for field in dataclasses.fields(Case) if getattr(case, field.name) != getattr(defaults, field.name)]
 
 
-def build(case: Case, impl: str, x: Inputs, kernel: str | None = None, backward: bool = True) -> Built:
+def build(case: Case, impl: str, x: Inputs, kernel: str | None = None, backward: bool = True,
+          **compile_kwargs) -> Built:
     """One implementation, compiled (under :func:`kernel_switch`) and warmed up by one call
-    (with autograd recording when ``backward`` will be timed: paged K/V has no backward)."""
+    (with autograd recording when ``backward`` will be timed: paged K/V has no backward).
+    ``compile_kwargs``: ``torch.compile`` options of the builders that take them (``ours*``)."""
     if impl not in FEATURE_IMPLEMENTATIONS and features_of(case):
         raise ValueError(f"{impl} measures plain causal or full attention; case {case.name!r} has "
                          f"{', '.join(features_of(case))}: use one of {', '.join(FEATURE_IMPLEMENTATIONS)}")
     with kernel_switch(impl, kernel), torch.set_grad_enabled(backward):
-        built = IMPLEMENTATIONS[impl](case, x)
+        built = IMPLEMENTATIONS[impl](case, x, **compile_kwargs)
         built.attention(x.q, x.k, x.v)
     return built
 
@@ -473,20 +475,22 @@ def bench_ms(fn: Callable[[], object], *, rep: int = 300, warmup: int = 50,
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
-def time_forward(built: Built, x: Inputs, cuda_graph: bool = False) -> float:
+def time_forward(built: Built, x: Inputs, cuda_graph: bool = False, **bench) -> float:
+    """The forward's :func:`bench_ms` (``bench``: its ``rep`` and ``warmup``), without autograd."""
     with torch.no_grad():
         built.attention(x.q, x.k, x.v)  # compile the inference graph before timing
-        return bench_ms(lambda: built.attention(x.q, x.k, x.v), cuda_graph=cuda_graph)
+        return bench_ms(lambda: built.attention(x.q, x.k, x.v), cuda_graph=cuda_graph, **bench)
 
 
-def time_forward_backward(built: Built, x: Inputs, cuda_graph: bool = False) -> float:
+def time_forward_backward(built: Built, x: Inputs, cuda_graph: bool = False, **bench) -> float:
+    """The forward+backward step's :func:`bench_ms` (``bench``: its ``rep`` and ``warmup``)."""
     grad = torch.randn_like(built.attention(x.q, x.k, x.v))
 
     def step() -> None:
         built.attention(x.q, x.k, x.v).backward(grad)
 
     step()  # compile the backward before do_bench estimates its repetitions
-    return bench_ms(step, grad_to_none=built.leaves, cuda_graph=cuda_graph)
+    return bench_ms(step, grad_to_none=built.leaves, cuda_graph=cuda_graph, **bench)
 
 
 def interleaved(timers: dict[Hashable, Callable[[], float]], rounds: int) -> dict[Hashable, list[float]]:
