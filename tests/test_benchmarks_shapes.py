@@ -1,0 +1,105 @@
+"""``choice --random``'s pure parts, on the CPU: the random shapes (deterministic per seed,
+within every bound of both distributions) and the regret math on hand-made times."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks import shapes
+from benchmarks.shapes import Shape, best_of, random_shapes, regret, summarize
+
+DRAWS = 300
+
+
+@pytest.mark.parametrize("dist", shapes.DISTRIBUTIONS)
+def test_shapes_are_the_same_for_a_seed_and_differ_across_seeds(dist):
+    assert random_shapes(20, 7, dist) == random_shapes(20, 7, dist)
+    assert random_shapes(20, 7, dist) != random_shapes(20, 8, dist)
+    assert random_shapes(5, 7, dist) == random_shapes(20, 7, dist)[:5]
+
+
+def _check_common(drawn: list[Shape]) -> None:
+    """Lengths, heads, head dims and masks of either distribution, and that every choice occurs."""
+    for shape in drawn:
+        assert all(isinstance(n, int) and n >= 1 for n in shape.lengths), shape.name
+        assert shape.total == sum(shape.lengths) and shape.seqs == len(shape.lengths)
+        assert shape.heads_q in shapes.QUERY_HEADS
+        assert shape.heads_q % shape.heads_kv == 0 and shape.heads_q // shape.heads_kv in shapes.GQA_RATIOS
+        assert shape.head_dim in shapes.HEAD_DIMS
+    assert {s.heads_q for s in drawn} == set(shapes.QUERY_HEADS)
+    assert {s.heads_q // s.heads_kv for s in drawn} == set(shapes.GQA_RATIOS)
+    assert {s.head_dim for s in drawn} == set(shapes.HEAD_DIMS)
+    causal = sum(s.causal for s in drawn) / len(drawn)
+    assert 0.7 < causal < 0.9
+    assert len({s.name for s in drawn}) == len(drawn)
+    assert any(len(set(s.lengths)) > 1 for s in drawn)
+
+
+def test_train_shapes_respect_their_bounds():
+    drawn = random_shapes(DRAWS, 0, "train")
+    _check_common(drawn)
+    low, high = shapes.TRAIN_TOKENS
+    for shape in drawn:
+        assert low <= shape.total <= high, shape.name
+        assert 1 <= shape.seqs <= shape.total / 64, shape.name
+    totals = sorted(s.total for s in drawn)
+    assert totals[0] < 2 * low and totals[-1] > high / 2  # log-uniform over the range
+    assert min(s.seqs for s in drawn) <= 2 and max(s.seqs / s.total for s in drawn) > 1 / 128
+
+
+def test_any_shapes_respect_their_bounds():
+    drawn = random_shapes(DRAWS, 0, "any")
+    _check_common(drawn)
+    for shape in drawn:
+        assert 1 <= shape.seqs <= shapes.ANY_MAX_SEQS, shape.name
+        assert shape.total <= shapes.ANY_MAX_TOKENS, shape.name
+    means = [s.total / s.seqs for s in drawn]
+    assert min(means) < 64 and max(means) > 4096
+    assert max(s.total for s in drawn) > shapes.ANY_MAX_TOKENS / 2  # the cap is reached, not set lower
+    assert min(s.seqs for s in drawn) == 1 and max(s.seqs for s in drawn) > 128
+
+
+def test_an_unknown_distribution_is_refused():
+    with pytest.raises(ValueError, match="dist must be one of"):
+        random_shapes(1, 0, "uniform")
+
+
+def test_names_and_tags():
+    assert Shape((3, 5), 16, 4, 128, True, 7).name == "07-T8-N2-h16kv4-d128-causal"
+    assert Shape((8,), 8, 8, 64, False).name == "00-T8-N1-h8kv8-d64-full"
+    assert shapes.default_tag("any", 3) == "choice-random-any-seed3"
+
+
+def test_regret_is_against_the_fastest_present():
+    assert regret({"template": 2.0, "auto": 3.0, "fa4": 1.5}) == 2.0
+    assert regret({"template": 2.0, "auto": 1.0, "fa4": 1.5}) == 1.0  # auto is the best
+    assert regret({"template": 2.0, "auto": 3.0, "fa4": None}) == 1.5  # FA4 absent
+    assert regret({"template": None, "auto": 3.0, "fa4": None}) == 1.0
+    assert regret({"template": 2.0, "auto": None, "fa4": 1.0}) is None  # auto absent
+    assert best_of({"template": 2.0, "auto": 3.0, "fa4": None}) == ("template", 2.0)
+    assert best_of({"template": None, "auto": None}) is None
+
+
+def test_summary_on_hand_made_times():
+    per_shape = {
+        "a": {"template": 1.0, "auto": 1.0, "fa4": 2.0},  # regret 1
+        "b": {"template": 8.0, "auto": 4.0, "fa4": 1.0},  # regret 4
+        "c": {"template": 1.0, "auto": None, "fa4": 1.0},  # auto absent: left out
+    }
+    summary = summarize(per_shape)
+    assert summary.shapes == 2
+    assert summary.geomean == pytest.approx(2.0)  # geomean of [1, 4]
+    assert (summary.worst, summary.worst_shape) == (4.0, "b")
+    assert (summary.over_5_percent, summary.over_10_percent) == (1, 1)
+    assert summary.total_ratio == pytest.approx((1.0 + 4.0) / (1.0 + 1.0))
+    assert summarize({}) is None and summarize({"a": {"template": 1.0, "auto": None}}) is None
+
+
+def test_summary_counts_the_thresholds_strictly():
+    per_shape = {str(ratio): {"template": 1.0, "auto": ratio, "fa4": None} for ratio in (1.0, 1.04, 1.07, 1.10, 1.2)}
+    summary = summarize(per_shape)
+    assert (summary.over_5_percent, summary.over_10_percent) == (3, 1)
+    assert summary.geomean == pytest.approx(math.prod((1.0, 1.04, 1.07, 1.10, 1.2)) ** 0.2)
+    assert summary.total_ratio == pytest.approx(sum((1.0, 1.04, 1.07, 1.10, 1.2)) / 5)
