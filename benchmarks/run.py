@@ -1,18 +1,20 @@
 """``run``: implementations side by side on the standard cases; ``choice``: our template against
-FlashAttention 4 behind our op, the measurements behind the kernel choice's default table."""
+FlashAttention 4 behind our op, the measurements behind the kernel choice's default table, and
+(``choice --random``) the default choice's regret on random shapes."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from . import harness, internals
-from .harness import CASES, CHOICE_CASES, Case, Inputs, log_row, make_inputs
+from . import harness, internals, shapes
+from .harness import CASES, CHOICE_CASES, Case, Inputs, log, log_row, make_inputs
 
 RUN_HELP = """\
 Side-by-side speed of varlen attention implementations on one GPU, in one process, on the same
@@ -42,7 +44,18 @@ the kernel choice's default table (lowering/choices.py): 16 sequences <= 4096 to
 heads, 4 kv heads, bf16. ratio = template time / FA4 time (above 1: FA4 faster); "measured"
 picks FA4 where it is faster forward and forward+backward; "table" is what the default table
 picks today. The generated code is checked to call FA4 exactly when it is forced. Needs
-flash-attn-4."""
+flash-attn-4.
+
+--random N: instead of the grid, N random shapes (--seed, --dist: "train", training-like
+batches of 4096..131072 tokens; "any", 1..256 sequences of mean length 32..8192; the
+distributions are in benchmarks/shapes.py), each timed as the template (kernel="triton") and
+the default choice (kernel="auto"), compiled fullgraph with static shapes, and FA4's
+flash_attn_varlen_func called directly: forward and forward+backward (--no-backward: forward
+only); directions whose fastest step is under 1 ms in --rounds interleaved rounds. regret =
+auto time / fastest of the three (1: auto picked the best; FA4 absent: the best of the other
+two). Writes per-shape rows and a summary (geometric mean and max regret, shapes above 1.05
+and 1.10, sum of auto over the sum of the per-shape best) to <out>/<tag>.md and .json
+(default tag: choice-random-<dist>-seed<S>)."""
 
 
 # ----------------------------------------------------------------------------- run
@@ -64,13 +77,14 @@ def run_once(cases: list[Case], impls: list[str], backward: bool, cuda_graph: bo
     return rows
 
 
-def _round_timers(x: Inputs, built: dict[str, harness.Built], backward: bool, cuda_graph: bool) -> dict:
-    """``(impl, "fwd" | "fwdbwd")`` -> a timer of that implementation under its kernel switch."""
+def _round_timers(x: Inputs, built: dict[str, harness.Built], backward: bool, cuda_graph: bool, **bench) -> dict:
+    """``(impl, "fwd" | "fwdbwd")`` -> a timer of that implementation under its kernel switch
+    (``bench``: :func:`harness.bench_ms`'s ``rep`` and ``warmup``)."""
 
     def timer(impl: str, step) -> Callable[[], float]:
         def timed() -> float:
             with harness.kernel_switch(impl):
-                return step(built[impl], x, cuda_graph)
+                return step(built[impl], x, cuda_graph, **bench)
 
         return timed
 
@@ -260,9 +274,145 @@ def choice_markdown(rows: list[dict]) -> str:
 
 
 QUICK = ("d64-causal", "d128-causal", "d192v128-causal", "d128-softcap-causal")
+CHOICE_TAG = "choice"
+
+RANDOM_IMPLS = {"ours": "template", "ours-auto": "auto", "fa4": "fa4"}
+"""``choice --random``'s implementations (harness names) and their labels in the rows."""
+RANDOM_BENCH = {"warmup": 25, "rep": 100}
+"""``do_bench`` warm-up and repetition ms of each timing of ``choice --random``."""
+ROUNDS_BELOW_MS = 1.0
+"""A direction whose fastest step takes less is timed in interleaved rounds."""
+DIRECTIONS = (("fwd", "forward"), ("fwdbwd", "forward+backward"))
+
+
+def _directions(backward: bool) -> tuple[tuple[str, str], ...]:
+    return DIRECTIONS if backward else DIRECTIONS[:1]
+
+
+def _case_of(shape: shapes.Shape) -> Case:
+    return Case(shape.name, shape.lengths, shape.heads_q, shape.heads_kv, shape.head_dim, shape.causal)
+
+
+def _times(row: dict, key: str) -> dict[str, float | None]:
+    """The row's ``key`` times by label (None: absent)."""
+    return {label: row.get(f"{label}_{key}_ms") for label in RANDOM_IMPLS.values()}
+
+
+def random_shape_row(shape: shapes.Shape, backward: bool, rounds: int) -> dict:
+    """The template, the default choice and FA4 direct on one shape: each built once (after a
+    Dynamo reset: a fresh static compile per shape), timed forward (and forward+backward) in one
+    interleaved round, then the directions whose fastest step is under :data:`ROUNDS_BELOW_MS`
+    in ``rounds - 1`` more (the median of the rounds counts). An implementation that fails is
+    recorded as ``<label>_error`` (build) or ``<label>_<direction>_error`` (a timing) and left
+    out of that regret."""
+    case = _case_of(shape)
+    row: dict = {"shape": shape.name, "tokens": shape.total, "seqs": shape.seqs, "max_len": max(shape.lengths),
+                 "heads_q": shape.heads_q, "heads_kv": shape.heads_kv, "head_dim": shape.head_dim,
+                 "causal": shape.causal,
+                 "table_picks_fa4": internals.default_table_picks_fa4(case, torch.cuda.get_device_capability()[0])}
+    harness.fresh_compile()
+    x = make_inputs(case)
+    start = time.perf_counter()
+    built = {}
+    for impl, label in RANDOM_IMPLS.items():
+        compile_kwargs = {} if impl == "fa4" else {"dynamic": False}  # FA4: called directly, uncompiled
+        try:  # no reset in between: ours and ours-auto keep their code, guarded on the kernel switch
+            built[impl] = harness.build(case, impl, x, backward=backward, **compile_kwargs)
+        except Exception as error:  # noqa: BLE001 -- record it absent and go on
+            row[f"{label}_error"] = harness.error_text(error, 160)
+    torch.cuda.synchronize()
+    row["setup_s"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    timers = _round_timers(x, built, backward, False, **RANDOM_BENCH)
+    samples: dict[tuple[str, str], list[float]] = {}
+    for (impl, key), timer in timers.items():
+        try:
+            samples[(impl, key)] = [timer()]
+        except Exception as error:  # noqa: BLE001 -- record it absent in this direction and go on
+            row[f"{RANDOM_IMPLS[impl]}_{key}_error"] = harness.error_text(error, 160)
+    for key, _ in DIRECTIONS:
+        group = {name: timers[name] for name in samples if name[1] == key}
+        if rounds > 1 and group and min(samples[name][0] for name in group) < ROUNDS_BELOW_MS:
+            for name, values in harness.interleaved(group, rounds - 1).items():
+                samples[name] += values
+    for (impl, key), values in samples.items():
+        row[f"{RANDOM_IMPLS[impl]}_{key}_ms"] = statistics.median(values)
+        if len(values) > 1:
+            row[f"{RANDOM_IMPLS[impl]}_{key}_rounds"] = values
+    for key, _ in _directions(backward):
+        best = shapes.best_of(_times(row, key))
+        row[f"{key}_best"] = best[0] if best else None
+        row[f"{key}_regret"] = shapes.regret(_times(row, key))
+    row["timing_s"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _ms_cell(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
+
+
+def _regret_cell(row: dict, key: str) -> str:
+    value, best = row.get(f"{key}_regret"), row.get(f"{key}_best")
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + ("" if best == "auto" else f" ({best})")
+
+
+def random_markdown(rows: list[dict], dist: str, seed: int, rounds: int, backward: bool) -> str:
+    """Per-shape times and regrets, then the regret summary of each direction."""
+    directions = _directions(backward)
+    lines = [f"{harness.device_line()}; bf16; {len(rows)} random shapes (--dist {dist} --seed {seed}); template "
+             "(kernel=triton) and auto (the default choice) compiled behind our op, fullgraph, static shapes; "
+             f"FA4 called directly; median ms of do_bench, steps under {ROUNDS_BELOW_MS:g} ms over {rounds} "
+             "interleaved rounds; regret = auto / fastest of the three (in parentheses: the fastest, when not "
+             "auto); table: what the default table picks", ""]
+    header = ["shape", "max len", "table"]
+    for _, title in directions:
+        header += [f"template {title}", f"auto {title}", f"FA4 {title}", f"regret {title}"]
+    body = []
+    for row in rows:
+        cells = [row["shape"], row["max_len"], "FA4" if row["table_picks_fa4"] else "template"]
+        for key, _ in directions:
+            cells += [_ms_cell(ms) for ms in _times(row, key).values()] + [_regret_cell(row, key)]
+        body.append(cells)
+    lines += ["### Per shape", ""] + harness.markdown_table(header, body) + [""]
+    summary = []
+    for key, title in directions:
+        result = shapes.summarize({row["shape"]: _times(row, key) for row in rows})
+        if result is None:
+            summary.append([title, 0, "-", "-", "-", "-", "-"])
+            continue
+        summary.append([title, result.shapes, f"{result.geomean:.3f}", f"{result.worst:.2f} ({result.worst_shape})",
+                        result.over_5_percent, result.over_10_percent, f"{result.total_ratio:.3f}"])
+    lines += ["### Regret of auto", ""]
+    lines += harness.markdown_table(["direction", "shapes", "geomean", "max", "> 1.05", "> 1.10",
+                                     "sum(auto) / sum(best)"], summary) + [""]
+    errors = [f"- {row['shape']}: {name[:-len('_error')]}: {text}" for row in rows
+              for name, text in row.items() if name.endswith("_error")]
+    if errors:
+        lines += ["Absent (left out of the regret):", "", *errors, ""]
+    return "\n".join(lines)
+
+
+def cmd_choice_random(args: argparse.Namespace) -> None:
+    backward = not args.no_backward
+    missing = internals.fa4_missing()
+    if missing is not None:
+        log.warning("FlashAttention 4 is no kernel choice here (%s): auto runs the template", missing)
+    rows = []
+    for shape in shapes.random_shapes(args.random, args.seed, args.dist):
+        row = {**random_shape_row(shape, backward, args.rounds), "dist": args.dist, "seed": args.seed}
+        log_row(row)
+        rows.append(row)
+        torch.cuda.empty_cache()  # the shape's inputs and builds are gone with its frame
+    tag = shapes.default_tag(args.dist, args.seed) if args.tag == CHOICE_TAG else args.tag
+    harness.write_results(args.out, tag, rows, random_markdown(rows, args.dist, args.seed, args.rounds, backward))
 
 
 def cmd_choice(args: argparse.Namespace) -> None:
+    if args.random is not None:
+        cmd_choice_random(args)
+        return
     missing = internals.fa4_missing()
     if missing is not None:
         raise SystemExit(f"choice needs FlashAttention 4: {missing}")
@@ -273,6 +423,13 @@ def cmd_choice(args: argparse.Namespace) -> None:
         log_row(row)
         rows.append(row)
     harness.write_results(args.out, args.tag, rows, choice_markdown(rows))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -290,7 +447,18 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     choice = commands.add_parser("choice", help="our template vs FA4 behind our op (the default table's data)",
                                  description=CHOICE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choice.add_argument("--cases", default=None, help="comma-separated, from: " + ", ".join(CHOICE_CASES))
-    choice.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    harness.add_output_arguments(choice, "choice")
+    which = choice.add_mutually_exclusive_group()
+    which.add_argument("--cases", default=None, help="comma-separated, from: " + ", ".join(CHOICE_CASES))
+    which.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    which.add_argument("--random", type=_positive, default=None, metavar="N",
+                       help="N random shapes instead of the grid: auto's regret (default tag: "
+                       f"{shapes.default_tag('<dist>', '<S>')})")
+    choice.add_argument("--seed", type=int, default=0,
+                        help="with --random: the shapes' seed (default: %(default)s)")
+    choice.add_argument("--dist", choices=shapes.DISTRIBUTIONS, default="train",
+                        help="with --random: the shapes' distribution (default: %(default)s)")
+    choice.add_argument("--rounds", type=_positive, default=5,
+                        help="with --random: interleaved rounds of steps under 1 ms (default: %(default)s)")
+    choice.add_argument("--no-backward", action="store_true", help="with --random: forward only")
+    harness.add_output_arguments(choice, CHOICE_TAG)
     choice.set_defaults(func=cmd_choice)

@@ -1,14 +1,17 @@
 """The benchmarks stay runnable and organised, checked on a machine without a GPU.
 
 They run on a GPU only, so nothing else would notice a broken import, a removed function or
-a dead link until a GPU run fails on it: every ``python -m benchmarks``
-subcommand parses ``--help`` (one process for all), nothing under ``benchmarks/`` imports from
-``tests/``, only ``benchmarks/internals.py`` touches the package's internals, and every result
-file is named by machine and date, listed in the results index and linked where it exists."""
+a dead link until a GPU run fails on it: every ``python -m benchmarks`` subcommand parses
+``--help`` (one process for all, which also parses ``choice --random``'s flags), nothing under
+``benchmarks/`` imports from ``tests/``, only ``benchmarks/internals.py`` touches the package's
+internals, and every result file is named by machine and date, listed in the results index and
+linked where it exists."""
 
 from __future__ import annotations
 
 import ast
+import functools
+import json
 import re
 import subprocess
 import sys
@@ -21,7 +24,7 @@ SOURCES = sorted(BENCHMARKS.glob("*.py"))
 
 # In one process: every command path of the parser (nested subcommands too), each with --help.
 _DRIVER = """
-import argparse, contextlib, io
+import argparse, contextlib, io, json, sys
 from benchmarks.__main__ import parser
 
 def paths(p, prefix=()):
@@ -46,7 +49,31 @@ for path in paths(parser()):
     seen.append(" ".join(path))
 print("\\n".join(failures) or "ok")
 print("|".join(seen))
+
+# Then the command lines of sys.argv[1] (JSON), each as parsed or the exit code that refused it.
+parsed = {}
+for argv in json.loads(sys.argv[1]):
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parser().parse_args(argv)
+    except SystemExit as exit:
+        parsed[" ".join(argv)] = f"exit {exit.code}"
+        continue
+    parsed[" ".join(argv)] = {name: getattr(args, name) for name in ("random", "seed", "dist", "rounds", "no_backward", "tag")}
+print(json.dumps(parsed))
 """
+
+CHOICE_RANDOM = {
+    "choice": {"random": None, "seed": 0, "dist": "train", "rounds": 5, "no_backward": False, "tag": "choice"},
+    "choice --random 30 --seed 7 --dist any --rounds 3 --no-backward --tag t":
+        {"random": 30, "seed": 7, "dist": "any", "rounds": 3, "no_backward": True, "tag": "t"},
+    "choice --random 3 --quick": "exit 2",
+    "choice --random 3 --cases d64-causal": "exit 2",
+    "choice --random 0": "exit 2",
+    "choice --random 3 --rounds 0": "exit 2",
+    "choice --random 3 --dist uniform": "exit 2",
+}
+"""Command lines of ``choice --random`` and what they parse to (``exit 2``: refused)."""
 
 COMMANDS = {"run", "choice", "features", "model", "profile", "context-parallel", "ab", "sweep"}
 PUBLIC = {"varlen_compile": {"config", "varlen_attn", "varlen_attn_out"}, "varlen_compile.config": None,
@@ -74,14 +101,28 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
+@functools.cache
+def _driver() -> subprocess.CompletedProcess:
+    """The driver's run, shared by the tests that read it (one import of every command module)."""
+    command_lines = json.dumps([line.split() for line in CHOICE_RANDOM])
+    return subprocess.run([sys.executable, "-c", _DRIVER, command_lines], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_every_command_parses_its_help():
-    result = subprocess.run([sys.executable, "-c", _DRIVER], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = _driver()
     assert result.returncode == 0, result.stderr[-3000:]
-    verdict, seen = result.stdout.strip().splitlines()[-2:]
+    verdict, seen = result.stdout.strip().splitlines()[-3:-1]
     assert verdict == "ok", result.stdout[-3000:]
     top_level = {path.split(" ")[0] for path in seen.split("|") if path}
     assert COMMANDS <= top_level, f"missing commands: {COMMANDS - top_level}"
     assert {"ab paged", "ab revision", "profile host", "profile fa4-host"} <= set(seen.split("|"))
+
+
+def test_choice_parses_the_random_shape_flags():
+    result = _driver()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == CHOICE_RANDOM
 
 
 def test_nothing_under_benchmarks_imports_from_tests():
