@@ -689,6 +689,39 @@ def test_fa4_adapter_hands_fa4_only_sanitized_offsets(fa4_present, interpret):
 
 
 @pytest.mark.interpreter
+def test_aten_extern_ops_hand_aten_flash_only_sanitized_offsets(monkeypatch, interpret):
+    """aten flash reads cu_seq as given, like FA4: in a compiled graph (max-autotune, or
+    kernel="aten") a malformed cu_seq reaches it clamped and non-decreasing, forward and
+    backward."""
+    from varlen_compile.lowering import aten
+
+    seen = []
+
+    def forward(query, key, value, layout, options):
+        seen.append(layout)
+        return torch.zeros_like(query), torch.zeros(query.shape[1], query.shape[0])
+
+    def backward(grad_out, query, key, value, out, lse, layout, options):
+        seen.append(layout)
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+    monkeypatch.setattr(aten, "forward", forward)
+    monkeypatch.setattr(aten, "backward", backward)
+    case = make_case([8, 6], heads_q=2, head_dim=16, dtype=torch.bfloat16)
+    bad_q = torch.tensor([3, 90, -4], dtype=torch.int32)
+    bad_k = torch.tensor([-7, 9, 4], dtype=torch.int32)
+    scalars = dict(max_q=8, max_k=8, is_causal=True, scale=None, window_left=-1, window_right=-1)
+    lse = torch.empty(2, case.q.shape[0])
+    out = extern_ops.flash_forward_into(case.q, case.k, case.v, lse, bad_q, bad_k, **scalars)
+    extern_ops.flash_backward_into(torch.ones_like(out), case.q, case.k, case.v, out, lse, torch.empty_like(case.q),
+                                   torch.empty_like(case.v), bad_q, bad_k, **scalars)
+    for layout in seen:
+        assert layout.cu_seq_q.tolist() == [3, 14, 14] and layout.cu_seq_k.tolist() == [0, 9, 9]
+        assert (layout.max_q, layout.max_k) == (8, 8)
+    assert len(seen) == 2 and bad_q.tolist() == [3, 90, -4]
+
+
+@pytest.mark.interpreter
 def test_fa4_extern_ops_pass_opcheck(fa4_present, interpret):
     """The private ops the lowerings emit for the FA4 choice: schema, fake (shapes, strides,
     dtypes) and the declared mutation of the lse / dQ / dV buffers agree with what runs."""

@@ -69,7 +69,7 @@ def _patch() -> None:
     eligibility.triton_device_unsupported = lambda device, dtype, compiled: None
     for kernel in (eligibility.ATEN, eligibility.FA4):  # aten flash and FA4 "serve" these CPU calls
         eligibility._UNSUPPORTED[kernel] = lambda call: None
-    eligibility.eager_kernel = lambda requested, call: eligibility.REFERENCE  # eager calls: the reference
+    eligibility.eager_kernel = lambda requested, call, deterministic=False: eligibility.REFERENCE  # eager: the reference
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     forward.autotune_select_algorithm = _record
     backward.autotune_select_algorithm = _record
