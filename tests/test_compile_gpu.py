@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 from factory import VarlenCase, assert_meets_error_rule, make_case, reference_outputs
-from varlen_compile import varlen_attn
+from varlen_compile import config, varlen_attn
 from varlen_compile.lowering import launcher
 from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
@@ -189,18 +189,24 @@ MALFORMED_OFFSETS = {
 }
 
 
-def test_malformed_offsets_stay_in_bounds():
+@pytest.mark.parametrize("kernel", ["auto", "aten"])
+def test_malformed_offsets_stay_in_bounds(kernel):
     """Compiled code and the eager launcher cannot validate cu_seq: whatever it holds, the kernels
-    clamp every offset into the tensors. Values in the rows it describes are unspecified; the
+    clamp every offset into the tensors, and aten flash (``kernel="aten"``, with max hints) gets
+    it through the offset sanitizer. Values in the rows it describes are unspecified; the
     guarantee is memory safety, which compute-sanitizer checks when this runs under memcheck
     (with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so each tensor is its own allocation)."""
     total = 140
     compiled = torch.compile(attention, fullgraph=True)
     options = AttnOptions(is_causal=True)
+    hints = (total, total) if kernel == "aten" else (None, None)
     for name, offsets in MALFORMED_OFFSETS.items():
         case = _case([total], heads_q=4, heads_kv=2)
         cu_seq = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
-        out = compiled(case.q, case.k, case.v, cu_seq, cu_seq, None, None)
+        with config.patch(kernel=kernel):
+            out, codes = run_and_get_code(compiled, case.q, case.k, case.v, cu_seq, cu_seq, *hints)
+        if codes:  # a call that compiled: aten flash is the one that runs when asked for
+            assert any("_flash_forward_into" in code for code in codes) is (kernel == "aten"), name
         grads = torch.autograd.grad(out, (case.q, case.k, case.v), torch.randn_like(out))
         layout = BatchLayout(cu_seq, cu_seq)
         qkv = (case.q.detach(), case.k.detach(), case.v.detach())
