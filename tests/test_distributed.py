@@ -110,6 +110,8 @@ def _check_case(
     fn = torch.compile(attention, fullgraph=True, backend=backend) if compiled else attention
     out = fn(*leaves)
     grads = torch.autograd.grad(out, leaves, zigzag_shard(grad_out))
+    # Plain tensors, their collectives completed: never an unwaited AsyncCollectiveTensor.
+    assert [type(x) for x in (out, *grads)] == [torch.Tensor] * 4, [type(x) for x in (out, *grads)]
 
     # The global reference, sharded the same way, under the error rule.
     ref_device = device if real_size else "cpu"

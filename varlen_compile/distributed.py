@@ -266,8 +266,10 @@ class _AllGatherAttention(torch.autograd.Function):
                 grad_values[owner, slot] += dv[index * chunk:(index + 1) * chunk]
             del dk, dv
         del keys, values
-        grad_key = _compat.reduce_scatter_sum(grad_keys.flatten(0, 2), 0, group)
-        grad_value = _compat.reduce_scatter_sum(grad_values.flatten(0, 2), 0, group)
+        # Waited here: eagerly the functional collectives return AsyncCollectiveTensors, which
+        # must not become the caller's gradients.
+        grad_key = _wait(_compat.reduce_scatter_sum(grad_keys.flatten(0, 2), 0, group))
+        grad_value = _wait(_compat.reduce_scatter_sum(grad_values.flatten(0, 2), 0, group))
         return torch.cat(grad_query), grad_key, grad_value, None, None, None, None, None
 
 
@@ -278,7 +280,7 @@ _INF = float("inf")
 
 def _ring_send(rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Starts sending ``rows`` to the next rank of the ring (``rank + 1``) and receiving the
-    previous rank's; returns the receive buffer, valid after :func:`_ring_wait`. One functional
+    previous rank's; returns the receive buffer, valid after :func:`_wait`. One functional
     all-to-all whose only non-empty splits are those two, so in effect point-to-point: the
     exchange every torch from 2.11 compiles with ``fullgraph=True`` (``dist.batch_isend_irecv``
     graph-breaks). The raw functional op, not its Python wrapper, which waits right away when
@@ -291,7 +293,8 @@ def _ring_send(rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return torch.ops._c10d_functional.all_to_all_single(rows, receive_sizes, send_sizes, group.group_name)
 
 
-def _ring_wait(received: torch.Tensor) -> torch.Tensor:
+def _wait(received: torch.Tensor) -> torch.Tensor:
+    """``received`` once its functional collective has completed (a plain tensor)."""
     return torch.ops._c10d_functional.wait_tensor(received)
 
 
@@ -477,7 +480,7 @@ class _RingAttention(torch.autograd.Function):
                 if call.rows_in_document is not None:
                     part_lse = part_lse.masked_fill(~call.rows_in_document, _INF)
                 _merge_into(out, lse, call.query_rows, part_out, part_lse)
-            visiting = None if last else _ring_wait(arriving)
+            visiting = None if last else _wait(arriving)
         # A new tensor even where the dtype matches: torch 2.11's Dynamo took the accumulator itself
         # (mutated in place) for an output without gradient, and ran the backward on zeros.
         out, lse = out.to(query.dtype, copy=True), lse.masked_fill(lse == -_INF, _INF)
@@ -505,11 +508,11 @@ class _RingAttention(torch.autograd.Function):
             calls = _ring_calls(cu_seq, total, world_size, rank, (rank - step) % world_size, ctx.max_len, ctx.options)
             grad_block = _ring_step_backward(ctx, calls, grad_out, query, visiting, out, lse, grad_query)
             if grad_arriving is not None:  # this block's dK/dV from the ranks it visited before
-                grad_block += _ring_wait(grad_arriving)
+                grad_block += _wait(grad_arriving)
             # On to the next rank; after the last step that is the block's own rank.
             grad_arriving = _ring_send(grad_block, group) if world_size > 1 else grad_block
-            visiting = None if last else _ring_wait(arriving)
-        grad_home = _ring_wait(grad_arriving) if world_size > 1 else grad_arriving
+            visiting = None if last else _wait(arriving)
+        grad_home = _wait(grad_arriving) if world_size > 1 else grad_arriving
         grad_key, grad_value = (
             grad.to(ctx.key_dtype).contiguous() for grad in _split_key_value(grad_home, ctx.key_shape, ctx.value_shape)
         )
