@@ -140,7 +140,7 @@ def kernels_for(
         tokens, heads = query.get_size()[:2]
         sequences = 0 if layout.cu_seq_q is None else layout.cu_seq_q.get_size()[0] - 1
         rules = fa4_size_rule(tokens, heads, sequences, min_length, bool(inductor_config.triton.cudagraphs))
-        fa4_default = all(holds(rule) for rule in rules)  # stops at the first that fails: one guard
+        fa4_default = all(holds(rule) for rule in rules)  # a guard per rule read; none after one fails
     return eligibility.select(
         requested,
         fa4_reason=fa4_reason,
