@@ -6,8 +6,9 @@ in the forward, dK + dQ/dV in the backward). For an external kernel to compete a
 choice it must keep the same contract, so these ops return the template's output and write the
 rest into the mutated buffers: aten flash by a copy (it allocates its own outputs), FA4 directly
 (it takes output buffers). Both trust ``cu_seq``: they get it through the offset sanitizer.
-Their arguments carry the names of the op schemas and of the registry of optional inputs (``varlen_compile.params``), so a choice binds the template's inputs
-to them by name (:func:`op_arguments`). Which kernel may compete is decided in
+Their arguments carry the names of the op schemas and of the registry of optional inputs
+(``varlen_compile.params``), so a choice binds the template's inputs to them by name
+(:func:`op_arguments`). Which kernel may compete is decided in
 ``varlen_compile.eligibility``.
 """
 
