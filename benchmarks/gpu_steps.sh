@@ -4,7 +4,8 @@
 # under $OUT. Run from the repository root:
 #   STEPS="tests run" bash benchmarks/gpu_steps.sh
 # Steps (each step's *_ARGS are passed to its command; see benchmarks/README.md):
-#   tests fuzz memcheck fa4tests multigpu   the GPU test suites (TESTS_FILES, TESTS_WORKERS/FA4_WORKERS: pytest-xdist
+#   tests fuzz memcheck fa4tests multigpu   the GPU test suites (tests: -v, so that a time-boxed log names every test
+#                                           that finished; TESTS_FILES, TESTS_WORKERS/FA4_WORKERS: pytest-xdist
 #                                           workers from .whl/; time-boxed with SIGINT so pytest still
 #                                           prints its summary and --durations=$TESTS_DURATIONS)
 #   run choice features model ab sweep profile   python -m benchmarks <step> $<STEP>_ARGS
@@ -64,7 +65,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 for step in ${STEPS:-tests}; do
   start=$(date +%s)
   case $step in
-    tests) timeout -s INT "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -m "gpu and not fuzz and not fa4" ${TESTS_FILES:-tests/} -rfEs --tb=short \
+    tests) timeout -s INT "${TESTS_TIMEOUT:-400}" python3 -m pytest -v -m "gpu and not fuzz and not fa4" ${TESTS_FILES:-tests/} -rfEs --tb=short \
         --durations=${TESTS_DURATIONS:-0} ${TESTS_WORKERS:+-n "$TESTS_WORKERS"} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-40} ;;
     fuzz) timeout "${FUZZ_TIMEOUT:-420}" python3 -m pytest -q -m fuzz tests/ -rfE --tb=line ${FUZZ_PART:+--fuzz-part "$FUZZ_PART"} \
         ${FUZZ_K:+-k "$FUZZ_K"} --durations=12 2>&1 | tee "$OUT/fuzz.log" | grep -v "DEBUG\|torch.__trace" | tail -25 ;;

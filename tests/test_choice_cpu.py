@@ -593,6 +593,27 @@ def test_the_size_rule_holds_on_hints_for_unbacked_sizes():
     assert not env.guards
 
 
+@pytest.mark.parametrize("head_dims", [(64, 64), (128, 128)])
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_the_default_choice_is_monotone_in_the_work(head_dims, cuda_graphs):
+    """More tokens or more heads for the same sequences never take a batch from FA4 back to
+    the template, and more sequences for the same tokens never give it to FA4: the rule's
+    boundaries are single thresholds, so a batch crosses each at most once as it grows."""
+    from varlen_compile.lowering import choices
+
+    def picks(tokens, heads, sequences):
+        rules = choices.fa4_size_rule(tokens, heads, sequences, choices.FA4_DEFAULT[9][head_dims], cuda_graphs)
+        return all(bool(rule) for rule in rules)
+
+    sizes = [1, 7, 64, 500, 4096, 8192, 65536, 131072]
+    for tokens in sizes:
+        for heads in (1, 8, 16, 32):
+            for sequences in (0, 1, 3, 16, 128, 1024):
+                if picks(tokens, heads, sequences):
+                    assert picks(2 * tokens, heads, sequences) and picks(tokens, 2 * heads, sequences)
+                    assert sequences <= 1 or picks(tokens, heads, sequences // 2)
+
+
 def test_the_size_rule_reads_the_mean_length_without_dividing():
     from varlen_compile.lowering import choices
 
