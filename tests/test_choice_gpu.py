@@ -232,6 +232,27 @@ def test_auto_needs_enough_rows_for_fa4(lengths, fa4):
     _assert_auto_runs(lengths, 128, fa4)
 
 
+def test_auto_follows_the_batch_under_dynamic_shapes(fa4_calls):
+    """Compiled once with dynamic shapes, the default choice is decided per batch through a
+    guard on the row rule: a 4k-row batch runs the template, a 136k-row batch recompiles once
+    and runs FA4, and batches of either size after that reuse their graph."""
+    from torch._inductor.utils import fresh_inductor_cache
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(attention, backend=counter, fullgraph=True, dynamic=True)
+    small, large = [300, 0, 1, 77, 129, 5], [6000, 6000, 5000]
+    with fresh_inductor_cache():
+        for lengths, fa4, frames in ((small, False, 1), (large, True, 2), (small, False, 2), (large, True, 2)):
+            before = dict(fa4_calls)
+            q, k, v, cu_q, cu_k, *_ = _batch(lengths)
+            out = compiled(q, k, v, cu_q, cu_k, None, None)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            ran_fa4 = fa4_calls["fwd"] > before["fwd"] and fa4_calls["bwd"] > before["bwd"]
+            assert ran_fa4 is fa4 and fa4_calls["fwd"] - before["fwd"] <= 1, (len(lengths), fa4_calls)
+            assert counter.frame_count == frames, (len(lengths), counter.frame_count)
+
+
 def test_auto_has_no_row_floor_under_cuda_graphs():
     """Compiled for CUDA graphs (mode="reduce-overhead") the 4k-row batch runs FA4: replays pay
     no per-call host time, and in GPU time FA4 wins small batches too."""
