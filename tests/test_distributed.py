@@ -185,9 +185,9 @@ def _check_compiled_saves_local_tensors(device: str) -> None:
 
 def _check_ring_compiled(device: str) -> None:
     """The ring, compiled with the min-cut partitioner, on the case with uncovered tokens: right
-    results; the forward keeps less than the rank's own tensors (q, k, v, out, lse) plus one
-    more K/V block for the backward, so no block that visited the rank; the backward runs its
-    own exchanges (W - 1 of K/V, the first after the incoming gradient, and W of dK/dV)."""
+    results; the forward keeps the rank's own tensors (q, k, v, out, lse) and small offsets, no
+    K/V block (neither one that visited the rank nor a copy of its own); the backward runs its own
+    exchanges (W - 1 of K/V, the first after the incoming gradient, and W of dK/dV)."""
     recorder = _GraphRecorder()
     name, spec, uncovered = RING_COMPILED_CASE
     _check_case(name, spec, device, True, exchange="ring", backend=recorder.backend(), uncovered=uncovered)
@@ -201,7 +201,10 @@ def _check_ring_compiled(device: str) -> None:
     forward, backward = recorder.op_counts("forward"), recorder.op_counts("backward")
     assert forward[exchange] == world_size - 1, forward
     assert backward[exchange] == 2 * world_size - 1, backward
-    assert backward["varlen_compile.copy_after.default"] == 1, backward
+    assert backward["varlen_compile.key_value_rows_after.default"] == 1, backward
+    # K and V are kept as themselves (inputs the caller holds anyway), never as a block copy.
+    block_shape = (tokens, spec.kv_heads * 2 * spec.head_dim)
+    assert block_shape not in kept, f"forward keeps a K/V block: {kept}"
 
 
 def _run_checks(rank: int, checks, report) -> None:

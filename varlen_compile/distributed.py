@@ -298,22 +298,23 @@ def _wait(received: torch.Tensor) -> torch.Tensor:
     return torch.ops._c10d_functional.wait_tensor(received)
 
 
-@torch.library.custom_op("varlen_compile::copy_after", mutates_args=())
-def copy_after(tensor: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor``, made once ``after`` exists (``after`` is not read). The ring's
-    backward sends its own K/V block on from the copy taken after the incoming gradient, so a
-    compiled graph runs that exchange and every one chained to it in the backward. Sent from the
-    saved block itself, the exchanges would depend on forward values only: the partitioner would
-    run them in the forward (it never recomputes collectives, and CSE merges them with the
-    forward's own) and keep every block that arrived, the whole batch's K and V, until the
-    backward. Opaque on purpose, so that no pass sees through it."""
+@torch.library.custom_op("varlen_compile::key_value_rows_after", mutates_args=())
+def key_value_rows_after(key: torch.Tensor, value: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """:func:`_key_value_rows` of ``key`` and ``value``, made once ``after`` exists (``after`` is
+    not read). The ring's backward builds its own K/V block from the saved K and V after the
+    incoming gradient, so a compiled graph keeps only K and V from the forward (not a copy of
+    them), and runs the exchange of that block and every one chained to it in the backward.
+    Built from forward values alone, the block would be CSE'd with the forward's (kept until the
+    backward) and its exchanges would depend on forward values only: the partitioner would run
+    them in the forward (it never recomputes collectives) and keep every block that arrived, the
+    whole batch's K and V. Opaque on purpose, so that no pass sees through it."""
     del after
-    return tensor.clone()
+    return _key_value_rows(key, value)
 
 
-@copy_after.register_fake
-def _(tensor: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(tensor)
+@key_value_rows_after.register_fake
+def _(key: torch.Tensor, value: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    return key.new_empty((key.shape[0], math.prod(key.shape[1:]) + math.prod(value.shape[1:])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,17 +495,17 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, cu_seq, out, lse = ctx.saved_tensors
-        block = _key_value_rows(key, value)
+        grad_out = grad_out.contiguous()
+        block = key_value_rows_after(key, value, grad_out)
         group = ctx.group
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         total = query.shape[0] * world_size
-        grad_out = grad_out.contiguous()
         wide = torch.promote_types(query.dtype, torch.float32)
         grad_query = torch.zeros(query.shape, dtype=wide, device=query.device)
         visiting, grad_arriving = block, None
         for step in range(world_size):
             last = step + 1 == world_size
-            arriving = None if last else _ring_send(copy_after(visiting, grad_out) if step == 0 else visiting, group)
+            arriving = None if last else _ring_send(visiting, group)
             calls = _ring_calls(cu_seq, total, world_size, rank, (rank - step) % world_size, ctx.max_len, ctx.options)
             grad_block = _ring_step_backward(ctx, calls, grad_out, query, visiting, out, lse, grad_query)
             if grad_arriving is not None:  # this block's dK/dV from the ranks it visited before
