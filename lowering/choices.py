@@ -37,6 +37,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.virtualized import V
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.utils._sympy.numbers import int_oo
 
 from varlen_compile import eligibility
 from varlen_compile.eligibility import ATEN, FA4, TEMPLATE
@@ -93,13 +94,29 @@ def fa4_size_rule(tokens: Any, heads: Any, sequences: Any, min_length: int, cuda
 def holds(rule: sympy.Basic) -> bool:
     """``rule`` decided for the graph being compiled. On backed sizes with a guard: a later batch
     on the other side of the boundary recompiles once, and each side's graph is reused after
-    that, so the choice follows the batch. On unbacked sizes (``mark_unbacked``), which cannot
-    be guarded on, from the size hints."""
+    that, so the choice follows the batch. From the size hints, with no guard, where a guard is
+    not allowed: unbacked sizes (``mark_unbacked``), and sizes whose range the caller set
+    (``mark_dynamic(min=, max=)``: Dynamo refuses a guard that narrows it)."""
+    sizevars = V.graph.sizevars
+    rule = sizevars.simplify(rule) if isinstance(rule, sympy.Expr) else rule.xreplace(sizevars.shape_env.replacements)
     if rule in (sympy.true, sympy.false):
         return bool(rule)
-    if free_unbacked_symbols(rule):
+    if not _guardable(rule):
         return bool(rule.subs({symbol: size_hint(symbol) for symbol in rule.free_symbols}))
-    return bool(V.graph.sizevars.evaluate_expr(rule))
+    return bool(sizevars.evaluate_expr(rule))
+
+
+def _guardable(rule: sympy.Basic) -> bool:
+    """Whether every size in ``rule`` is backed and has the default range ``[2, oo)`` or wider
+    (none that the caller bounded)."""
+    if free_unbacked_symbols(rule):
+        return False
+    ranges = V.graph.sizevars.shape_env.var_to_range
+    for symbol in rule.free_symbols:
+        bounds = ranges.get(symbol)
+        if bounds is None or bounds.lower > 2 or bounds.upper not in (int_oo, sympy.oo):
+            return False
+    return True
 
 
 def fa4_is_default(

@@ -86,8 +86,10 @@ def plan_template(bound: dict[str, Any]) -> Plan | str:
     What the kernel takes as a constexpr is specialized here when it arrives symbolic: the head
     dims (``dynamic=True``), as Inductor's flex attention does, and the window sizes
     (``dynamic=True`` also makes ints captured from closures symbolic), each with a guard on its
-    value, and only once the device and dtype are known to be served. Token counts, sequence
-    counts, head counts and the ``max_q``/``max_k`` hints are never guarded on. (A head dim the
+    value, and only once the device and dtype are known to be served. Token, sequence and head
+    counts and the ``max_q``/``max_k`` hints are never guarded on here; the one guard on them
+    anywhere is the default kernel choice's size rule, where FA4 could run (``choices.holds``).
+    (A head dim the
     user marked dynamic with ``torch._dynamo.mark_dynamic`` makes Dynamo refuse that guard with
     a ConstraintViolationError: leave the head dim static.)
     """

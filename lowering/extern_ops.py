@@ -5,7 +5,8 @@ A template choice returns one tensor and writes the others into buffers it mutat
 in the forward, dK + dQ/dV in the backward). For an external kernel to compete as an extern
 choice it must keep the same contract, so these ops return the template's output and write the
 rest into the mutated buffers: aten flash by a copy (it allocates its own outputs), FA4 directly
-(it takes output buffers). Both trust ``cu_seq``: they get it through the offset sanitizer.
+(it takes output buffers). Both trust ``cu_seq``; their adapters (:mod:`.aten`, :mod:`.fa4`)
+pass it through the offset sanitizer.
 Their arguments carry the names of the op schemas and of the registry of optional inputs
 (``varlen_compile.params``), so a choice binds the template's inputs to them by name
 (:func:`op_arguments`). Which kernel may compete is decided in
@@ -14,16 +15,14 @@ Their arguments carry the names of the op schemas and of the registry of optiona
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from varlen_compile.params import BatchLayout, unflatten
+from varlen_compile.params import unflatten
 
 from . import aten, fa4
-from .launcher import sanitized_offsets
 
 __all__ = ["FA4_BACKWARD", "FA4_FORWARD", "FLASH_BACKWARD", "FLASH_FORWARD", "op_arguments", "timed"]
 
@@ -52,13 +51,6 @@ def _lean_op(name: str, *, mutates_args: tuple[str, ...]):
 
 def _fake(name: str):
     return torch.library.register_fake(f"varlen_compile::{name}", lib=_LIB)
-
-
-def _with_sanitized_offsets(layout: BatchLayout, total_q: int, total_k: int) -> BatchLayout:
-    """``layout`` with ``cu_seq_q``/``cu_seq_k`` through the offset sanitizer: aten flash, like
-    FA4, reads them as given, and a compiled graph cannot check them (docs/design.md §6)."""
-    cu_seq_q, cu_seq_k, _ = sanitized_offsets(layout.cu_seq_q, layout.cu_seq_k, None, total_q, total_k)
-    return dataclasses.replace(layout, cu_seq_q=cu_seq_q, cu_seq_k=cu_seq_k)
 
 
 def op_arguments(op: torch._ops.OpOverload, values: Mapping[str, Any]) -> list[Any]:
@@ -96,7 +88,6 @@ def flash_forward_into(
 ) -> torch.Tensor:
     """``out`` ``(T_q, H_q, D)``; writes the float32 ``(H_q, T_q)`` log-sum-exp into ``lse``."""
     layout, options, _ = unflatten(locals())
-    layout = _with_sanitized_offsets(layout, query.shape[0], key.shape[0])
     out, lse_aten = aten.forward(query, key, value, layout, options)
     lse.copy_(lse_aten)
     return out.contiguous()
@@ -128,7 +119,6 @@ def flash_backward_into(
 ) -> torch.Tensor:
     """``dk``; writes ``dq`` and ``dv`` into the given buffers."""
     layout, options, _ = unflatten(locals())
-    layout = _with_sanitized_offsets(layout, query.shape[0], key.shape[0])
     dq, dk, dv = aten.backward(grad_out, query, key, value, out, lse, layout, options)
     grad_query.copy_(dq)
     grad_value.copy_(dv)

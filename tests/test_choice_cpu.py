@@ -614,6 +614,31 @@ def test_the_default_choice_is_monotone_in_the_work(head_dims, cuda_graphs):
                     assert sequences <= 1 or picks(tokens, heads, sequences // 2)
 
 
+def test_the_size_rule_adds_no_guard_on_a_range_the_caller_set():
+    """``mark_dynamic(tensor, 0, min=16, max=65536)`` makes Dynamo refuse any guard that narrows
+    the range (ConstraintViolationError when it builds the guards): there the rule is decided
+    on the hint, with no guard; a size with the default range gets the guard."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.source import ConstantSource
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StrictMinMaxConstraint
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    from varlen_compile.lowering import choices
+
+    env = ShapeEnv()
+    bounded = env.create_symbol(20000, ConstantSource("bounded"), dynamic_dim=DimDynamic.DYNAMIC,
+                                constraint_dim=StrictMinMaxConstraint(vr=ValueRanges(16, 65536), warn_only=False))
+    free = env.create_symbol(20000, ConstantSource("free"), dynamic_dim=DimDynamic.DYNAMIC)
+    with V.set_graph_handler(SimpleNamespace(sizevars=SizeVarAllocator(env))):
+        (rows,) = choices.fa4_size_rule(bounded, 16, 4, 0, cuda_graphs=False)
+        assert choices.holds(rows) and not env.guards
+        (rows,) = choices.fa4_size_rule(free, 16, 4, 0, cuda_graphs=False)
+        assert choices.holds(rows) and [str(guard.expr) for guard in env.guards] == [f"16*{free} >= 131072"]
+
+
 def test_the_size_rule_reads_the_mean_length_without_dividing():
     from varlen_compile.lowering import choices
 
@@ -709,37 +734,57 @@ def test_fa4_adapter_hands_fa4_only_sanitized_offsets(fa4_present, interpret):
     assert call["seqused_k"].tolist() == [9, 0]
 
 
-@pytest.mark.interpreter
-def test_aten_extern_ops_hand_aten_flash_only_sanitized_offsets(monkeypatch, interpret):
-    """aten flash reads cu_seq as given, like FA4: in a compiled graph (max-autotune, or
-    kernel="aten") a malformed cu_seq reaches it clamped and non-decreasing, forward and
-    backward."""
-    from varlen_compile.lowering import aten
-
+@pytest.fixture
+def aten_flash_calls(monkeypatch):
+    """Stand-ins for aten's flash attention ops that record the offsets they get."""
     seen = []
 
-    def forward(query, key, value, layout, options):
-        seen.append(layout)
-        return torch.zeros_like(query), torch.zeros(query.shape[1], query.shape[0])
+    def forward(query, key, value, cu_seq_q, cu_seq_k, *args, **kwargs):
+        seen.append((cu_seq_q.tolist(), cu_seq_k.tolist()))
+        return torch.zeros_like(query), torch.zeros(query.shape[1], query.shape[0]), None, None, None
 
-    def backward(grad_out, query, key, value, out, lse, layout, options):
-        seen.append(layout)
+    def backward(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, *args, **kwargs):
+        seen.append((cu_seq_q.tolist(), cu_seq_k.tolist()))
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
 
-    monkeypatch.setattr(aten, "forward", forward)
-    monkeypatch.setattr(aten, "backward", backward)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", forward)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", backward)
+    return seen
+
+
+def _aten_flash_both_ways():
+    """One forward and one backward through our aten adapter and through its extern ops, on a
+    malformed cu_seq (which must not change)."""
+    from varlen_compile.lowering import aten
+
     case = make_case([8, 6], heads_q=2, head_dim=16, dtype=torch.bfloat16)
     bad_q = torch.tensor([3, 90, -4], dtype=torch.int32)
     bad_k = torch.tensor([-7, 9, 4], dtype=torch.int32)
+    layout, options = BatchLayout(bad_q, bad_k, 8, 8), AttnOptions(is_causal=True)
+    out, lse = aten.forward(case.q, case.k, case.v, layout, options)
+    aten.backward(torch.ones_like(out), case.q, case.k, case.v, out, lse, layout, options)
     scalars = dict(max_q=8, max_k=8, is_causal=True, scale=None, window_left=-1, window_right=-1)
     lse = torch.empty(2, case.q.shape[0])
     out = extern_ops.flash_forward_into(case.q, case.k, case.v, lse, bad_q, bad_k, **scalars)
     extern_ops.flash_backward_into(torch.ones_like(out), case.q, case.k, case.v, out, lse, torch.empty_like(case.q),
                                    torch.empty_like(case.v), bad_q, bad_k, **scalars)
-    for layout in seen:
-        assert layout.cu_seq_q.tolist() == [3, 14, 14] and layout.cu_seq_k.tolist() == [0, 9, 9]
-        assert (layout.max_q, layout.max_k) == (8, 8)
-    assert len(seen) == 2 and bad_q.tolist() == [3, 90, -4]
+    assert bad_q.tolist() == [3, 90, -4] and bad_k.tolist() == [-7, 9, 4]
+
+
+@pytest.mark.interpreter
+def test_aten_flash_gets_only_sanitized_offsets(aten_flash_calls, interpret):
+    """aten flash reads cu_seq as given, like FA4: eager (traced, captured) and compiled (the
+    extern ops of max-autotune or kernel="aten") calls hand it offsets clamped and
+    non-decreasing, forward and backward."""
+    _aten_flash_both_ways()
+    assert aten_flash_calls == [([3, 14, 14], [0, 9, 9])] * 4
+
+
+def test_aten_flash_offsets_are_sanitized_without_triton_too(aten_flash_calls, monkeypatch):
+    """Without Triton the same rule runs in torch ops."""
+    monkeypatch.setattr(_compat, "has_triton", lambda: False)
+    _aten_flash_both_ways()
+    assert aten_flash_calls == [([3, 14, 14], [0, 9, 9])] * 4
 
 
 @pytest.mark.interpreter

@@ -253,6 +253,28 @@ def test_auto_follows_the_batch_under_dynamic_shapes(fa4_calls):
             assert counter.frame_count == frames, (len(lengths), counter.frame_count)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_deterministic_algorithms_keep_the_backward_off_fa4(compiled, fa4_calls):
+    """kernel="fa4" under torch.use_deterministic_algorithms(True): the forward runs FA4, the
+    backward never does (its default backward sums dQ with atomics), and the gradients repeat
+    bit for bit over 10 passes."""
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k, max_q, max_k = _batch([2048, 1500, 900, 4000])
+    grad_out = torch.randn_like(q)
+    step = torch.compile(attention, fullgraph=True, dynamic=False) if compiled else attention
+    previous, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with config.patch(kernel="fa4"):
+            grads = [torch.autograd.grad(step(q, k, v, cu_q, cu_k, max_q, max_k), (q, k, v), grad_out)
+                     for _ in range(10)]
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+    assert fa4_calls["fwd"] >= 10 and fa4_calls["bwd"] == 0, fa4_calls
+    for later in grads[1:]:
+        assert all(torch.equal(grad, first) for grad, first in zip(later, grads[0]))
+
+
 def test_auto_has_no_row_floor_under_cuda_graphs():
     """Compiled for CUDA graphs (mode="reduce-overhead") the 4k-row batch runs FA4: replays pay
     no per-call host time, and in GPU time FA4 wins small batches too."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from factory import make_case
-from varlen_compile import varlen_attn
+from varlen_compile import config, varlen_attn
 from varlen_compile.flash_attn_compat import flash_attn_varlen_func
 
 pytestmark = [pytest.mark.gpu]
@@ -61,8 +61,11 @@ ENTRY_POINTS = {
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kernel", ["auto", "aten"])
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_gradients_repeat_bit_for_bit(entry, causal, head_dim, compiled):
+def test_gradients_repeat_bit_for_bit(entry, kernel, causal, head_dim, compiled):
+    """Under either request, whatever the preference (``aten`` asks for aten flash, eager and
+    compiled), the gradients repeat bit for bit."""
     torch._dynamo.reset()
     attend, mode = ENTRY_POINTS[entry]
     generator = torch.Generator().manual_seed(head_dim + causal)
@@ -71,7 +74,7 @@ def test_gradients_repeat_bit_for_bit(entry, causal, head_dim, compiled):
                      requires_grad=True, generator=generator)
     grad_out = torch.randn(case.q.shape[0], 8, head_dim, dtype=torch.bfloat16, device="cuda")
     step = torch.compile(attend, fullgraph=True, dynamic=False) if compiled else attend
-    with mode():
+    with mode(), config.patch(kernel=kernel):
         first = None
         for _ in range(REPEATS):
             out = step(case, causal)

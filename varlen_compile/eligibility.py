@@ -274,11 +274,13 @@ def select(
 
 
 NONDETERMINISTIC_BACKWARD = (
-    "torch.use_deterministic_algorithms(True) is on and its backward sums dQ with atomics "
-    "(not bitwise repeatable)"
+    "torch.use_deterministic_algorithms(True) is on, and its backward is not relied on to repeat "
+    "bit for bit (by default it sums dQ with atomics)"
 )
 """Why aten flash and FA4 do not run a backward while deterministic algorithms are on: our
-Triton backward (each dK/dV/dQ element owned by one program, no atomics) and the reference do."""
+Triton backward (each dK/dV/dQ element owned by one program, no atomics) and the reference do.
+(FA4 has a deterministic mode, and aten flash may switch to FA2's under the flag; neither is
+relied on, as neither has been measured here.)"""
 
 
 def deterministic_backward() -> bool:
