@@ -17,8 +17,10 @@
 # which joins the parts (checksums), unpacks them to /tmp/torch_site and puts it first on
 # PYTHONPATH. torch's own CUDA libraries (nvidia-* wheels) are not included unless named: it loads
 # the machine's. torch 2.15.0 cannot load with the H200 image's NVSHMEM 3.4.5 (it needs 3.7.2:
-# "libtorch_nvshmem.so: undefined symbol: nvshmem_selected_device_transport", 2026-12-01); add
-# nvidia-nvshmem-cu13==3.7.2 (its host library, 49 MiB, about 40 MiB compressed). Measured
+# "libtorch_nvshmem.so: undefined symbol: nvshmem_selected_device_transport", seen there
+# 2026-12-01), and its libtorch_cuda.so needs 11 NCCL functions that the image's NCCL 2.28.9 does
+# not export (ncclCommGrow, ncclCommSuspend, ncclPutSignal, ...; read with nm here): name
+# nvidia-nvshmem-cu13==3.7.2 nvidia-nccl-cu13==2.30.7 (their pins; 49 + 241 MiB of libraries). Measured
 # 2026-12-01: torch 2.15.0 + triton 3.9.0 (786 MiB of wheels) and FA4's wheels (100 MiB) made 10
 # parts (xz -6 of the unpacked trees, 582 MiB) instead of 16.
 set -euo pipefail
@@ -32,7 +34,7 @@ for arg in "$@"; do
     *) specs+=("$arg") ;;
   esac
 done
-PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_18_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 # shellcheck disable=SC2086
 PIP_CONSTRAINT=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp $PLATFORMS -d "$work/wheels" "${specs[@]}"
