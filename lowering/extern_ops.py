@@ -15,12 +15,13 @@ Their arguments carry the names of the op schemas and of the registry of optiona
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from varlen_compile.params import unflatten
+from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, unflatten
 
 from . import aten, fa4
 
@@ -65,6 +66,22 @@ def op_arguments(op: torch._ops.OpOverload, values: Mapping[str, Any]) -> list[A
         else:
             raise KeyError(f"{op}: no value for its argument {argument.name!r}")
     return arguments
+
+
+@functools.lru_cache(maxsize=512)
+def _options(is_causal: bool, scale: float | None, window_left: int, window_right: int, softcap: float) -> AttnOptions:
+    """The :class:`AttnOptions` of an FA4 extern call, built once per compiled call site (these
+    ops are on the host's hot path: :func:`unflatten` would rebuild it on every call)."""
+    return AttnOptions(
+        is_causal=is_causal, scale=scale, window_left=window_left, window_right=window_right, softcap=softcap
+    )
+
+
+_NO_OPTIONAL = OptionalInputs()
+
+
+def _optional(**tensors: torch.Tensor | None) -> OptionalInputs:
+    return OptionalInputs(tensors) if any(t is not None for t in tensors.values()) else _NO_OPTIONAL
 
 
 FLASH_FORWARD, FLASH_BACKWARD = "_flash_forward_into", "_flash_backward_into"
@@ -147,8 +164,9 @@ def fa4_forward_into(
     sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out`` ``(T_q, H_q, D_v)``; FA4 writes the float32 ``(H_q, T_q)`` lse into ``lse``."""
-    layout, options, optional = unflatten(locals())
-    return fa4.forward(query, key, value, layout, options, optional, lse=lse)[0]
+    options = _options(is_causal, scale, window_left, window_right, softcap)
+    optional = _optional(seqused_k=seqused_k, sink=sink)
+    return fa4.forward(query, key, value, BatchLayout(cu_seq_q, cu_seq_k), options, optional, lse=lse)[0]
 
 
 @_fake(FA4_FORWARD)
@@ -177,9 +195,10 @@ def fa4_backward_into(
     seqused_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dk``; FA4 writes ``dq`` and ``dv`` into the given buffers."""
-    layout, options, optional = unflatten(locals())
+    options = _options(is_causal, scale, window_left, window_right, softcap)
+    optional = _optional(grad_lse=grad_lse, seqused_k=seqused_k)
     return fa4.backward(
-        grad_out, query, key, value, out, lse, layout, options, optional,
+        grad_out, query, key, value, out, lse, BatchLayout(cu_seq_q, cu_seq_k), options, optional,
         grad_query=grad_query, grad_value=grad_value,
     )[1]
 

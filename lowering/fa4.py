@@ -25,6 +25,9 @@ What FA4 can serve is decided in ``varlen_compile.eligibility.fa4_unsupported``.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 
 from varlen_compile import _compat
@@ -43,19 +46,37 @@ def _window(options: AttnOptions, total_q: int, total_k: int) -> tuple[int | Non
     return (None if left < 0 or left >= total_k else left), (None if right < 0 or right >= total_q else right)
 
 
+@functools.lru_cache(maxsize=512)
+def _fixed_keywords(options: AttnOptions, head_dim: int, total_q: int, total_k: int) -> dict[str, Any]:
+    """FA4's keywords that follow from the options and sizes alone, the same for the forward
+    and the backward: worked out once per compiled call site (the host path is hot: a compiled
+    graph calls this for every step). Callers pass it on with ``**`` and never mutate it."""
+    left, right = _window(options, total_q, total_k)
+    return dict(
+        softmax_scale=options.scale_for(head_dim), causal=options.is_causal, softcap=options.softcap,
+        window_size_left=left, window_size_right=right, max_seqlen_q=None, max_seqlen_k=None,
+    )
+
+
 def _sanitized(
     layout: BatchLayout, optional: OptionalInputs, total_q: int, total_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, OptionalInputs]:
     """``cu_seq_q``, ``cu_seq_k`` and the optional inputs with ``seqused_k`` made safe."""
-    cu_seq_q, cu_seq_k, seqused_k = sanitized_offsets(
-        layout.cu_seq_q, layout.cu_seq_k, optional.get("seqused_k"), total_q, total_k
-    )
-    return cu_seq_q, cu_seq_k, OptionalInputs(optional, seqused_k=seqused_k)
+    seqused_k = optional.get("seqused_k")
+    cu_seq_q, cu_seq_k, seqused_k = sanitized_offsets(layout.cu_seq_q, layout.cu_seq_k, seqused_k, total_q, total_k)
+    return cu_seq_q, cu_seq_k, optional if seqused_k is None else OptionalInputs(optional, seqused_k=seqused_k)
+
+
+_FA4_KEYWORDS: dict[Side, tuple[tuple[str, str], ...]] = {
+    side: tuple((spec.fa4, spec.name) for spec in optional_inputs_of(side) if spec.fa4 is not None)
+    for side in ("forward", "backward")
+}
+"""Per side: ``(FA4 keyword, registry name)`` of every optional input the kernel reads that FA4 takes."""
 
 
 def _keywords(optional: OptionalInputs, side: Side) -> dict[str, torch.Tensor | None]:
     """FA4's keyword for every optional input the ``side`` kernel reads (None where absent)."""
-    return {spec.fa4: optional.get(spec.name) for spec in optional_inputs_of(side) if spec.fa4 is not None}
+    return {keyword: optional.get(name) for keyword, name in _FA4_KEYWORDS[side]}
 
 
 def forward(
@@ -71,17 +92,13 @@ def forward(
     ``(H_q, T_q)`` (written into ``lse`` when given, contiguous)."""
     interface, _ = _compat.fa4_interface()
     total_q, heads_q, head_dim = query.shape
-    cu_seq_q, cu_seq_k, optional = _sanitized(layout, optional, total_q, key.shape[0])
+    total_k = key.shape[0]
+    cu_seq_q, cu_seq_k, optional = _sanitized(layout, optional, total_q, total_k)
     if lse is None:
         lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
-    left, right = _window(options, total_q, key.shape[0])
     out, lse, *_ = interface._flash_attn_fwd(
-        query, key, value,
-        cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k,
-        max_seqlen_q=None, max_seqlen_k=None,
-        softmax_scale=options.scale_for(head_dim), causal=options.is_causal,
-        softcap=options.softcap, window_size_left=left, window_size_right=right,
-        return_lse=True, lse=lse, **_keywords(optional, "forward"),
+        query, key, value, cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k, return_lse=True, lse=lse,
+        **_fixed_keywords(options, head_dim, total_q, total_k), **_keywords(optional, "forward"),
     )
     # Rows with no key: +inf as in our kernels and aten flash (FA4 may write -inf there).
     lse.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=float("inf"))
@@ -105,19 +122,16 @@ def backward(
     buffers when any; dK contiguous); the sink's gradient is not computed here (see the module
     docstring)."""
     interface, _ = _compat.fa4_interface()
-    cu_seq_q, cu_seq_k, optional = _sanitized(layout, optional, query.shape[0], key.shape[0])
+    total_q, total_k = query.shape[0], key.shape[0]
+    cu_seq_q, cu_seq_k, optional = _sanitized(layout, optional, total_q, total_k)
     # Contiguous, as the ops' fakes say (``empty_like`` would copy the strides of a view).
     grad_key = key.new_empty(key.shape)
     if "seqused_k" in optional:  # FA4 leaves the rows of unused keys unwritten
         grad_key.zero_()
         grad_value = value.new_zeros(value.shape) if grad_value is None else grad_value.zero_()
-    left, right = _window(options, query.shape[0], key.shape[0])
     dq, dk, dv = interface._flash_attn_bwd(
-        query, key, value, out, grad_out, lse,
-        softmax_scale=options.scale_for(query.shape[-1]), causal=options.is_causal,
-        softcap=options.softcap, window_size_left=left, window_size_right=right,
-        cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k,
-        max_seqlen_q=None, max_seqlen_k=None,
-        dq=grad_query, dk=grad_key, dv=grad_value, **_keywords(optional, "backward"),
+        query, key, value, out, grad_out, lse, cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k,
+        dq=grad_query, dk=grad_key, dv=grad_value,
+        **_fixed_keywords(options, query.shape[-1], total_q, total_k), **_keywords(optional, "backward"),
     )[:3]
     return dq, dk, dv

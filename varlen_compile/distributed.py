@@ -403,10 +403,13 @@ def _window_call(
     rows = min(chunk, key_end + options.window_left - query_start)
     if rows <= 0:
         return None
-    document_start = torch.where(cu_seq <= query_start, cu_seq, 0).amax()
-    document_end = torch.where(cu_seq > query_start, cu_seq, total).amin()
+    # In int64 throughout: Inductor's Triton code for a min/max reduction over int32 offsets
+    # mixed with an int constant carried its accumulator as int32 and int64 (a compile error).
+    offsets = cu_seq.to(torch.int64)
+    document_start = torch.where(offsets <= query_start, offsets, 0).amax()
+    document_end = torch.where(offsets > query_start, offsets, total).amin()
     key_start = (document_start - key_chunk * chunk).clamp(0, chunk)
-    cu_seq_k = torch.stack([torch.zeros_like(key_start), key_start, torch.full_like(key_start, chunk)])
+    cu_seq_k = torch.stack([torch.zeros_like(key_start), key_start, torch.full_like(key_start, chunk)]).to(torch.int32)
     cu_seq_q = torch.tensor([0, 0, rows], dtype=torch.int32, device=cu_seq.device)
     window_left = key_end - query_start - rows + options.window_left
     call_options = dataclasses.replace(options, is_causal=False, window_left=window_left, window_right=-1)
