@@ -392,10 +392,66 @@ def fa4_path_case(case: Case, out: Path) -> list[list[str]]:
 
 def cmd_fa4_path(args: argparse.Namespace) -> None:
     out, body = out_dir(args), []
-    for case in harness.pick(CASES, args.cases):
+    for case in harness.pick({**CASES, **GPU_BOUND_CASES}, args.cases):
         body += fa4_path_case(case, out)
     table = "\n".join(harness.markdown_table(["case", "path", "fwd wall", "fwd GPU", "fwd+bwd wall", "fwd+bwd GPU"], body))
     (out / "fa4_path.md").write_text(table + "\n")
+    harness.log.info(table)
+
+
+# ----------------------------------------------------------------------------- fa4-backward
+
+GPU_BOUND_CASES = harness._registry([
+    Case("gqa-4x28k-causal", (28672,) * 4, 32, 8, 128, True),
+    Case("d64-1x96k-causal", (95744,), 16, 16, 64, True),
+    Case("d128-4x16k", (16384,) * 4, 16, 16, 128, False),
+])
+"""Batches large enough that the GPU, not the host, sets the time of one FA4 call."""
+
+
+def fa4_call_times(case: Case) -> tuple[list[list[str]], dict[str, str]]:
+    """FA4's own ``_flash_attn_fwd``/``_flash_attn_bwd`` (as its autograd calls them) against our
+    adapter's forward and backward on the same inputs: wall (do_bench) and GPU time (CUDA-graph
+    replays) per call, and the CUDA kernels of both backwards (profiler tables)."""
+    x = make_inputs(case)
+    interface = internals.fa4_interface()
+    q, k, v = x.detached()
+    cu_q, cu_k, scale = x.cu_seq_q, x.cu_seq_k, case.head_dim**-0.5
+    out, lse = interface._flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=case.causal,
+                                         return_lse=True)[:2]
+    grad_out = torch.randn_like(out)
+    adapter_forward, adapter_backward = internals.fa4_adapter_functions(case, x)
+    calls: dict[str, Callable[[], object]] = {
+        "FA4 _flash_attn_fwd": lambda: interface._flash_attn_fwd(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=case.causal, return_lse=True),
+        "adapter forward": lambda: adapter_forward(q, k, v),
+        "FA4 _flash_attn_bwd": lambda: interface._flash_attn_bwd(
+            q, k, v, out, grad_out, lse, scale, case.causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),
+        "FA4 _flash_attn_bwd, max_seqlen": lambda: interface._flash_attn_bwd(
+            q, k, v, out, grad_out, lse, scale, case.causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            max_seqlen_q=x.max_q, max_seqlen_k=x.max_k),
+        "adapter backward": lambda: adapter_backward(grad_out, q, k, v, out, lse),
+    }
+    rows = []
+    for name, call in calls.items():
+        call()
+        rows.append([case.name, name, f"{harness.bench_ms(call):.3f}", f"{harness.bench_ms(call, cuda_graph=True):.3f}"])
+        harness.log.info(" | ".join(rows[-1]))
+    kernels = {name: torch_profile(calls[name], warmup=2, steps=3).key_averages().table(
+        sort_by="cuda_time_total", row_limit=12, max_name_column_width=80)
+        for name in ("FA4 _flash_attn_bwd", "adapter backward")}
+    return rows, kernels
+
+
+def cmd_fa4_backward(args: argparse.Namespace) -> None:
+    out, body = out_dir(args), []
+    for case in harness.pick(GPU_BOUND_CASES, args.cases):
+        rows, kernels = fa4_call_times(case)
+        body += rows
+        for name, table in kernels.items():
+            harness.log.info(f"### {case.name}: CUDA kernels of {name} (3 calls)\n{table}")
+    table = "\n".join(harness.markdown_table(["case", "call", "wall ms", "GPU ms (CUDA graph)"], body))
+    (out / "fa4_calls.md").write_text(table + "\n")
     harness.log.info(table)
 
 
@@ -484,6 +540,12 @@ small that the GPU is never the bottleneck (perf_counter around 300 calls, one s
 some layers also on another thread, as autograd runs backward nodes on its device thread. Then
 cProfiles of the slowest layers and of the compiled kernel=fa4 step, whose generated code goes
 to <out>/fa4-compiled-<i>.py. Needs flash-attn-4."""),
+    "fa4-backward": (cmd_fa4_backward, "FA4's own calls vs our adapter on GPU-bound batches: wall, GPU, kernels", """\
+FlashAttention 4's _flash_attn_fwd/_flash_attn_bwd, called as its own autograd calls them (the
+backward also with the max_seqlen ints), against our adapter's forward and backward on the same
+inputs, on batches large enough that the GPU sets the time (--cases, default all: """
+        + ", ".join(GPU_BOUND_CASES) + """): do_bench wall time and CUDA-graph GPU time per
+call, then the CUDA kernels of both backwards. Writes <out>/fa4_calls.md. Needs flash-attn-4."""),
     "fa4-path": (cmd_fa4_path, "FA4 called directly vs behind our op: wall and GPU time, then profiles", """\
 FlashAttention 4 called directly vs behind our op. Per case, forward and forward+backward, each
 timed two ways: wall time per call (do_bench, host overhead included) and GPU time alone
@@ -527,7 +589,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                              help="varlen_compile.config.kernel for ours (default: "
                                   + (CASE_COMMANDS[name] or "as set, i.e. $VARLEN_COMPILE_KERNEL or auto") + ")")
     subcommands.choices["fa4-path"].add_argument("--cases", default="headline,many-short-causal,d128",
-                                                 help="comma-separated standard cases (default: %(default)s)")
+                                                 help="comma-separated standard or GPU-bound cases (default: %(default)s)")
+    subcommands.choices["fa4-backward"].add_argument("--cases", default=",".join(GPU_BOUND_CASES),
+                                                     help="comma-separated cases of " + ", ".join(GPU_BOUND_CASES))
     ncu = subcommands.choices["ncu"]
     ncu.add_argument("case", choices=list(CASES), metavar="CASE", help="a standard case")
     ncu.add_argument("--impl", choices=("ours", "fa4"), default="ours")
