@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from varlen_compile import _compat, reference
-from varlen_compile.lowering import _sources, aten, choices, configs, extern_ops, fa4, launcher
+from varlen_compile.lowering import _sources, aten, choices, configs, cost_model, extern_ops, fa4, launcher
 from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
 if TYPE_CHECKING:
@@ -271,3 +271,25 @@ def default_table_picks_fa4(case: Case, arch_major: int) -> bool:
                               seqused_k=marker if case.seqused_k_trim is not None else None)
     return choices.fa4_is_default(arch_major, case.head_dim, case.value_dim, _options(case), optional,
                                   mean_length=case.total_q / len(case.lengths), rows=case.total_q * case.heads_q)
+
+
+# ----------------------------------------------------------------------------- the cost model
+
+FEMTOSECONDS = cost_model.FEMTOSECONDS
+
+
+def scaled_pairs(tokens_q: int, tokens_k: int, causal: bool) -> int:
+    """``2 N`` times the cost model's lower bound on the pairs one head attends."""
+    return cost_model.scaled_pairs(tokens_q, tokens_k, causal)
+
+
+def kernel_cost(**fields: int) -> Any:
+    """A ``cost_model.KernelCost`` (integer femtoseconds)."""
+    return cost_model.KernelCost(**fields)
+
+
+def gpu_seconds(cost: Any, tokens_q: int, tokens_k: int, sequences: int, heads_q: int, causal: bool) -> float:
+    """The GPU seconds ``cost`` predicts for one call (no host time)."""
+    _, gpu = cost_model.scaled_times(cost, tokens_q, tokens_k, sequences, heads_q, causal, cuda_graphs=True)
+    return gpu / (2 * sequences * FEMTOSECONDS)
+

@@ -5,6 +5,7 @@ FlashAttention 4 behind our op, the measurements behind the kernel choice's defa
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from . import harness, internals, shapes
+from . import grid, harness, internals, shapes
 from .harness import CASES, CHOICE_CASES, Case, Inputs, log, log_row, make_inputs
 
 RUN_HELP = """\
@@ -409,9 +410,54 @@ def cmd_choice_random(args: argparse.Namespace) -> None:
     harness.write_results(args.out, tag, rows, random_markdown(rows, args.dist, args.seed, args.rounds, backward))
 
 
+def cmd_choice_grid(args: argparse.Namespace) -> None:
+    missing = internals.fa4_missing()
+    if missing is not None:
+        raise SystemExit(f"choice --cost-grid needs FlashAttention 4: {missing}")
+    rows: list[dict] = []
+    cases = grid.grid_cases()
+    for shape, case in enumerate(cases):
+        rows += grid.gpu_rows(case, shape)
+        log.info(f"{shape + 1}/{len(cases)} {case.name}: " + ", ".join(
+            f"{row['kernel']} {row['side']} {row['seconds'] * 1e3:.3f} ms" for row in rows[-4:]))
+        torch.cuda.empty_cache()
+    for head_dim in grid.GRID_HEAD_DIMS:
+        for causal in (True, False):
+            host_case = Case(f"host-D{head_dim}" + ("-causal" if causal else ""), grid.HOST_CASE_LENGTHS, 16, 16,
+                             head_dim, causal)
+            rows += grid.host_rows(host_case)
+            log.info(f"host {host_case.name}: " + ", ".join(
+                f"{row['kernel']} {row['side']} {row['seconds'] * 1e6:.1f} us" for row in rows[-4:]))
+    tag = "choice-cost-grid" if args.tag == CHOICE_TAG else args.tag
+    harness.write_results(args.out, tag, rows, fit_markdown(rows, f"{tag}.json"))
+
+
+def fit_markdown(rows: list[dict], source: str) -> str:
+    """The fit's errors on the grid (fitted and held-out shapes), per key and kernel."""
+    header = ["side", "D", "D_v", "causal", "softcap", "kernel", "error fitted (median / max)",
+              "error held out (median / max)"]
+    lines = [f"{harness.device_line()}; {source}: {sum(row['kind'] == 'gpu' for row in rows)} GPU rows; the cost "
+             "model's GPU coefficients against the measured times (held out: every fifth shape, fitted without it)", ""]
+    return "\n".join(lines + harness.markdown_table(header, grid.fit_report(rows))) + "\n"
+
+
+def cmd_choice_fit(args: argparse.Namespace) -> None:
+    rows = [row for path in args.fit_costs for row in json.loads(Path(path).read_text())]
+    log.info(fit_markdown(rows, ", ".join(Path(path).name for path in args.fit_costs)))
+    source = " ".join(str(path) for path in args.fit_costs)
+    Path(args.costs_out).write_text(grid.costs_source(grid.fit(rows), args.arch_major, source))
+    log.info(f"wrote {args.costs_out}")
+
+
 def cmd_choice(args: argparse.Namespace) -> None:
     if args.random is not None:
         cmd_choice_random(args)
+        return
+    if args.cost_grid:
+        cmd_choice_grid(args)
+        return
+    if args.fit_costs:
+        cmd_choice_fit(args)
         return
     missing = internals.fa4_missing()
     if missing is not None:
@@ -453,6 +499,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     which.add_argument("--random", type=_positive, default=None, metavar="N",
                        help="N random shapes instead of the grid: auto's regret (default tag: "
                        f"{shapes.default_tag('<dist>', '<S>')})")
+    which.add_argument("--cost-grid", action="store_true",
+                       help="measure the cost model's grid: GPU time per kernel and side on equal-length batches, "
+                            "host time per call behind our op (default tag: choice-cost-grid)")
+    which.add_argument("--fit-costs", nargs="+", default=None, metavar="GRID_JSON",
+                       help="fit the cost model to measured grid files and write its coefficients (no GPU)")
+    choice.add_argument("--costs-out", default=str(Path(__file__).resolve().parent.parent / "lowering" / "costs.py"),
+                        help="with --fit-costs: where the coefficients go (default: %(default)s)")
+    choice.add_argument("--arch-major", type=int, default=9, help="with --fit-costs: the GPUs' arch (default: %(default)s)")
     choice.add_argument("--seed", type=int, default=0,
                         help="with --random: the shapes' seed (default: %(default)s)")
     choice.add_argument("--dist", choices=shapes.DISTRIBUTIONS, default="train",

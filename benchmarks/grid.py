@@ -1,0 +1,227 @@
+"""``choice --cost-grid`` and ``choice --fit-costs``: the measured grid behind the kernel choice's cost model
+(``varlen_compile.lowering.cost_model``) and the fit of its coefficients.
+
+The grid: packed bf16 batches of equal lengths (the model's bound on the attended pairs is exact
+there) over token counts, sequence counts, heads, head dims and causal or not
+(:func:`grid_cases`). Per batch, each kernel's GPU time alone (CUDA-graph replays) forward and
+backward: our Triton kernels (the standalone launcher runs the templates' ``@triton.jit`` code
+with the same default configs) and FlashAttention 4 through our adapter. Per cost key, the host
+time of one call behind our op in a compiled graph, on a batch too small for the GPU to matter.
+
+The fit (:func:`fit`, numpy only, no GPU): per cost key and kernel, the four GPU coefficients by
+non-negative least squares on the relative error, the host time as measured; then the held-out
+shapes' errors (:func:`fit_report`) and the coefficients as Python source (:func:`costs_source`)
+for ``lowering/costs.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import harness, internals
+from .harness import Case, make_inputs
+
+GRID_TOKENS = (2048, 8192, 32768, 131072)
+GRID_SEQUENCES = (1, 4, 16, 64, 256)
+GRID_HEADS = ((16, 16), (32, 8))
+GRID_HEAD_DIMS = (64, 128)
+MIN_MEAN_LENGTH = 16
+HOST_CASE_LENGTHS = (64,) * 8
+"""The batch whose compiled call measures host time: too small for the GPU to matter."""
+KERNELS = ("triton", "fa4")
+SIDES = ("forward", "backward")
+HOLDOUT_EVERY = 5
+"""Every fifth grid shape is held out of the first fit and reported on (``fit_report``)."""
+
+
+def grid_cases(tokens: Sequence[int] = GRID_TOKENS, sequences: Sequence[int] = GRID_SEQUENCES,
+               heads: Sequence[tuple[int, int]] = GRID_HEADS, head_dims: Sequence[int] = GRID_HEAD_DIMS
+               ) -> list[Case]:
+    """The grid's batches: ``N`` equal sequences of ``T // N`` tokens, mean length at least
+    :data:`MIN_MEAN_LENGTH`, every heads pair, head dim and causal or not."""
+    cases = []
+    for total in tokens:
+        for count in sequences:
+            length = total // count
+            if length < MIN_MEAN_LENGTH:
+                continue
+            for heads_q, heads_kv in heads:
+                for head_dim in head_dims:
+                    for causal in (True, False):
+                        name = f"T{length * count}-N{count}-H{heads_q}x{heads_kv}-D{head_dim}" + ("-causal" if causal else "")
+                        cases.append(Case(name, (length,) * count, heads_q, heads_kv, head_dim, causal))
+    return cases
+
+
+def cost_key_fields(case: Case, side: str) -> dict[str, Any]:
+    """The :class:`~varlen_compile.lowering.cost_model.CostKey` fields of a case's call."""
+    return dict(side=side, head_dim=case.head_dim, head_dim_v=case.value_dim, causal=case.causal,
+                softcap=bool(case.softcap))
+
+
+def size_fields(case: Case) -> dict[str, int]:
+    return dict(tokens_q=case.total_q, tokens_k=case.total, sequences=len(case.lengths), heads_q=case.heads_q)
+
+
+# ----------------------------------------------------------------------------- measuring (GPU)
+
+
+def _row(kind: str, kernel: str, case: Case, side: str, seconds: float, shape: int) -> dict[str, Any]:
+    return {"kind": kind, "kernel": kernel, "shape": shape, "case": case.name, **cost_key_fields(case, side),
+            **size_fields(case), "heads_kv": case.heads_kv, "seconds": seconds}
+
+
+def gpu_rows(case: Case, shape: int) -> list[dict[str, Any]]:
+    """Each kernel's GPU time (CUDA-graph replays) forward and backward on one grid batch."""
+    x = make_inputs(case)
+    q, k, v = x.detached()
+    rows = []
+    for kernel in KERNELS:
+        make = internals.fa4_adapter_functions if kernel == "fa4" else internals.standalone_functions
+        forward, backward = make(case, x)
+        out, lse = forward(q, k, v)
+        timings = {
+            "forward": lambda: forward(q, k, v),
+            "backward": lambda: backward(x.grad_out, q, k, v, out, lse),
+        }
+        for side, call in timings.items():
+            call()
+            rows.append(_row("gpu", kernel, case, side, harness.bench_ms(call, rep=100, cuda_graph=True) / 1e3, shape))
+    return rows
+
+
+def host_rows(case: Case, calls: int = 300) -> list[dict[str, Any]]:
+    """Host time of one call behind our op in a compiled graph (``case``: a batch too small for
+    the GPU to matter), per kernel: the forward (no autograd) and the backward (a step's time
+    less the forward's with autograd recording)."""
+    x = make_inputs(case)
+    rows = []
+    for kernel in KERNELS:
+        harness.fresh_compile()
+        with harness.kernel_switch("ours", kernel):
+            built = harness.build_ours(case, x)
+            attention = built.attention
+
+            def step() -> None:
+                attention(x.q, x.k, x.v).backward(x.grad_out)
+                x.q.grad = x.k.grad = x.v.grad = None
+
+            with torch.no_grad():
+                forward_s, _ = harness.host_time(lambda: attention(x.q, x.k, x.v), calls, warmup=20)
+            recorded_s, _ = harness.host_time(lambda: attention(x.q, x.k, x.v), calls, warmup=20)
+            step_s, _ = harness.host_time(step, calls, warmup=20)
+        rows.append(_row("host", kernel, case, "forward", forward_s, -1))
+        rows.append(_row("host", kernel, case, "backward", max(step_s - recorded_s, 0.0), -1))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the fit (CPU)
+
+
+def _features(row: Mapping[str, Any]) -> list[float]:
+    """The GPU terms of one row, per :class:`KernelCost` coefficient after ``host``: 1, rows,
+    sequences and attended pairs (the equal-lengths bound), each times the query heads."""
+    heads, sequences = row["heads_q"], row["sequences"]
+    pairs = internals.scaled_pairs(row["tokens_q"], row["tokens_k"], row["causal"]) / (2 * sequences)
+    return [1.0, heads * row["tokens_q"], heads * sequences, heads * pairs]
+
+
+def nonnegative_least_squares(columns: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """Least squares of ``targets`` on ``columns`` (one list of features per target) with every
+    coefficient >= 0: refit without the most negative coefficient until none is (four columns:
+    at most four refits)."""
+    import numpy as np
+
+    matrix, target = np.asarray(columns, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    active = list(range(matrix.shape[1]))
+    while True:
+        solution = np.zeros(matrix.shape[1])
+        if active:
+            solution[active] = np.linalg.lstsq(matrix[:, active], target, rcond=None)[0]
+        negative = [index for index in active if solution[index] < 0]
+        if not negative:
+            return solution.tolist()
+        active.remove(min(negative, key=lambda index: solution[index]))
+
+
+def _relative_fit(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    """The GPU coefficients (femtoseconds) minimizing the relative error over ``rows``."""
+    scale = internals.FEMTOSECONDS
+    columns = [[value / (row["seconds"] * scale) for value in _features(row)] for row in rows]
+    return nonnegative_least_squares(columns, [1.0] * len(rows))
+
+
+def _group(rows: Iterable[Mapping[str, Any]], kind: str) -> dict[tuple, list[Mapping[str, Any]]]:
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["kind"] == kind:
+            key = (row["side"], row["head_dim"], row["head_dim_v"], row["causal"], row["softcap"], row["kernel"])
+            groups.setdefault(key, []).append(row)
+    return groups
+
+
+def fit(rows: Sequence[Mapping[str, Any]], holdout: bool = False) -> dict[tuple, Any]:
+    """``{(side, D, D_v, causal, softcap, kernel): KernelCost}`` from grid rows (``holdout``:
+    leave out every :data:`HOLDOUT_EVERY`-th shape). A key needs host rows and at least four
+    GPU rows per kernel; others are left out (the choice keeps the template there)."""
+    hosts = {key: statistics.median(row["seconds"] for row in group) for key, group in _group(rows, "host").items()}
+    costs = {}
+    for key, group in _group(rows, "gpu").items():
+        train = [row for row in group if not (holdout and row["shape"] % HOLDOUT_EVERY == 0)]
+        if key not in hosts or len(train) < 4:
+            continue
+        launch, row_cost, sequence, pair = (round(value) for value in _relative_fit(train))
+        costs[key] = internals.kernel_cost(host=round(hosts[key] * internals.FEMTOSECONDS), launch=launch,
+                                           row=row_cost, sequence=sequence, pair=pair)
+    return costs
+
+
+def predicted(cost: Any, row: Mapping[str, Any]) -> float:
+    """The GPU seconds ``cost`` predicts for a grid row."""
+    return internals.gpu_seconds(cost, row["tokens_q"], row["tokens_k"], row["sequences"], row["heads_q"], row["causal"])
+
+
+def fit_report(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Per key and kernel: the GPU coefficients' relative error, median and max, on the shapes
+    they were fitted on and on the held-out ones (fitted without them)."""
+    held_out, full = fit(rows, holdout=True), fit(rows)
+    body = []
+    for key, group in sorted(_group(rows, "gpu").items(), key=lambda item: str(item[0])):
+        if key not in full:
+            continue
+        errors = {name: [abs(predicted(cost, row) / row["seconds"] - 1) for row in group
+                         if (row["shape"] % HOLDOUT_EVERY == 0) == (name == "held out")]
+                  for name, cost in (("fitted", full[key]), ("held out", held_out.get(key)))
+                  if cost is not None}
+        cells = [f"{statistics.median(e):.1%} / {max(e):.1%}" if e else "-" for e in errors.values()]
+        body.append([*map(str, key), *cells])
+    return body
+
+
+def costs_source(costs: Mapping[tuple, Any], arch_major: int, source: str) -> str:
+    """``lowering/costs.py``: the fitted coefficients as a literal, with where they came from."""
+    lines = [
+        f'"""The kernel choice\'s cost-model coefficients (``cost_model.KernelCost``, femtoseconds), fitted by',
+        f"``python -m benchmarks choice --fit-costs {source}``. Generated: refit rather than edit.\"\"\"",
+        "",
+        "from .cost_model import CostKey, KernelCost",
+        "",
+        "COSTS: dict[int, dict[CostKey, dict[str, KernelCost]]] = {",
+        f"    {arch_major}: {{",
+    ]
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for (side, head_dim, head_dim_v, causal, softcap, kernel), cost in sorted(costs.items(), key=lambda item: str(item[0])):
+        by_key.setdefault((side, head_dim, head_dim_v, causal, softcap), {})[kernel] = cost
+    for (side, head_dim, head_dim_v, causal, softcap), kernels in by_key.items():
+        lines.append(f"        CostKey({side!r}, {head_dim}, {head_dim_v}, causal={causal}, softcap={softcap}): {{")
+        for kernel, cost in kernels.items():
+            fields = ", ".join(f"{field.name}={getattr(cost, field.name)}" for field in dataclasses.fields(cost))
+            lines.append(f"            {kernel!r}: KernelCost({fields}),")
+        lines.append("        },")
+    lines += ["    },", "}", ""]
+    return "\n".join(lines)

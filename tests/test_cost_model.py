@@ -1,0 +1,196 @@
+"""The kernel choice's cost model (``lowering/cost_model.py``) and its fit (``benchmarks/grid.py``),
+on the CPU: predictions against hand-computed times, the same answer for ints and for symbolic
+sizes (with guards that flip across the boundary), and a fit that recovers known coefficients."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import sympy
+
+from benchmarks import grid
+from varlen_compile.lowering import cost_model
+from varlen_compile.lowering.cost_model import FEMTOSECONDS, CostKey, KernelCost
+
+US = FEMTOSECONDS // 10**6  # femtoseconds per microsecond
+
+# A template-like kernel (little host time, slower per pair) and an FA4-like one.
+LEAN = KernelCost(host=30 * US, launch=5 * US, row=2_000, sequence=200_000, pair=1_000)
+HEAVY = KernelCost(host=250 * US, launch=8 * US, row=1_000, sequence=100_000, pair=600)
+
+
+def _sizes(tokens: int, sequences: int, heads: int = 16, tokens_k: int | None = None) -> dict:
+    return dict(tokens_q=tokens, tokens_k=tokens if tokens_k is None else tokens_k, sequences=sequences, heads_q=heads)
+
+
+def _wall_us(cost: KernelCost, tokens: int, sequences: int, heads: int, causal: bool, cuda_graphs: bool = False) -> float:
+    """The model written out by hand, in floating point."""
+    length = tokens / sequences
+    pairs = sequences * (length * length - (length * length / 2 if causal else 0.0))
+    gpu = cost.launch + cost.row * heads * tokens + cost.sequence * heads * sequences + cost.pair * heads * pairs
+    host = 0 if cuda_graphs else cost.host
+    return max(host, gpu) / US
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_predictions_match_the_model_written_out(causal, cuda_graphs):
+    for tokens, sequences in ((512, 8), (8192, 4), (131072, 64), (4096, 1)):
+        for cost in (LEAN, HEAVY):
+            predicted = cost_model.predicted_seconds(cost, tokens, tokens, sequences, 16, causal, cuda_graphs) * 1e6
+            assert predicted == pytest.approx(_wall_us(cost, tokens, sequences, 16, causal, cuda_graphs), rel=1e-9)
+
+
+def test_faster_is_the_comparison_of_the_predictions():
+    """Over random sizes, ``faster`` answers exactly whether the candidate's predicted wall time
+    is below the incumbent's."""
+    rng = random.Random(0)
+    for _ in range(500):
+        tokens, sequences, heads = rng.randint(1, 1 << 18), rng.randint(1, 512), rng.choice((8, 16, 32))
+        causal, cuda_graphs = rng.random() < 0.5, rng.random() < 0.3
+        expected = _wall_us(HEAVY, tokens, sequences, heads, causal, cuda_graphs) < _wall_us(
+            LEAN, tokens, sequences, heads, causal, cuda_graphs)
+        assert cost_model.faster(HEAVY, LEAN, _sizes(tokens, sequences, heads), causal, cuda_graphs) is expected
+
+
+def test_an_empty_batch_keeps_the_incumbent():
+    assert not cost_model.faster(HEAVY, LEAN, _sizes(0, 0), True, False)
+    assert cost_model.predicted_seconds(HEAVY, 0, 0, 0, 16, True) == 0.0
+
+
+def test_cuda_graphs_ignore_host_time():
+    """A kernel with much more host time but less GPU time wins only where the GPU sets the pace,
+    and always in CUDA-graph replays, which issue no call."""
+    small = _sizes(8192, 8)  # GPU: about 73 us (lean) and 48 us (heavy); heavy host: 250 us
+    assert not cost_model.faster(HEAVY, LEAN, small, True, cuda_graphs=False)
+    assert cost_model.faster(HEAVY, LEAN, small, True, cuda_graphs=True)
+    assert cost_model.faster(HEAVY, LEAN, _sizes(65536, 4), True, cuda_graphs=False)
+
+
+def test_more_work_never_takes_the_batch_back_from_the_heavier_kernel():
+    """With less GPU time per unit of work and more host time, the heavy kernel's region is
+    closed under more tokens and more heads, and under fewer sequences for the same tokens."""
+    for causal in (True, False):
+        for tokens in (64, 1024, 8192, 32768, 131072):
+            for heads in (8, 16, 32):
+                for sequences in (1, 4, 64, 512):
+                    if cost_model.faster(HEAVY, LEAN, _sizes(tokens, sequences, heads), causal, False):
+                        assert cost_model.faster(HEAVY, LEAN, _sizes(2 * tokens, sequences, heads), causal, False)
+                        assert cost_model.faster(HEAVY, LEAN, _sizes(tokens, sequences, 2 * heads), causal, False)
+                        assert sequences == 1 or cost_model.faster(
+                            HEAVY, LEAN, _sizes(tokens, sequences // 2, heads), causal, False)
+
+
+def test_symbolic_sizes_give_the_same_answer_through_guards():
+    """With a ShapeEnv's backed sizes and ``choices.holds`` as the decider, the answer is the
+    one for the hints, and the guards it leaves hold for batches on the same side of the
+    boundary and fail for a batch on the other side (one recompile, then that graph serves)."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.source import ConstantSource
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from varlen_compile.lowering import choices
+
+    for tokens, expected in ((65536, True), (1024, False)):
+        env = ShapeEnv()
+        t, n = (env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+                for hint, name in ((tokens, "t"), (4, "n")))
+        with V.set_graph_handler(SimpleNamespace(sizevars=SizeVarAllocator(env))):
+            answer = cost_model.faster(HEAVY, LEAN, dict(tokens_q=t, tokens_k=t, sequences=n, heads_q=16), True, False,
+                                       decide=choices.holds)
+        assert answer is expected is cost_model.faster(HEAVY, LEAN, _sizes(tokens, 4), True, False)
+        assert env.guards
+
+        def guards_hold(size: int) -> bool:
+            return all(bool(guard.expr.subs({t: size, n: 4})) for guard in env.guards)
+
+        same, other = (131072, 1024) if expected else (512, 131072)
+        assert guards_hold(tokens) and guards_hold(same) and not guards_hold(other)
+
+
+def test_causal_pairs_stop_at_the_keys():
+    """Causal with more queries than keys: the extra queries attend nothing more."""
+    assert cost_model.scaled_pairs(100, 100, True) == 2 * 100 * 100 - 100 * 100
+    assert cost_model.scaled_pairs(300, 100, True) == cost_model.scaled_pairs(100, 100, True)
+    assert cost_model.scaled_pairs(300, 100, False) == 2 * 300 * 100
+    t, k = sympy.symbols("t k", positive=True, integer=True)
+    assert cost_model.scaled_pairs(t, k, True).subs({t: 300, k: 100}) == cost_model.scaled_pairs(300, 100, True)
+
+
+@pytest.mark.parametrize("field, value", [("host", -1), ("pair", 1.5), ("row", None)])
+def test_coefficients_are_nonnegative_integers(field, value):
+    fields = {**dict(host=0, launch=0, row=0, sequence=0, pair=0), field: value}
+    with pytest.raises(ValueError, match=f"KernelCost.{field}"):
+        KernelCost(**fields)
+
+
+# ---------------------------------------------------------------------------- the fit
+
+
+def _synthetic_rows(costs: dict[str, KernelCost], seed: int = 0) -> list[dict]:
+    """Grid rows whose GPU seconds are the model's own (no noise), plus the host rows."""
+    rows = []
+    for shape, case in enumerate(grid.grid_cases(tokens=(2048, 8192, 32768), heads=((16, 16), (32, 8)), head_dims=(64,))):
+        for kernel, cost in costs.items():
+            for side in grid.SIDES:
+                seconds = cost_model.predicted_seconds(cost, case.total_q, case.total, len(case.lengths), case.heads_q,
+                                                       case.causal, cuda_graphs=True)
+                rows.append({"kind": "gpu", "kernel": kernel, "shape": shape, **grid.cost_key_fields(case, side),
+                             **grid.size_fields(case), "seconds": seconds})
+    for causal in (True, False):
+        for kernel, cost in costs.items():
+            for side in grid.SIDES:
+                rows.append({"kind": "host", "kernel": kernel, "shape": -1, "side": side, "head_dim": 64,
+                             "head_dim_v": 64, "causal": causal, "softcap": False, "seconds": cost.host / FEMTOSECONDS})
+    return rows
+
+
+def test_the_fit_recovers_the_coefficients_that_made_the_times():
+    costs = {"triton": LEAN, "fa4": HEAVY}
+    fitted = grid.fit(_synthetic_rows(costs))
+    assert len(fitted) == 2 * 2 * 2  # side x causal x kernel, one head dim
+    for (side, head_dim, head_dim_v, causal, softcap, kernel), cost in fitted.items():
+        truth = costs[kernel]
+        assert cost.host == truth.host
+        for field in ("launch", "row", "sequence", "pair"):
+            assert getattr(cost, field) == pytest.approx(getattr(truth, field), rel=0.01), (kernel, side, causal, field)
+
+
+def test_the_fit_report_shows_small_errors_on_exact_data():
+    report = grid.fit_report(_synthetic_rows({"triton": LEAN, "fa4": HEAVY}))
+    assert report and all(len(row) == 8 for row in report)
+    for row in report:
+        for cell in row[-2:]:
+            median, largest = (float(part.strip().rstrip("%")) for part in cell.split("/"))
+            assert largest < 1.0, row  # percent
+
+
+def test_nonnegative_least_squares_drops_negative_coefficients():
+    columns = [[1.0, x, -x] for x in range(1, 8)]  # the third column would take a negative weight
+    solution = grid.nonnegative_least_squares(columns, [2.0 + 3.0 * x for x in range(1, 8)])
+    assert all(value >= 0 for value in solution)
+    assert solution[0] == pytest.approx(2.0) and solution[1] == pytest.approx(3.0) and solution[2] == 0
+
+
+def test_the_written_coefficients_read_back_the_same():
+    fitted = grid.fit(_synthetic_rows({"triton": LEAN, "fa4": HEAVY}))
+    namespace: dict = {}
+    source = grid.costs_source(fitted, 9, "choice-cost-grid.json")
+    exec(compile(source.replace("from .cost_model import", "from varlen_compile.lowering.cost_model import"),
+                 "costs.py", "exec"), namespace)
+    read = namespace["COSTS"][9]
+    for (side, head_dim, head_dim_v, causal, softcap, kernel), cost in fitted.items():
+        assert read[CostKey(side, head_dim, head_dim_v, causal=causal, softcap=softcap)][kernel] == cost
+
+
+def test_grid_batches_have_equal_lengths_and_enough_tokens_per_sequence():
+    cases = grid.grid_cases()
+    assert len({case.name for case in cases}) == len(cases)
+    for case in cases:
+        assert len(set(case.lengths)) == 1 and case.lengths[0] >= grid.MIN_MEAN_LENGTH
+        assert case.heads_q % case.heads_kv == 0
+    assert {case.causal for case in cases} == {True, False}
