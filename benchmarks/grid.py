@@ -33,6 +33,10 @@ GRID_HEAD_DIMS = (64, 128)
 MIN_MEAN_LENGTH = 16
 HOST_CASE_LENGTHS = (64,) * 8
 """The batch whose compiled call measures host time: too small for the GPU to matter."""
+HOST_KEYS = ((64, True), (128, False))
+"""(head dim, causal) of the host measurements (two compiles per kernel each); a cost key
+without its own takes the median of its side and kernel (the host path does not depend on the
+shapes' code much: FA4's and our Python are the same)."""
 KERNELS = ("triton", "fa4")
 SIDES = ("forward", "backward")
 HOLDOUT_EVERY = 5
@@ -167,16 +171,24 @@ def _group(rows: Iterable[Mapping[str, Any]], kind: str) -> dict[tuple, list[Map
 
 def fit(rows: Sequence[Mapping[str, Any]], holdout: bool = False) -> dict[tuple, Any]:
     """``{(side, D, D_v, causal, softcap, kernel): KernelCost}`` from grid rows (``holdout``:
-    leave out every :data:`HOLDOUT_EVERY`-th shape). A key needs host rows and at least four
-    GPU rows per kernel; others are left out (the choice keeps the template there)."""
-    hosts = {key: statistics.median(row["seconds"] for row in group) for key, group in _group(rows, "host").items()}
+    leave out every :data:`HOLDOUT_EVERY`-th shape). A key needs at least four GPU rows per
+    kernel, and host rows of its own or of its side and kernel; others are left out (the
+    default table decides there)."""
+    host_groups = _group(rows, "host")
+    hosts = {key: statistics.median(row["seconds"] for row in group) for key, group in host_groups.items()}
+    by_side_kernel: dict[tuple, list[float]] = {}
+    for key, group in host_groups.items():
+        by_side_kernel.setdefault((key[0], key[-1]), []).extend(row["seconds"] for row in group)
     costs = {}
     for key, group in _group(rows, "gpu").items():
         train = [row for row in group if not (holdout and row["shape"] % HOLDOUT_EVERY == 0)]
-        if key not in hosts or len(train) < 4:
+        host = hosts.get(key)
+        if host is None and (key[0], key[-1]) in by_side_kernel:
+            host = statistics.median(by_side_kernel[(key[0], key[-1])])
+        if host is None or len(train) < 4:
             continue
         launch, row_cost, sequence, pair = (round(value) for value in _relative_fit(train))
-        costs[key] = internals.kernel_cost(host=round(hosts[key] * internals.FEMTOSECONDS), launch=launch,
+        costs[key] = internals.kernel_cost(host=round(host * internals.FEMTOSECONDS), launch=launch,
                                            row=row_cost, sequence=sequence, pair=pair)
     return costs
 
@@ -203,11 +215,15 @@ def fit_report(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return body
 
 
-def costs_source(costs: Mapping[tuple, Any], arch_major: int, source: str) -> str:
-    """``lowering/costs.py``: the fitted coefficients as a literal, with where they came from."""
+def costs_source(costs: Mapping[tuple, Any], arch_major: int, source: str | None) -> str:
+    """``lowering/costs.py``: the fitted coefficients as a literal, with where they came from
+    (``source`` None: none fitted yet)."""
+    origin = (f"Fitted by ``python -m benchmarks choice --fit-costs {source}``" if source else
+              "None fitted yet: ``python -m benchmarks choice --cost-grid``, then ``--fit-costs``")
     lines = [
-        f'"""The kernel choice\'s cost-model coefficients (``cost_model.KernelCost``, femtoseconds), fitted by',
-        f"``python -m benchmarks choice --fit-costs {source}``. Generated: refit rather than edit.\"\"\"",
+        '"""The kernel choice\'s cost-model coefficients (``cost_model.KernelCost``, femtoseconds) per arch',
+        "major, cost key and kernel; where a key has none, the default table decides (``choices.py``).",
+        f'{origin}. Generated: refit rather than edit."""',
         "",
         "from .cost_model import CostKey, KernelCost",
         "",
@@ -225,3 +241,24 @@ def costs_source(costs: Mapping[tuple, Any], arch_major: int, source: str) -> st
         lines.append("        },")
     lines += ["    },", "}", ""]
     return "\n".join(lines)
+
+
+def read_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Grid rows from ``.json`` files (a list) and ``.jsonl`` files (a row a line, as a
+    measurement writes them while it runs)."""
+    import json
+    from pathlib import Path
+
+    rows: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        text = path.read_text()
+        rows += [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    return rows
+
+
+def part_of(cases: Sequence[Case], part: tuple[int, int]) -> list[tuple[int, Case]]:
+    """``(shape index, case)`` of part ``k`` of ``m`` (1-based): every m-th shape from the k-th,
+    so that parts measured in separate runs cover the grid together."""
+    k, m = part
+    return [(index, case) for index, case in enumerate(cases) if index % m == k - 1]
+

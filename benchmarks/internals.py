@@ -263,14 +263,15 @@ def calls_fa4(generated_code: list[str]) -> bool:
     return any(extern_ops.FA4_FORWARD in code for code in generated_code)
 
 
-def default_table_picks_fa4(case: Case, arch_major: int) -> bool:
-    """Whether the kernel choice's default table (no max-autotune, no CUDA graphs) gives the
-    case to FA4 (where FA4 can serve it)."""
-    marker = torch.empty(0)  # the table asks only which optional inputs are present
+def default_picks_fa4(case: Case, arch_major: int, side: str = "forward") -> bool:
+    """Whether the default kernel choice (no max-autotune, no CUDA graphs) gives the case's
+    ``side`` op to FA4 where FA4 can serve it: the cost model where fitted, else the table."""
+    marker = torch.empty(0)  # the choice asks only which optional inputs are present
     optional = OptionalInputs(sink=marker if case.sink else None, alibi_slopes=marker if case.alibi else None,
                               seqused_k=marker if case.seqused_k_trim is not None else None)
-    return choices.fa4_is_default(arch_major, case.head_dim, case.value_dim, _options(case), optional,
-                                  mean_length=case.total_q / len(case.lengths), rows=case.total_q * case.heads_q)
+    sizes = dict(tokens_q=case.total_q, tokens_k=case.total, sequences=len(case.lengths), heads_q=case.heads_q)
+    return choices.fa4_by_default(arch_major, side, (case.head_dim, case.value_dim), _options(case), optional, sizes,
+                                  cuda_graphs=False)
 
 
 # ----------------------------------------------------------------------------- the cost model

@@ -43,9 +43,18 @@ Our Triton template (config.kernel="triton") against FlashAttention 4 (config.ke
 both behind our op and compiled fullgraph, on the grid of head dims, masking and features behind
 the kernel choice's default table (lowering/choices.py): 16 sequences <= 4096 tokens, 16 query
 heads, 4 kv heads, bf16. ratio = template time / FA4 time (above 1: FA4 faster); "measured"
-picks FA4 where it is faster forward and forward+backward; "table" is what the default table
-picks today. The generated code is checked to call FA4 exactly when it is forced. Needs
+picks FA4 where it is faster forward and forward+backward; "default" is what the default choice
+picks today (the cost model where fitted, else the table). The generated code is checked to call FA4 exactly when it is forced. Needs
 flash-attn-4.
+
+--cost-grid: instead, the cost model's grid (benchmarks/grid.py): the host time of one compiled
+call behind our op per kernel, then on equal-length batches of 2048..131072 tokens in 1..256
+sequences, 16/16 and 32/8 heads, head dims 64 and 128, causal or not, each kernel's GPU time
+(CUDA-graph replays) forward and backward (our template's kernels through the standalone
+launcher, FA4 through our adapter); writes the rows (also to <tag>.jsonl as they are measured)
+and the fit's errors (default tag: choice-cost-grid; --part K/M: a part of the grid).
+--fit-costs GRID_JSON...: no GPU; fits the cost model to measured grids (.json or .jsonl) and
+writes the coefficients to --costs-out (lowering/costs.py), which the default choice then uses.
 
 --random N: instead of the grid, N random shapes (--seed, --dist: "train", training-like
 batches of 4096..131072 tokens; "any", 1..256 sequences of mean length 32..8192; the
@@ -251,7 +260,7 @@ def choice_row(case: Case) -> dict:
                 row[f"{label}_fwdbwd_ms"] = harness.time_forward_backward(built, x)
         except Exception as error:  # noqa: BLE001 -- report and go on
             row[f"{label}_error"] = harness.error_text(error, 160)
-    row["table_picks_fa4"] = internals.default_table_picks_fa4(case, torch.cuda.get_device_capability()[0])
+    row["default_picks_fa4"] = internals.default_picks_fa4(case, torch.cuda.get_device_capability()[0])
     return row
 
 
@@ -260,17 +269,18 @@ def choice_markdown(rows: list[dict]) -> str:
              "median ms; ratio = template / FA4 (above 1: FA4 faster)", ""]
     body = []
     for row in rows:
-        table = "FA4" if row["table_picks_fa4"] else "template"
+        default = "FA4" if row["default_picks_fa4"] else "template"
         if "triton_fwd_ms" not in row or "fa4_fwd_ms" not in row:
-            body.append([row["case"], row.get("triton_error", "-")[:40], row.get("fa4_error", "-")[:40], "", "", "", "", "", table])
+            body.append([row["case"], row.get("triton_error", "-")[:40], row.get("fa4_error", "-")[:40], "", "", "", "", "",
+                         default])
             continue
         fwd = row["triton_fwd_ms"] / row["fa4_fwd_ms"]
         both = row["triton_fwdbwd_ms"] / row["fa4_fwdbwd_ms"]
         measured = "FA4" if fwd > 1 and both > 1 else "template"
         body.append([row["case"], f"{row['triton_fwd_ms']:.3f}", f"{row['fa4_fwd_ms']:.3f}", f"{fwd:.2f}",
-                     f"{row['triton_fwdbwd_ms']:.3f}", f"{row['fa4_fwdbwd_ms']:.3f}", f"{both:.2f}", measured, table])
+                     f"{row['triton_fwdbwd_ms']:.3f}", f"{row['fa4_fwdbwd_ms']:.3f}", f"{both:.2f}", measured, default])
     header = ["case", "template fwd", "FA4 fwd", "fwd ratio", "template fwd+bwd", "FA4 fwd+bwd", "fwd+bwd ratio",
-              "measured", "table"]
+              "measured", "default"]
     return "\n".join(lines + harness.markdown_table(header, body))
 
 
@@ -310,7 +320,7 @@ def random_shape_row(shape: shapes.Shape, backward: bool, rounds: int) -> dict:
     row: dict = {"shape": shape.name, "tokens": shape.total, "seqs": shape.seqs, "max_len": max(shape.lengths),
                  "heads_q": shape.heads_q, "heads_kv": shape.heads_kv, "head_dim": shape.head_dim,
                  "causal": shape.causal,
-                 "table_picks_fa4": internals.default_table_picks_fa4(case, torch.cuda.get_device_capability()[0])}
+                 "default_picks_fa4": internals.default_picks_fa4(case, torch.cuda.get_device_capability()[0])}
     harness.fresh_compile()
     x = make_inputs(case)
     start = time.perf_counter()
@@ -366,13 +376,14 @@ def random_markdown(rows: list[dict], dist: str, seed: int, rounds: int, backwar
              "(kernel=triton) and auto (the default choice) compiled behind our op, fullgraph, static shapes; "
              f"FA4 called directly; median ms of do_bench, steps under {ROUNDS_BELOW_MS:g} ms over {rounds} "
              "interleaved rounds; regret = auto / fastest of the three (in parentheses: the fastest, when not "
-             "auto); table: what the default table picks", ""]
-    header = ["shape", "max len", "table"]
+             "auto); default: what the default choice picks for the forward (the cost model where fitted, else the "
+             "table)", ""]
+    header = ["shape", "max len", "default"]
     for _, title in directions:
         header += [f"template {title}", f"auto {title}", f"FA4 {title}", f"regret {title}"]
     body = []
     for row in rows:
-        cells = [row["shape"], row["max_len"], "FA4" if row["table_picks_fa4"] else "template"]
+        cells = [row["shape"], row["max_len"], "FA4" if row["default_picks_fa4"] else "template"]
         for key, _ in directions:
             cells += [_ms_cell(ms) for ms in _times(row, key).values()] + [_regret_cell(row, key)]
         body.append(cells)
@@ -414,21 +425,32 @@ def cmd_choice_grid(args: argparse.Namespace) -> None:
     missing = internals.fa4_missing()
     if missing is not None:
         raise SystemExit(f"choice --cost-grid needs FlashAttention 4: {missing}")
+    k, m = args.part
+    tag = ("choice-cost-grid" if args.tag == CHOICE_TAG else args.tag) + (f"-part{k}of{m}" if m > 1 else "")
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    progress = folder / f"{tag}.jsonl"  # a row a line as measured: a run cut short keeps what it measured
+    progress.write_text("")
     rows: list[dict] = []
-    cases = grid.grid_cases()
-    for shape, case in enumerate(cases):
-        rows += grid.gpu_rows(case, shape)
-        log.info(f"{shape + 1}/{len(cases)} {case.name}: " + ", ".join(
-            f"{row['kernel']} {row['side']} {row['seconds'] * 1e3:.3f} ms" for row in rows[-4:]))
-        torch.cuda.empty_cache()
-    for head_dim in grid.GRID_HEAD_DIMS:
-        for causal in (True, False):
+
+    def keep(new: list[dict]) -> None:
+        rows.extend(new)
+        with progress.open("a") as file:
+            file.writelines(json.dumps(row) + "\n" for row in new)
+
+    if k == 1:  # host time: the first part measures it
+        for head_dim, causal in grid.HOST_KEYS:
             host_case = Case(f"host-D{head_dim}" + ("-causal" if causal else ""), grid.HOST_CASE_LENGTHS, 16, 16,
                              head_dim, causal)
-            rows += grid.host_rows(host_case)
+            keep(grid.host_rows(host_case))
             log.info(f"host {host_case.name}: " + ", ".join(
                 f"{row['kernel']} {row['side']} {row['seconds'] * 1e6:.1f} us" for row in rows[-4:]))
-    tag = "choice-cost-grid" if args.tag == CHOICE_TAG else args.tag
+    shapes_of_part = grid.part_of(grid.grid_cases(), (k, m))
+    for done, (shape, case) in enumerate(shapes_of_part, 1):
+        keep(grid.gpu_rows(case, shape))
+        log.info(f"{done}/{len(shapes_of_part)} {case.name}: " + ", ".join(
+            f"{row['kernel']} {row['side']} {row['seconds'] * 1e3:.3f} ms" for row in rows[-4:]))
+        torch.cuda.empty_cache()
     harness.write_results(args.out, tag, rows, fit_markdown(rows, f"{tag}.json"))
 
 
@@ -442,7 +464,7 @@ def fit_markdown(rows: list[dict], source: str) -> str:
 
 
 def cmd_choice_fit(args: argparse.Namespace) -> None:
-    rows = [row for path in args.fit_costs for row in json.loads(Path(path).read_text())]
+    rows = grid.read_rows(args.fit_costs)
     log.info(fit_markdown(rows, ", ".join(Path(path).name for path in args.fit_costs)))
     source = " ".join(str(path) for path in args.fit_costs)
     Path(args.costs_out).write_text(grid.costs_source(grid.fit(rows), args.arch_major, source))
@@ -469,6 +491,16 @@ def cmd_choice(args: argparse.Namespace) -> None:
         log_row(row)
         rows.append(row)
     harness.write_results(args.out, args.tag, rows, choice_markdown(rows))
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        k, m = (int(value) for value in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/M (e.g. 1/2), got {text!r}") from None
+    if not 1 <= k <= m:
+        raise argparse.ArgumentTypeError(f"K/M needs 1 <= K <= M, got {text!r}")
+    return k, m
 
 
 def _positive(text: str) -> int:
@@ -507,6 +539,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     choice.add_argument("--costs-out", default=str(Path(__file__).resolve().parent.parent / "lowering" / "costs.py"),
                         help="with --fit-costs: where the coefficients go (default: %(default)s)")
     choice.add_argument("--arch-major", type=int, default=9, help="with --fit-costs: the GPUs' arch (default: %(default)s)")
+    choice.add_argument("--part", type=_part, default=(1, 1), metavar="K/M",
+                        help="with --cost-grid: measure part K of M (every M-th shape from the K-th; part 1 also "
+                             "measures host time), so that runs of a time limit cover the grid together "
+                             "(default: 1/1)")
     choice.add_argument("--seed", type=int, default=0,
                         help="with --random: the shapes' seed (default: %(default)s)")
     choice.add_argument("--dist", choices=shapes.DISTRIBUTIONS, default="train",

@@ -1,8 +1,10 @@
 """Which kernels compete for one op call in a compiled graph: our Triton template, FlashAttention
 4 and aten flash attention (the last two as extern choices). What each kernel can serve is
 ``varlen_compile.eligibility``'s answer; the preference (``varlen_compile.config.kernel``) and
-``max-autotune`` are handled by ``eligibility.select``; this module adds the default table used
-for ``"auto"`` without ``max-autotune`` (docs/design.md §9).
+``max-autotune`` are handled by ``eligibility.select``; this module adds the default choice for
+``"auto"`` without ``max-autotune`` (docs/design.md §9): the cost model (``cost_model.py``) where
+its coefficients were fitted for the call's arch and cost key (``costs.py``), else the default
+table below.
 
 Default table (16-bit inputs; measured on the H200 with flash-attn-4 4.0.0b36, 2026-11-23/24;
 ``docs/performance.md`` has the numbers):
@@ -30,6 +32,7 @@ guarded on; their size hints decide.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sympy
@@ -43,11 +46,13 @@ from varlen_compile import eligibility
 from varlen_compile.eligibility import ATEN, FA4, TEMPLATE
 from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs
 
+from . import cost_model
 from .common import call_of_nodes, size_hint
+from .costs import COSTS
 
 __all__ = [
-    "ATEN", "FA4", "FA4_DEFAULT", "FA4_MIN_ROWS", "TEMPLATE", "fa4_is_default", "fa4_min_length", "fa4_size_rule",
-    "holds", "kernels_for",
+    "ATEN", "FA4", "FA4_DEFAULT", "FA4_MIN_ROWS", "TEMPLATE", "fa4_by_default", "fa4_is_default", "fa4_min_length",
+    "fa4_size_rule", "fitted_costs", "holds", "kernels_for",
 ]
 
 FA4_DEFAULT: dict[int, dict[tuple[int, int], int]] = {9: {(64, 64): 512, (128, 128): 0}}
@@ -91,12 +96,14 @@ def fa4_size_rule(tokens: Any, heads: Any, sequences: Any, min_length: int, cuda
     return rules
 
 
-def holds(rule: sympy.Basic) -> bool:
+def holds(rule: sympy.Basic | bool) -> bool:
     """``rule`` decided for the graph being compiled. On backed sizes with a guard: a later batch
     on the other side of the boundary recompiles once, and each side's graph is reused after
     that, so the choice follows the batch. From the size hints, with no guard, where a guard is
     not allowed: unbacked sizes (``mark_unbacked``), and sizes whose range the caller set
     (``mark_dynamic(min=, max=)``: Dynamo refuses a guard that narrows it)."""
+    if isinstance(rule, bool):  # decided on plain ints
+        return rule
     sizevars = V.graph.sizevars
     rule = sizevars.simplify(rule) if isinstance(rule, sympy.Expr) else rule.xreplace(sizevars.shape_env.replacements)
     if rule in (sympy.true, sympy.false):
@@ -137,14 +144,46 @@ def fa4_is_default(
     )
 
 
+def fitted_costs(
+    arch_major: int, side: cost_model.Side, head_dims: tuple[int, int], options: AttnOptions, optional: OptionalInputs
+) -> dict[str, cost_model.KernelCost] | None:
+    """The template's and FA4's fitted costs for this call (:data:`~.costs.COSTS`), or None
+    where the cost model was not fitted for it: windows and optional inputs (the backward's
+    ``grad_lse`` aside) are not modeled."""
+    left, right = options.window()
+    if left >= 0 or right not in (-1, 0) or not set(optional) <= {"grad_lse"}:
+        return None
+    key = cost_model.CostKey(side, *head_dims, causal=options.is_causal, softcap=options.softcap != 0.0)
+    costs = COSTS.get(arch_major, {}).get(key, {})
+    return costs if TEMPLATE in costs and FA4 in costs else None
+
+
+def fa4_by_default(
+    arch_major: int, side: cost_model.Side, head_dims: tuple[int, int], options: AttnOptions, optional: OptionalInputs,
+    sizes: dict[str, Any], cuda_graphs: bool, decide: Callable[[Any], bool] = bool,
+) -> bool:
+    """Whether the default choice gives a call FA4 (where FA4 can serve it): the cost model
+    where fitted (FA4 predicted strictly faster than the template), else the default table.
+    ``sizes``: ``tokens_q``, ``tokens_k``, ``sequences``, ``heads_q`` (ints, or Inductor's
+    symbolic sizes with ``decide=holds``: a guard per comparison read)."""
+    costs = fitted_costs(arch_major, side, head_dims, options, optional)
+    if costs is not None:
+        return cost_model.faster(costs[FA4], costs[TEMPLATE], sizes, options.is_causal, cuda_graphs, decide)
+    min_length = fa4_min_length(arch_major, *head_dims, options, optional)
+    if min_length is None:
+        return False
+    rules = fa4_size_rule(sizes["tokens_q"], sizes["heads_q"], sizes["sequences"], min_length, cuda_graphs)
+    return all(decide(rule) for rule in rules)  # a guard per rule read; none after one fails
+
+
 def kernels_for(
     requested: str, query: ir.IRNode, key: ir.IRNode, layout: BatchLayout, options: AttnOptions,
     optional: OptionalInputs, head_dims: tuple[int, int], backward: bool = False,
 ) -> tuple[str, ...]:
     """:func:`varlen_compile.eligibility.select` for an op call the template can serve (CUDA
     IR nodes; ``head_dims`` specialized); a ``backward`` under deterministic algorithms gets
-    the template only. For ``"auto"``, the default table's size rule is decided on the graph's
-    sizes (:func:`holds`: guarded), and only where FA4 could run."""
+    the template only. For ``"auto"``, the default choice (:func:`fa4_by_default`) is decided on
+    the graph's sizes (:func:`holds`: guarded), and only where FA4 could run."""
     if requested == TEMPLATE:
         return (TEMPLATE,)
     call = call_of_nodes(query, key, options, optional, layout, head_dims)
@@ -152,12 +191,14 @@ def kernels_for(
     max_autotune = bool(inductor_config.max_autotune)
     deterministic = backward and eligibility.deterministic_backward()
     fa4_default = False
-    min_length = fa4_min_length(call.arch()[0], *head_dims, options, optional)
-    if requested == "auto" and not max_autotune and not deterministic and fa4_reason is None and min_length is not None:
-        tokens, heads = query.get_size()[:2]
+    if requested == "auto" and not max_autotune and not deterministic and fa4_reason is None:
+        tokens_q, heads_q = query.get_size()[:2]
         sequences = 0 if layout.cu_seq_q is None else layout.cu_seq_q.get_size()[0] - 1
-        rules = fa4_size_rule(tokens, heads, sequences, min_length, bool(inductor_config.triton.cudagraphs))
-        fa4_default = all(holds(rule) for rule in rules)  # a guard per rule read; none after one fails
+        sizes = dict(tokens_q=tokens_q, tokens_k=key.get_size()[0], sequences=sequences, heads_q=heads_q)
+        fa4_default = fa4_by_default(
+            call.arch()[0], "backward" if backward else "forward", head_dims, options, optional, sizes,
+            bool(inductor_config.triton.cudagraphs), decide=holds,
+        )
     return eligibility.select(
         requested,
         fa4_reason=fa4_reason,

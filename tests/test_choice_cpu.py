@@ -570,6 +570,72 @@ def test_the_default_choice_adds_no_guard_where_it_does_not_depend_on_the_sizes(
         assert not env.guards, (requested, patch, fa4_reason)
 
 
+def _fitted(monkeypatch, side_keys=("forward", "backward"), causal=True, head_dims=(128, 128)):
+    """choices' fitted costs for sm90 with a template-like kernel (little host time) and an
+    FA4-like one (more host time, less GPU time per pair): FA4 from about 3,400 tokens of
+    4 sequences at 16 heads (forward)."""
+    from varlen_compile.lowering import choices
+    from varlen_compile.lowering.cost_model import CostKey, KernelCost
+
+    us = 10**9  # femtoseconds
+    template = KernelCost(host=30 * us, launch=5 * us, row=2_000, sequence=200_000, pair=1_000)
+    fa4_cost = KernelCost(host=250 * us, launch=8 * us, row=1_000, sequence=100_000, pair=600)
+    costs = {CostKey(side, *head_dims, causal=causal): {"triton": template, "fa4": fa4_cost} for side in side_keys}
+    monkeypatch.setattr(choices, "COSTS", {9: costs})
+    return template, fa4_cost
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("tokens, expected", [(65536, ("fa4",)), (2048, ("triton",))])
+def test_fitted_costs_decide_the_default_choice_through_guards(fa4_could_run, monkeypatch, backward, tokens, expected):
+    """Where the cost model was fitted for the call's key it decides, forward and backward: the
+    answer is the model's for the batch, and the graph's guards hold exactly for the batches on
+    the same side of the model's boundary (one recompile when a batch crosses it)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.virtualized import V
+
+    from varlen_compile.lowering import choices, cost_model
+
+    template, fa4_cost = _fitted(monkeypatch)
+    env, graph, query, layout = _symbolic_batch(tokens, 5)  # 4 sequences
+    with V.set_graph_handler(graph), inductor_config.patch({"triton.cudagraphs": False, "max_autotune": False}):
+        kernels = choices.kernels_for("auto", query, query, layout, AttnOptions(is_causal=True), OptionalInputs(),
+                                      (128, 128), backward=backward)
+    assert kernels == expected and env.guards
+    t, n = query.get_size()[0], layout.cu_seq_q.get_size()[0]
+
+    def graph_serves(size: int) -> bool:
+        return all(bool(guard.expr.subs({t: size, n: 5})) for guard in env.guards)
+
+    for size in (1024, 2048, 4096, 16384, 65536, 131072):
+        picks_fa4 = cost_model.faster(fa4_cost, template, dict(tokens_q=size, tokens_k=size, sequences=4, heads_q=16),
+                                      True, False)
+        assert graph_serves(size) is (picks_fa4 == (expected == ("fa4",))), size
+
+
+def test_the_table_decides_where_the_model_was_not_fitted(fa4_could_run, monkeypatch):
+    """Costs fitted for causal head-dim-128 calls only: those follow the model, every other key
+    the table. At 8192 tokens of 4 sequences x 16 heads (2**17 rows) the table picks FA4, the
+    model the template (its GPU time, about 135 us, is under FA4's host time, 250)."""
+    from varlen_compile.lowering import choices
+
+    _fitted(monkeypatch)
+    causal, full, none = AttnOptions(is_causal=True), AttnOptions(), OptionalInputs()
+    assert choices.fitted_costs(9, "forward", (128, 128), causal, none) is not None
+    assert choices.fitted_costs(9, "backward", (128, 128), causal, OptionalInputs(grad_lse=torch.ones(1))) is not None
+    for arch, head_dims, options, optional in (
+        (9, (128, 128), full, none), (9, (64, 64), causal, none), (10, (128, 128), causal, none),
+        (9, (128, 128), AttnOptions(is_causal=True, window_left=256), none),
+        (9, (128, 128), causal, OptionalInputs(sink=torch.ones(1))),
+    ):
+        assert choices.fitted_costs(arch, "forward", head_dims, options, optional) is None, (arch, head_dims, options)
+    sizes = dict(tokens_q=8192, tokens_k=8192, sequences=4, heads_q=16)
+    assert not choices.fa4_by_default(9, "forward", (128, 128), causal, none, sizes, cuda_graphs=False)
+    assert choices.fa4_by_default(9, "forward", (128, 128), full, none, sizes, cuda_graphs=False)
+    bigger = dict(sizes, tokens_q=32768, tokens_k=32768)
+    assert choices.fa4_by_default(9, "forward", (128, 128), causal, none, bigger, cuda_graphs=False)
+
+
 def test_the_size_rule_holds_on_hints_for_unbacked_sizes():
     """Unbacked sizes (``mark_unbacked``) cannot be guarded on: the rule is decided on their hint
     (Inductor's fallback for unbacked sizes), with no guard."""

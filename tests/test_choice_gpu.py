@@ -317,6 +317,57 @@ def _batch(lengths_q, lengths_k=None, head_dim=128):
     return q, k, v, make_cu_seq(lengths_q, DEVICE), make_cu_seq(lengths_k, DEVICE), max(lengths_q), max(lengths_k)
 
 
+def _cuda_kernels(step, steps: int = 3) -> dict[str, int]:
+    """CUDA kernel name -> launches over ``steps`` calls of ``step`` (after two warm-up calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    launches: dict[str, int] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            launches[event.name] = launches.get(event.name, 0) + 1
+    return launches
+
+
+def test_fa4_behind_our_op_runs_fa4s_own_kernels(fa4_calls):
+    """A compiled kernel="fa4" training step launches exactly the CUDA kernels FA4's own autograd
+    launches (the same names, as often: no copy, no extra pass over dQ/dK/dV, the GQA reduction
+    FA4's own), plus per step our offsets sanitizer before each direction and one elementwise
+    pass that gives rows without keys lse = +inf: what keeps the backward at FA4's GPU time."""
+    from flash_attn.cute.interface import flash_attn_varlen_func
+
+    torch._dynamo.reset()
+    lengths = [700, 1, 0, 300, 1024]
+    q, k, v, cu_q, cu_k, max_q, max_k = _batch(lengths)
+    grad_out = torch.randn_like(q)
+
+    def direct():
+        # Without the max_seqlen ints, as our op calls it (they could change FA4's forward tiles).
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)[0]
+        torch.autograd.grad(out, (q, k, v), grad_out)
+
+    compiled = torch.compile(attention, fullgraph=True, dynamic=False)
+
+    def ours():
+        torch.autograd.grad(compiled(q, k, v, cu_q, cu_k, max_q, max_k), (q, k, v), grad_out)
+
+    with config.patch(kernel="fa4"):
+        theirs, mine = _cuda_kernels(direct), _cuda_kernels(ours)
+    assert fa4_calls["fwd"] and fa4_calls["bwd"]
+    extra = {name: mine[name] - theirs.get(name, 0) for name in mine if mine[name] != theirs.get(name, 0)}
+    missing = [name for name in theirs if name not in mine]
+    assert not missing, missing
+    sanitizer = [name for name in extra if "sanitize_offsets" in name]
+    assert sanitizer and extra.pop(sanitizer[0]) == 2 * 3, extra  # forward and backward, 3 steps
+    assert len(extra) == 1 and next(iter(extra.values())) == 3, extra  # the lse pass, once a step
+
+
 @pytest.mark.parametrize("hints", [False, True], ids=["no-hints", "max-hints"])
 @pytest.mark.parametrize("dynamic", [False, None, True], ids=["static", "automatic-dynamic", "dynamic"])
 def test_fa4_compiled_step_never_syncs(dynamic, hints, fa4_calls):

@@ -194,3 +194,56 @@ def test_grid_batches_have_equal_lengths_and_enough_tokens_per_sequence():
         assert len(set(case.lengths)) == 1 and case.lengths[0] >= grid.MIN_MEAN_LENGTH
         assert case.heads_q % case.heads_kv == 0
     assert {case.causal for case in cases} == {True, False}
+
+
+def test_grid_parts_cover_the_grid_once():
+    cases = grid.grid_cases()
+    parts = [grid.part_of(cases, (k, 3)) for k in (1, 2, 3)]
+    indices = sorted(index for part in parts for index, _ in part)
+    assert indices == list(range(len(cases)))
+    assert grid.part_of(cases, (1, 1)) == list(enumerate(cases))
+
+
+def test_fit_reads_jsonl_and_takes_a_sides_host_time_where_a_key_has_none(tmp_path):
+    """Host rows for causal keys only: the full-attention keys take the median host time of
+    their side and kernel."""
+    import json
+
+    rows = [row for row in _synthetic_rows({"triton": LEAN, "fa4": HEAVY}) if row["kind"] == "gpu" or row["causal"]]
+    path = tmp_path / "grid.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    fitted = grid.fit(grid.read_rows([str(path)]))
+    assert {key[3] for key in fitted} == {True, False}
+    assert all(cost.host == (LEAN if key[-1] == "triton" else HEAVY).host for key, cost in fitted.items())
+
+
+def test_the_grid_measurement_runs_on_the_cpu(interpret, monkeypatch):
+    """``choice --cost-grid``'s measuring functions, on the CPU: our kernels through the
+    interpreter, FA4 as the stand-in, the timers replaced by a call and a constant. The rows
+    carry every field the fit reads, each kernel and side once."""
+    import fake_fa4
+    import torch
+
+    from benchmarks import harness
+    from benchmarks.harness import Case
+    from varlen_compile import _compat
+
+    interface = fake_fa4.make_interface()
+    monkeypatch.setattr(_compat, "fa4_interface", lambda: (interface, ""))
+    monkeypatch.setattr(grid, "make_inputs", lambda case: harness.make_inputs(case, device="cpu"))
+    monkeypatch.setattr(harness, "bench_ms", lambda fn, **kwargs: (fn(), 2.0)[1])
+    monkeypatch.setattr(harness, "host_time", lambda fn, calls, warmup=0: (fn(), (3e-5, 3e-5))[1])
+    case = Case("tiny", (8, 5), 2, 1, 16, True)
+    rows = grid.gpu_rows(case, 7)
+    assert sorted((row["kernel"], row["side"]) for row in rows) == sorted(
+        (kernel, side) for kernel in grid.KERNELS for side in grid.SIDES)
+    assert interface.calls  # FA4's forward and backward ran through the adapter
+    for row in rows:
+        assert row["kind"] == "gpu" and row["seconds"] == 2e-3 and row["shape"] == 7
+        assert (row["tokens_q"], row["tokens_k"], row["sequences"], row["heads_q"]) == (13, 13, 2, 2)
+        assert (row["head_dim"], row["head_dim_v"], row["causal"], row["softcap"]) == (16, 16, True, False)
+    hosts = grid.host_rows(case, calls=2)
+    assert sorted((row["kernel"], row["side"]) for row in hosts) == sorted(
+        (kernel, side) for kernel in grid.KERNELS for side in grid.SIDES)
+    assert all(row["kind"] == "host" and row["seconds"] >= 0 for row in hosts)
+    assert torch.is_grad_enabled()
