@@ -458,7 +458,8 @@ def fit_markdown(rows: list[dict], source: str) -> str:
     """The fit's errors on the grid (fitted and held-out shapes), per key and kernel."""
     header = ["side", "D", "D_v", "causal", "softcap", "kernel", "error fitted (median / max)",
               "error held out (median / max)"]
-    lines = [f"{harness.device_line()}; {source}: {sum(row['kind'] == 'gpu' for row in rows)} GPU rows; the cost "
+    where = harness.device_line() + "; " if torch.cuda.is_available() else ""  # --fit-costs runs without a GPU
+    lines = [f"{where}{source}: {sum(row['kind'] == 'gpu' for row in rows)} GPU rows; the cost "
              "model's GPU coefficients against the measured times (held out: every fifth shape, fitted without it)", ""]
     return "\n".join(lines + harness.markdown_table(header, grid.fit_report(rows))) + "\n"
 
@@ -466,8 +467,16 @@ def fit_markdown(rows: list[dict], source: str) -> str:
 def cmd_choice_fit(args: argparse.Namespace) -> None:
     rows = grid.read_rows(args.fit_costs)
     log.info(fit_markdown(rows, ", ".join(Path(path).name for path in args.fit_costs)))
-    source = " ".join(str(path) for path in args.fit_costs)
-    Path(args.costs_out).write_text(grid.costs_source(grid.fit(rows), args.arch_major, source))
+    costs = grid.fit(rows)
+    measured = {(row["side"], row["head_dim"], row["head_dim_v"], row["causal"], row["softcap"], row["kernel"])
+                for row in rows if row["kind"] == "gpu"}
+    if measured - set(costs):
+        log.warning("not fitted (fewer than 4 GPU rows, or no host rows of their side and kernel: part 1 of a "
+                    "--part run measures them): %s", sorted(measured - set(costs)))
+    if not costs:
+        raise SystemExit(f"--fit-costs: nothing to fit in {args.fit_costs}; {args.costs_out} is left as it is")
+    source = " ".join(Path(path).name for path in args.fit_costs)
+    Path(args.costs_out).write_text(grid.costs_source(costs, args.arch_major, source))
     log.info(f"wrote {args.costs_out}")
 
 

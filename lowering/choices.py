@@ -153,7 +153,7 @@ def fitted_costs(
     left, right = options.window()
     if left >= 0 or right not in (-1, 0) or not set(optional) <= {"grad_lse"}:
         return None
-    key = cost_model.CostKey(side, *head_dims, causal=options.is_causal, softcap=options.softcap != 0.0)
+    key = cost_model.CostKey(side, *head_dims, causal=right == 0, softcap=options.softcap != 0.0)
     costs = COSTS.get(arch_major, {}).get(key, {})
     return costs if TEMPLATE in costs and FA4 in costs else None
 
@@ -168,7 +168,8 @@ def fa4_by_default(
     symbolic sizes with ``decide=holds``: a guard per comparison read)."""
     costs = fitted_costs(arch_major, side, head_dims, options, optional)
     if costs is not None:
-        return cost_model.faster(costs[FA4], costs[TEMPLATE], sizes, options.is_causal, cuda_graphs, decide)
+        causal = options.window()[1] == 0  # a right window of 0 is causal masking
+        return cost_model.faster(costs[FA4], costs[TEMPLATE], sizes, causal, cuda_graphs, decide)
     min_length = fa4_min_length(arch_major, *head_dims, options, optional)
     if min_length is None:
         return False

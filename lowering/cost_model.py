@@ -12,8 +12,8 @@ previous work, so whichever is longer sets the pace. The GPU time is linear in f
 equal lengths: ``T_q * T_k / N`` without a mask and ``(2 T_q T_k - T_q^2) / 2N`` causal
 (bottom-right alignment; ``T_q <= T_k``). Where queries and keys share one partition
 (self-attention) that is a lower bound: ``sum L^2 >= T^2 / N``. Skewed batches attend more: the
-model then underestimates both kernels' GPU time alike, and can only err towards the kernel with
-less host time.
+model then underestimates each kernel's GPU time by its ``pair`` coefficient times the excess,
+so it errs towards the kernel with the larger per-pair cost (the slower one on long sequences).
 
 Everything is written times ``2 N`` (:func:`scaled_times`): integer polynomials in the sizes,
 with no division, so the same expressions decide for ints and for Inductor's symbolic sizes (a
@@ -67,7 +67,7 @@ class KernelCost:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"KernelCost.{field.name} must be a non-negative int (femtoseconds), got {value!r}")
 
 
@@ -118,10 +118,20 @@ def faster(
     decide: Callable[[Any], bool] = bool,
 ) -> bool:
     """Whether ``candidate`` is predicted strictly faster than ``incumbent``:
-    ``max(h_c, g_c) < max(h_i, g_i)``, i.e. ``(h_c < h_i or h_c < g_i) and (g_c < h_i or g_c <
-    g_i)``. ``sizes``: ``tokens_q``, ``tokens_k``, ``sequences``, ``heads_q`` (ints or symbolic).
-    Each comparison that depends on the sizes goes through ``decide`` (``choices.holds`` in a
-    lowering: a guard per comparison read, none after the answer is known)."""
+    ``max(h_c, g_c) < max(h_i, g_i)`` (host and GPU times, :func:`scaled_times`). ``sizes``:
+    ``tokens_q``, ``tokens_k``, ``sequences``, ``heads_q`` (ints or symbolic). Each comparison of
+    sizes goes through ``decide`` (``choices.holds`` in a lowering: a guard per comparison read),
+    at most two of them:
+
+    - CUDA graphs (no host time): ``g_c < g_i``;
+    - ``h_c >= h_i``: the incumbent must be GPU-bound past the candidate's host time,
+      ``h_c < g_i and g_c < g_i``;
+    - ``h_c < h_i``: ``g_c < h_i or g_c < g_i``.
+
+    A batch with no sequence keeps the incumbent."""
+    sequences = sizes["sequences"]
+    if not isinstance(sequences, sympy.Basic) and sequences <= 0:
+        return False
     h_c, g_c = scaled_times(candidate, causal=causal, cuda_graphs=cuda_graphs, **sizes)
     h_i, g_i = scaled_times(incumbent, causal=causal, cuda_graphs=cuda_graphs, **sizes)
 
@@ -129,6 +139,8 @@ def faster(
         relation = sympy.Lt(a, b) if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic) else a < b
         return decide(relation)
 
-    # h_c < h_i compares constants (times the same 2N); under CUDA graphs both are 0.
-    host_less = not cuda_graphs and candidate.host < incumbent.host
-    return (host_less or less(h_c, g_i)) and (less(g_c, h_i) or less(g_c, g_i))
+    if cuda_graphs:
+        return less(g_c, g_i)
+    if candidate.host >= incumbent.host:  # h_c >= h_i (both times the same 2N > 0)
+        return less(h_c, g_i) and less(g_c, g_i)
+    return less(g_c, h_i) or less(g_c, g_i)

@@ -49,8 +49,8 @@ def _window(options: AttnOptions, total_q: int, total_k: int) -> tuple[int | Non
 @functools.lru_cache(maxsize=512)
 def _fixed_keywords(options: AttnOptions, head_dim: int, total_q: int, total_k: int) -> dict[str, Any]:
     """FA4's keywords that follow from the options and sizes alone, the same for the forward
-    and the backward: worked out once per compiled call site (the host path is hot: a compiled
-    graph calls this for every step). Callers pass it on with ``**`` and never mutate it."""
+    and the backward: worked out once per call site and token counts (the host path is hot: a
+    compiled graph calls this every step). Callers pass it on with ``**`` and never mutate it."""
     left, right = _window(options, total_q, total_k)
     return dict(
         softmax_scale=options.scale_for(head_dim), causal=options.is_causal, softcap=options.softcap,

@@ -572,8 +572,7 @@ def test_the_default_choice_adds_no_guard_where_it_does_not_depend_on_the_sizes(
 
 def _fitted(monkeypatch, side_keys=("forward", "backward"), causal=True, head_dims=(128, 128)):
     """choices' fitted costs for sm90 with a template-like kernel (little host time) and an
-    FA4-like one (more host time, less GPU time per pair): FA4 from about 3,400 tokens of
-    4 sequences at 16 heads (forward)."""
+    FA4-like one (more host time, less GPU time per pair)."""
     from varlen_compile.lowering import choices
     from varlen_compile.lowering.cost_model import CostKey, KernelCost
 
@@ -629,6 +628,9 @@ def test_the_table_decides_where_the_model_was_not_fitted(fa4_could_run, monkeyp
         (9, (128, 128), causal, OptionalInputs(sink=torch.ones(1))),
     ):
         assert choices.fitted_costs(arch, "forward", head_dims, options, optional) is None, (arch, head_dims, options)
+    # A right window of 0 without is_causal is causal masking: the causal key.
+    right_window = AttnOptions(window_right=0)
+    assert choices.fitted_costs(9, "forward", (128, 128), right_window, none) is not None
     sizes = dict(tokens_q=8192, tokens_k=8192, sequences=4, heads_q=16)
     assert not choices.fa4_by_default(9, "forward", (128, 128), causal, none, sizes, cuda_graphs=False)
     assert choices.fa4_by_default(9, "forward", (128, 128), full, none, sizes, cuda_graphs=False)

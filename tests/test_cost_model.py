@@ -55,7 +55,11 @@ def test_faster_is_the_comparison_of_the_predictions():
 
 
 def test_an_empty_batch_keeps_the_incumbent():
-    assert not cost_model.faster(HEAVY, LEAN, _sizes(0, 0), True, False)
+    """No sequence: nothing to attend, whatever the token count (the 2N scaling would otherwise
+    leave only the pair terms)."""
+    for tokens in (0, 4096, 131072):
+        assert not cost_model.faster(HEAVY, LEAN, _sizes(tokens, 0), True, False)
+        assert not cost_model.faster(HEAVY, LEAN, _sizes(tokens, 0), False, True)
     assert cost_model.predicted_seconds(HEAVY, 0, 0, 0, 16, True) == 0.0
 
 
@@ -110,6 +114,18 @@ def test_symbolic_sizes_give_the_same_answer_through_guards():
 
         same, other = (131072, 1024) if expected else (512, 131072)
         assert guards_hold(tokens) and guards_hold(same) and not guards_hold(other)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_at_most_two_comparisons_are_read(cuda_graphs):
+    """Each comparison read is a guard in a compiled graph: at most two per decision (one under
+    CUDA graphs), whichever kernel has more host time."""
+    for candidate, incumbent in ((HEAVY, LEAN), (LEAN, HEAVY)):
+        for tokens, sequences in ((1024, 8), (8192, 4), (131072, 2), (65536, 256)):
+            read = []
+            cost_model.faster(candidate, incumbent, _sizes(tokens, sequences), True, cuda_graphs,
+                              decide=lambda relation: read.append(relation) or bool(relation))
+            assert 1 <= len(read) <= (1 if cuda_graphs else 2), (tokens, sequences, read)
 
 
 def test_causal_pairs_stop_at_the_keys():
@@ -233,6 +249,7 @@ def test_the_grid_measurement_runs_on_the_cpu(interpret, monkeypatch):
     monkeypatch.setattr(grid, "make_inputs", lambda case: harness.make_inputs(case, device="cpu"))
     monkeypatch.setattr(harness, "bench_ms", lambda fn, **kwargs: (fn(), 2.0)[1])
     monkeypatch.setattr(harness, "host_time", lambda fn, calls, warmup=0: (fn(), (3e-5, 3e-5))[1])
+    monkeypatch.setattr(harness, "build_floor", lambda case, x: harness.Built(lambda q, k, v: q * 2.0, [x.q]))
     case = Case("tiny", (8, 5), 2, 1, 16, True)
     rows = grid.gpu_rows(case, 7)
     assert sorted((row["kernel"], row["side"]) for row in rows) == sorted(
@@ -245,5 +262,42 @@ def test_the_grid_measurement_runs_on_the_cpu(interpret, monkeypatch):
     hosts = grid.host_rows(case, calls=2)
     assert sorted((row["kernel"], row["side"]) for row in hosts) == sorted(
         (kernel, side) for kernel in grid.KERNELS for side in grid.SIDES)
-    assert all(row["kind"] == "host" and row["seconds"] >= 0 for row in hosts)
+    assert all(row["kind"] == "host" and row["seconds"] == 0.0 for row in hosts)  # the same fake time as the floor
     assert torch.is_grad_enabled()
+
+
+def test_a_run_read_from_its_json_and_jsonl_counts_once(tmp_path):
+    import json
+
+    rows = _synthetic_rows({"triton": LEAN, "fa4": HEAVY})
+    (tmp_path / "grid.json").write_text(json.dumps(rows))
+    (tmp_path / "grid.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    read = grid.read_rows([str(tmp_path / "grid.json"), str(tmp_path / "grid.jsonl")])
+    assert len(read) == len(rows)
+
+
+def test_fit_costs_runs_without_a_gpu_and_refuses_to_write_nothing(tmp_path):
+    """``choice --fit-costs`` on the CPU: writes the coefficients from a grid with host rows;
+    from GPU rows alone (a later part of a --part run) it stops and leaves the file alone."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = _synthetic_rows({"triton": LEAN, "fa4": HEAVY})
+    full, gpu_only, out = tmp_path / "full.jsonl", tmp_path / "gpu.jsonl", tmp_path / "costs.py"
+    full.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    gpu_only.write_text("".join(json.dumps(row) + "\n" for row in rows if row["kind"] == "gpu"))
+    root = Path(__file__).resolve().parents[1]
+
+    def fit(path):
+        return subprocess.run([sys.executable, "-m", "benchmarks", "choice", "--fit-costs", str(path), "--costs-out",
+                               str(out)], cwd=root, capture_output=True, text=True)
+
+    done = fit(full)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KernelCost(host=" in out.read_text() and "full.jsonl" in out.read_text()
+    written = out.read_text()
+    refused = fit(gpu_only)
+    assert refused.returncode != 0 and "nothing to fit" in refused.stderr
+    assert out.read_text() == written
