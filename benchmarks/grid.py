@@ -165,12 +165,16 @@ def _relative_fit(rows: Sequence[Mapping[str, Any]]) -> list[float]:
     return nonnegative_least_squares(columns, [1.0] * len(rows))
 
 
+def fit_key(row: Mapping[str, Any]) -> tuple:
+    """The key a row is fitted under: ``(side, D, D_v, causal, softcap, kernel)``."""
+    return (row["side"], row["head_dim"], row["head_dim_v"], row["causal"], row["softcap"], row["kernel"])
+
+
 def _group(rows: Iterable[Mapping[str, Any]], kind: str) -> dict[tuple, list[Mapping[str, Any]]]:
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
         if row["kind"] == kind:
-            key = (row["side"], row["head_dim"], row["head_dim_v"], row["causal"], row["softcap"], row["kernel"])
-            groups.setdefault(key, []).append(row)
+            groups.setdefault(fit_key(row), []).append(row)
     return groups
 
 

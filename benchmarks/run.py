@@ -468,8 +468,7 @@ def cmd_choice_fit(args: argparse.Namespace) -> None:
     rows = grid.read_rows(args.fit_costs)
     log.info(fit_markdown(rows, ", ".join(Path(path).name for path in args.fit_costs)))
     costs = grid.fit(rows)
-    measured = {(row["side"], row["head_dim"], row["head_dim_v"], row["causal"], row["softcap"], row["kernel"])
-                for row in rows if row["kind"] == "gpu"}
+    measured = {grid.fit_key(row) for row in rows if row["kind"] == "gpu"}
     if measured - set(costs):
         log.warning("not fitted (fewer than 4 GPU rows, or no host rows of their side and kernel: part 1 of a "
                     "--part run measures them): %s", sorted(measured - set(costs)))
