@@ -39,6 +39,9 @@ without its own takes the median of its side and kernel (the host path does not 
 shapes' code much: FA4's and our Python are the same)."""
 KERNELS = ("triton", "fa4")
 SIDES = ("forward", "backward")
+GRAPH_REP_MS = 20
+"""``do_bench_cudagraph``'s ``rep`` per timing: a graph of about this many ms of calls, replayed ten
+times (capturing a host-bound kernel's calls costs their host time, so more would mostly wait)."""
 HOLDOUT_EVERY = 5
 """Every fifth grid shape is held out of the first fit and reported on (``fit_report``)."""
 
@@ -80,12 +83,12 @@ def _row(kind: str, kernel: str, case: Case, side: str, seconds: float, shape: i
             **size_fields(case), "heads_kv": case.heads_kv, "seconds": seconds}
 
 
-def gpu_rows(case: Case, shape: int) -> list[dict[str, Any]]:
+def gpu_rows(case: Case, shape: int, kernels: Sequence[str] = KERNELS) -> list[dict[str, Any]]:
     """Each kernel's GPU time (CUDA-graph replays) forward and backward on one grid batch."""
     x = make_inputs(case)
     q, k, v = x.detached()
     rows = []
-    for kernel in KERNELS:
+    for kernel in kernels:
         make = internals.fa4_adapter_functions if kernel == "fa4" else internals.standalone_functions
         forward, backward = make(case, x)
         out, lse = forward(q, k, v)
@@ -95,11 +98,11 @@ def gpu_rows(case: Case, shape: int) -> list[dict[str, Any]]:
         }
         for side, call in timings.items():
             call()
-            rows.append(_row("gpu", kernel, case, side, harness.bench_ms(call, rep=100, cuda_graph=True) / 1e3, shape))
+            rows.append(_row("gpu", kernel, case, side, harness.bench_ms(call, rep=GRAPH_REP_MS, cuda_graph=True) / 1e3, shape))
     return rows
 
 
-def host_rows(case: Case, calls: int = 300) -> list[dict[str, Any]]:
+def host_rows(case: Case, calls: int = 300, kernels: Sequence[str] = KERNELS) -> list[dict[str, Any]]:
     """Host time of one call behind our op (``case``: a batch too small for the GPU to matter),
     per kernel, forward and backward of a training step: the compiled one-op graph's time less
     that of the ``floor`` graph (torch.compile's own cost per call, which a model's graph pays
@@ -119,7 +122,7 @@ def host_rows(case: Case, calls: int = 300) -> list[dict[str, Any]]:
     harness.fresh_compile()
     floor_forward, floor_backward = times(harness.build_floor(case, x).attention)
     rows = []
-    for kernel in KERNELS:
+    for kernel in kernels:
         harness.fresh_compile()
         with harness.kernel_switch("ours", kernel):
             forward_s, backward_s = times(harness.build_ours(case, x).attention)

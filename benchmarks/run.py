@@ -422,11 +422,14 @@ def cmd_choice_random(args: argparse.Namespace) -> None:
 
 
 def cmd_choice_grid(args: argparse.Namespace) -> None:
-    missing = internals.fa4_missing()
+    kernels = args.grid_kernels
+    missing = internals.fa4_missing() if "fa4" in kernels else None
     if missing is not None:
-        raise SystemExit(f"choice --cost-grid needs FlashAttention 4: {missing}")
+        raise SystemExit(f"choice --cost-grid needs FlashAttention 4 (or --grid-kernels triton): {missing}")
     k, m = args.part
     tag = ("choice-cost-grid" if args.tag == CHOICE_TAG else args.tag) + (f"-part{k}of{m}" if m > 1 else "")
+    if tuple(kernels) != grid.KERNELS:
+        tag += "-" + "-".join(kernels)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     progress = folder / f"{tag}.jsonl"  # a row a line as measured: a run cut short keeps what it measured
@@ -442,14 +445,14 @@ def cmd_choice_grid(args: argparse.Namespace) -> None:
         for head_dim, causal in grid.HOST_KEYS:
             host_case = Case(f"host-D{head_dim}" + ("-causal" if causal else ""), grid.HOST_CASE_LENGTHS, 16, 16,
                              head_dim, causal)
-            keep(grid.host_rows(host_case))
+            keep(grid.host_rows(host_case, kernels=kernels))
             log.info(f"host {host_case.name}: " + ", ".join(
-                f"{row['kernel']} {row['side']} {row['seconds'] * 1e6:.1f} us" for row in rows[-4:]))
+                f"{row['kernel']} {row['side']} {row['seconds'] * 1e6:.1f} us" for row in rows[-2 * len(kernels):]))
     shapes_of_part = grid.part_of(grid.grid_cases(), (k, m))
     for done, (shape, case) in enumerate(shapes_of_part, 1):
-        keep(grid.gpu_rows(case, shape))
+        keep(grid.gpu_rows(case, shape, kernels))
         log.info(f"{done}/{len(shapes_of_part)} {case.name}: " + ", ".join(
-            f"{row['kernel']} {row['side']} {row['seconds'] * 1e3:.3f} ms" for row in rows[-4:]))
+            f"{row['kernel']} {row['side']} {row['seconds'] * 1e3:.3f} ms" for row in rows[-2 * len(kernels):]))
         torch.cuda.empty_cache()
     harness.write_results(args.out, tag, rows, fit_markdown(rows, f"{tag}.json"))
 
@@ -511,6 +514,14 @@ def _part(text: str) -> tuple[int, int]:
     return k, m
 
 
+def _grid_kernels(text: str) -> tuple[str, ...]:
+    kernels = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in kernels if name not in grid.KERNELS]
+    if not kernels or unknown:
+        raise argparse.ArgumentTypeError(f"expected kernels from {', '.join(grid.KERNELS)}, got {text!r}")
+    return kernels
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -551,6 +562,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="with --cost-grid: measure part K of M (every M-th shape from the K-th; part 1 also "
                              "measures host time), so that runs of a time limit cover the grid together "
                              "(default: 1/1)")
+    choice.add_argument("--grid-kernels", type=_grid_kernels, default=",".join(grid.KERNELS), metavar="K[,K]",
+                        help="with --cost-grid: the kernels measured (default: %(default)s; runs of one kernel each "
+                             "are fitted together, and triton alone needs no FA4)")
     choice.add_argument("--seed", type=int, default=0,
                         help="with --random: the shapes' seed (default: %(default)s)")
     choice.add_argument("--dist", choices=shapes.DISTRIBUTIONS, default="train",
