@@ -301,3 +301,31 @@ def test_fit_costs_runs_without_a_gpu_and_refuses_to_write_nothing(tmp_path):
     refused = fit(gpu_only)
     assert refused.returncode != 0 and "nothing to fit" in refused.stderr
     assert out.read_text() == written
+
+
+def test_runs_of_one_kernel_each_fit_together(tmp_path):
+    """A grid measured one kernel per run (``--grid-kernels triton``, then ``fa4``) fits as one:
+    each kernel's coefficients from its own file."""
+    import json
+
+    rows = _synthetic_rows({"triton": LEAN, "fa4": HEAVY})
+    for kernel in grid.KERNELS:
+        (tmp_path / f"grid-{kernel}.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows if row["kernel"] == kernel))
+    together = grid.fit(grid.read_rows(sorted(str(path) for path in tmp_path.iterdir())))
+    assert together == grid.fit(rows)
+    assert {key[-1] for key in together} == set(grid.KERNELS)
+
+
+@pytest.mark.parametrize("text, expected", [("triton", ("triton",)), ("fa4, triton", ("fa4", "triton")),
+                                            ("fa4,fa4", ("fa4",)), ("cuda", None), (",", None)])
+def test_grid_kernels_are_named_from_the_grids_kernels(text, expected):
+    import argparse
+
+    from benchmarks import run
+
+    if expected is None:
+        with pytest.raises(argparse.ArgumentTypeError, match="expected kernels from triton, fa4"):
+            run._grid_kernels(text)
+    else:
+        assert run._grid_kernels(text) == expected
