@@ -296,6 +296,9 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
     with torch.no_grad():
         layers = fa4_layers(case, x)
         results = {name: host_us(fn) for name, fn in layers.items()}
+        with config.patch(fa4_replay=False):  # FA4's Python on every call (the layers above replay)
+            for name in ("FA4 adapter forward", "FA4 adapter backward"):
+                results[f"{name}, no replay"] = host_us(layers[name])
         results.update({f"{name}, on another thread": host_us_on_a_thread(layers[name]) for name in THREADED_LAYERS})
     direct = training_step(harness.fa4_direct(case, x, hint=False), x, x.grad_out, clear_grads=False)
     with config.patch(kernel="fa4"):
@@ -303,6 +306,8 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
         compiled_step = training_step(compiled, x, x.grad_out, clear_grads=False)
         results["FA4 direct fwd+bwd (autograd)"] = host_us(direct)
         results["compiled kernel=fa4 fwd+bwd"] = host_us(compiled_step)
+        with config.patch(fa4_replay=False):
+            results["compiled kernel=fa4 fwd+bwd, no replay"] = host_us(compiled_step)
         with torch.autograd.set_multithreading_enabled(False):
             results["compiled kernel=fa4 fwd+bwd, autograd single-threaded"] = host_us(compiled_step)
         with torch.no_grad():

@@ -18,7 +18,9 @@ FA4 is fast on Hopper and Blackwell but not compile-friendly on its own (Dynamo 
 - the optional inputs go to FA4's keywords as the registry names them
   (``varlen_compile.params.OPTIONAL_INPUTS``); the sink's gradient is ours (``ops``), so FA4's
   backward runs without the sink: with lse including the sink, dQ/dK/dV do not depend on it;
-- ``seqused_k``: keys past a sequence's used length get zero dK/dV (FA4 leaves them unwritten).
+- ``seqused_k``: keys past a sequence's used length get zero dK/dV (FA4 leaves them unwritten);
+- FA4's per-call Python runs once per shapes and options; later calls launch the kernels it
+  chose directly (:mod:`.fa4_replay`).
 
 What FA4 can serve is decided in ``varlen_compile.eligibility.fa4_unsupported``.
 """
@@ -33,9 +35,13 @@ import torch
 from varlen_compile import _compat
 from varlen_compile.params import AttnOptions, BatchLayout, OptionalInputs, Side, optional_inputs_of
 
+from .fa4_replay import Replayer
 from .launcher import sanitized_offsets
 
 __all__ = ["backward", "forward"]
+
+_FORWARD, _BACKWARD = Replayer("_flash_attn_fwd"), Replayer("_flash_attn_bwd")
+"""FA4's two calls, replayed per shapes and options without FA4's Python (:mod:`.fa4_replay`)."""
 
 
 def _window(options: AttnOptions, total_q: int, total_k: int) -> tuple[int | None, int | None]:
@@ -96,8 +102,8 @@ def forward(
     cu_seq_q, cu_seq_k, optional = _sanitized(layout, optional, total_q, total_k)
     if lse is None:
         lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=query.device)
-    out, lse, *_ = interface._flash_attn_fwd(
-        query, key, value, cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k, return_lse=True, lse=lse,
+    out, lse, *_ = _FORWARD(
+        interface, q=query, k=key, v=value, cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k, return_lse=True, lse=lse,
         **_fixed_keywords(options, head_dim, total_q, total_k), **_keywords(optional, "forward"),
     )
     # Rows with no key: +inf as in our kernels and aten flash (FA4 may write -inf there).
@@ -129,8 +135,8 @@ def backward(
     if "seqused_k" in optional:  # FA4 leaves the rows of unused keys unwritten
         grad_key.zero_()
         grad_value = value.new_zeros(value.shape) if grad_value is None else grad_value.zero_()
-    dq, dk, dv = interface._flash_attn_bwd(
-        query, key, value, out, grad_out, lse, cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k,
+    dq, dk, dv = _BACKWARD(
+        interface, q=query, k=key, v=value, out=out, dout=grad_out, lse=lse, cu_seqlens_q=cu_seq_q, cu_seqlens_k=cu_seq_k,
         dq=grad_query, dk=grad_key, dv=grad_value,
         **_fixed_keywords(options, query.shape[-1], total_q, total_k), **_keywords(optional, "backward"),
     )[:3]

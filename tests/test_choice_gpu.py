@@ -72,7 +72,9 @@ def _fresh_dynamo():
 
 @pytest.fixture
 def fa4_calls(monkeypatch):
-    """Counts the calls that reach FA4's forward and backward."""
+    """Counts the calls that reach FA4's forward and backward (replay off, so that each of our
+    FA4 calls reaches FA4's entry points; the replay has its own tests)."""
+    monkeypatch.setattr(config, "fa4_replay", False)
     interface, _ = _compat.fa4_interface()
     calls = {"fwd": 0, "bwd": 0}
     forward, backward = interface._flash_attn_fwd, interface._flash_attn_bwd
@@ -171,6 +173,60 @@ def test_fa4_matches_reference(name, mode, fa4_calls):
         assert FA4_FWD in source and FA4_BWD in source
         assert FWD_KERNEL not in source and BWD_KERNEL not in source
     _check(name, case, inputs, out, lse, grads, grad_out, grad_lse)
+
+
+REPLAYED = ["d128-causal-gqa", "d64-full", "d128-window", "softcap-causal", "sink-window", "seqused-causal",
+            "mla-d192-dv128-causal", "d64-fp16-causal"]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("name", REPLAYED)
+def test_replayed_fa4_calls_give_fa4s_own_results(name, mode, monkeypatch):
+    """With FA4's calls replayed (lowering/fa4_replay.py; from a key's first call without a
+    compile on), steps launch FA4's kernels without FA4's Python and give what FA4's own calls
+    give: the forward bit for bit, the gradients under the error rule (FA4's backward
+    accumulates dQ with atomics, so its bits vary between runs)."""
+    from varlen_compile.lowering import fa4 as adapter
+
+    case = CASES[name]
+    inputs = _inputs(**case)
+    leaves = [inputs[n].clone().requires_grad_() for n in ("q", "k", "v")]
+    sink = inputs["sink"].clone().requires_grad_() if inputs["sink"] is not None else None
+    wrt = leaves + ([sink] if sink is not None else [])
+    call = torch.compile(_call, fullgraph=True) if mode == "compiled" else _call
+    entered = {"fwd": 0, "bwd": 0}
+    interface, _ = _compat.fa4_interface()
+    for side, name_ in (("fwd", "_flash_attn_fwd"), ("bwd", "_flash_attn_bwd")):
+        function = getattr(interface, name_)
+
+        def counted(*args, _function=function, _side=side, **kwargs):
+            entered[_side] += 1
+            return _function(*args, **kwargs)
+
+        counted.compile_cache = function.compile_cache
+        monkeypatch.setattr(interface, name_, counted)
+    adapter._FORWARD.clear()
+    adapter._BACKWARD.clear()
+    grads_in = {}
+
+    def step():
+        out, lse = call(inputs, *leaves, sink, case)
+        if not grads_in:
+            grads_in.update(out=torch.randn_like(out), lse=torch.randn_like(lse))
+        grads = torch.autograd.grad((out, lse), wrt, (grads_in["out"], grads_in["lse"]))
+        return out.detach().clone(), lse.detach().clone(), grads
+
+    with config.patch(kernel="fa4", fa4_replay=False):
+        own = step()
+    with config.patch(kernel="fa4"):
+        for _ in range(3):
+            step()
+        before = dict(entered)
+        replayed = step()
+    assert entered == before, f"FA4's Python ran in a step that should have replayed: {before} -> {entered}"
+    assert any(adapter._FORWARD._plans.values()) and any(adapter._BACKWARD._plans.values())
+    assert torch.equal(replayed[0], own[0]) and torch.equal(replayed[1], own[1])
+    _check(name, case, inputs, replayed[0], replayed[1], replayed[2], grads_in["out"], grads_in["lse"])
 
 
 def test_forcing_triton_or_an_unservable_call_runs_the_template(fa4_calls):

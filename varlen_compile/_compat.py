@@ -5,6 +5,7 @@ Compare versions with :class:`packaging.version.Version`, never with strings.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -83,13 +84,13 @@ def triton_version() -> Version | None:
 FA4_VERSIONS = SpecifierSet(">=4.0.0b36,<4.1", prereleases=True)
 """flash-attn-4 releases the FA4 kernel choice accepts (the ``[fa4]`` extra pins the same range;
 tested: 4.0.0b36). Its varlen forward/backward entry points are private functions of
-``flash_attn.cute.interface``, so the keywords we pass are also checked against their
+``flash_attn.cute.interface``, so the keywords we pass (every argument is passed by keyword) are also checked against their
 signatures: a release that renamed one is refused with a logged reason, never called."""
 
 _FA4_FIXED_KEYWORDS = {
-    "forward": ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "softcap",
+    "forward": ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "softcap",
                 "window_size_left", "window_size_right", "return_lse", "lse"),
-    "backward": ("softmax_scale", "causal", "softcap", "window_size_left", "window_size_right", "cu_seqlens_q",
+    "backward": ("q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right", "cu_seqlens_q",
                  "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dq", "dk", "dv"),
 }
 
@@ -127,6 +128,13 @@ def fa4_interface() -> tuple[types.ModuleType | None, str]:
         if missing:
             return None, f"flash-attn-4 {version}: {name} lacks the arguments {missing}"
     return interface, ""
+
+
+def no_dispatch_modes() -> contextlib.AbstractContextManager:
+    """A block that runs with the current thread's ``TorchDispatchMode`` stack set aside."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
 
 
 @functools.cache

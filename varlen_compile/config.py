@@ -31,6 +31,11 @@ Inductor internal it does not know falls back to the op's eager implementation (
 so a user's compile never crashes on it; set this to re-raise instead (the test suite does, so
 that a bug of ours cannot hide behind the fallback). Read inside Inductor, not guarded on.
 
+``fa4_replay`` (env ``VARLEN_COMPILE_FA4_REPLAY=0`` to switch off): FlashAttention 4 calls
+behind our ops record, per shapes and options, the kernels FA4's Python launches and then launch
+them directly (``lowering.fa4_replay``), which saves most of FA4's host time per call. Read at
+run time, not guarded on.
+
 Set switches for a block of code with :func:`patch`.
 """
 
@@ -40,13 +45,14 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-__all__ = ["KERNELS", "check_offsets", "kernel", "patch", "strict_lowering"]
+__all__ = ["KERNELS", "check_offsets", "fa4_replay", "kernel", "patch", "strict_lowering"]
 
 KERNELS = ("auto", "triton", "fa4", "aten")
 
 check_offsets: bool = os.environ.get("VARLEN_COMPILE_CHECK_OFFSETS", "0") == "1"
 kernel: str = os.environ.get("VARLEN_COMPILE_KERNEL", "auto")
 strict_lowering: bool = os.environ.get("VARLEN_COMPILE_STRICT_LOWERING", "0") == "1"
+fa4_replay: bool = os.environ.get("VARLEN_COMPILE_FA4_REPLAY", "1") != "0"
 
 
 def checked_kernel() -> str:
@@ -66,7 +72,7 @@ def patch(**changes: object) -> Iterator[None]:
     """Set switches of this module for the ``with`` block, e.g.
     ``with varlen_compile.config.patch(kernel="fa4"): ...``. Calls traced inside the block are
     guarded on the values, so a function compiled inside it recompiles outside it."""
-    unknown = sorted(set(changes) - {"check_offsets", "kernel", "strict_lowering"})
+    unknown = sorted(set(changes) - {"check_offsets", "fa4_replay", "kernel", "strict_lowering"})
     if unknown:
         raise AttributeError(f"varlen_compile.config has no switch {unknown[0]!r}")
     if "kernel" in changes:
