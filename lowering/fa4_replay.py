@@ -105,8 +105,12 @@ class _Step:
     function: Callable[..., Any]
     args: tuple
     kwargs: dict[str, Any]
+    arg_slots: tuple[tuple[int, int], ...]
+    """``(position, slot)`` of the top-level tensor arguments."""
+    kwarg_slots: tuple[tuple[str, int], ...]
     nested: bool
-    """Whether a slot sits inside a list or tuple argument (else only at the top level)."""
+    """Whether a slot sits inside a list or tuple argument (then ``args``/``kwargs`` are filled
+    recursively)."""
     results: tuple[int, ...]
     """Positions in the flattened result (one tensor: position 0) whose tensors become new slots."""
     is_kernel: bool
@@ -124,6 +128,14 @@ def _flat_results(result: Any) -> list[Any]:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
+def _fast(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The cheapest callable with ``function``'s effect: ``Tensor.detach`` for aten's detach
+    (an alias without autograd history), the builtin behind an ``OpOverload``."""
+    if function is torch.ops.aten.detach.default:
+        return torch.Tensor.detach
+    return getattr(function, "_op", function) if isinstance(function, torch._ops.OpOverload) else function
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     steps: tuple[_Step, ...]
@@ -134,14 +146,25 @@ class _Plan:
         slots = list(inputs)
         for step in self.steps:
             if step.nested:
-                args, kwargs = _fill(step.args, slots), {name: _fill(v, slots) for name, v in step.kwargs.items()}
+                result = step.function(*_fill(step.args, slots),
+                                       **{name: _fill(value, slots) for name, value in step.kwargs.items()})
             else:
-                args = [slots[a] if type(a) is _Slot else a for a in step.args]
-                kwargs = {name: (slots[v] if type(v) is _Slot else v) for name, v in step.kwargs.items()}
-            result = step.function(*args, **kwargs)
+                args = list(step.args)
+                for position, slot in step.arg_slots:
+                    args[position] = slots[slot]
+                if step.kwarg_slots:
+                    kwargs = dict(step.kwargs)
+                    for name, slot in step.kwarg_slots:
+                        kwargs[name] = slots[slot]
+                    result = step.function(*args, **kwargs)
+                else:
+                    result = step.function(*args, **step.kwargs)
             if step.results:
-                flat = _flat_results(result)
-                slots.extend(flat[position] for position in step.results)
+                if len(step.results) == 1 and step.results[0] == 0 and isinstance(result, torch.Tensor):
+                    slots.append(result)
+                else:
+                    flat = _flat_results(result)
+                    slots.extend(flat[position] for position in step.results)
         return _fill(self.result, slots)
 
 
@@ -179,12 +202,18 @@ class _Recording(TorchDispatchMode):
         return value, False
 
     def _record(self, function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], is_kernel: bool) -> _Step:
-        template_args, nested = self._template(tuple(args))
-        template_kwargs = {}
+        template_args, template_kwargs, nested = [], {}, False
+        for value in args:
+            template, inner = self._template(value)
+            template_args.append(template)
+            nested = nested or inner
         for name, value in kwargs.items():
-            template_kwargs[name], nested_value = self._template(value)
-            nested = nested or nested_value
-        return _Step(function, template_args, template_kwargs, nested, (), is_kernel)
+            template_kwargs[name], inner = self._template(value)
+            nested = nested or inner
+        arg_slots = tuple((position, int(v)) for position, v in enumerate(template_args) if type(v) is _Slot)
+        kwarg_slots = tuple((name, int(v)) for name, v in template_kwargs.items() if type(v) is _Slot)
+        return _Step(_fast(function), tuple(template_args), template_kwargs, arg_slots, kwarg_slots, nested, (),
+                     is_kernel)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 -- the mode's protocol
         kwargs = kwargs or {}
