@@ -116,11 +116,18 @@ class _Step:
     is_kernel: bool
 
 
+def _rebuild(like: tuple | list, items: list[Any]) -> tuple | list:
+    """``items`` in ``like``'s type (a named tuple takes its fields positionally)."""
+    if isinstance(like, tuple) and hasattr(like, "_fields"):
+        return type(like)(*items)
+    return type(like)(items)
+
+
 def _fill(value: Any, slots: list[torch.Tensor]) -> Any:
     if type(value) is _Slot:
         return slots[value]
     if isinstance(value, (tuple, list)):
-        return type(value)(_fill(item, slots) for item in value)
+        return _rebuild(value, [_fill(item, slots) for item in value])
     return value
 
 
@@ -194,7 +201,7 @@ class _Recording(TorchDispatchMode):
             return _Slot(slot), depth > 0
         if isinstance(value, (tuple, list)) and depth < 4:
             items = [self._template(item, depth + 1) for item in value]
-            return type(value)(item for item, _ in items), any(nested for _, nested in items)
+            return _rebuild(value, [item for item, _ in items]), any(nested for _, nested in items)
         if _holds_tensor(value):
             raise _Refused(f"a constant argument holds a tensor ({type(value).__name__})")
         if "stream" in type(value).__name__.lower():
