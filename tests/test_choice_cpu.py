@@ -513,9 +513,11 @@ def _symbolic_batch(tokens: int, offsets: int):
 
 @pytest.fixture
 def fa4_could_run(monkeypatch):
-    """kernels_for's view of a compiled sm90 bf16 call at head dims 128 where FA4 can run."""
+    """kernels_for's view of a compiled sm90 bf16 call at head dims 128 where FA4 can run, with
+    no fitted costs (the default table decides; tests of the model set their own)."""
     from varlen_compile.lowering import choices
 
+    monkeypatch.setattr(choices, "COSTS", {9: {}})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(choices, "call_of_nodes", lambda *args, **kwargs: make_call(
         head_dims=(128, 128), options=AttnOptions(is_causal=True), compiled=True))

@@ -246,13 +246,14 @@ def test_forcing_triton_or_an_unservable_call_runs_the_template(fa4_calls):
 
 @pytest.fixture
 def any_batch_size(monkeypatch):
-    """The default table without its batch-size floor (FA4_MIN_ROWS), for the small test batches;
-    a fresh Inductor cache, since the floor is not part of the cache key."""
+    """The default table (no fitted costs) without its batch-size floor (FA4_MIN_ROWS), for the
+    small test batches; a fresh Inductor cache, since neither is part of the cache key."""
     from torch._inductor.utils import fresh_inductor_cache
 
     from varlen_compile.lowering import choices
 
     monkeypatch.setattr(choices, "FA4_MIN_ROWS", 0)
+    monkeypatch.setattr(choices, "COSTS", {})
     with fresh_inductor_cache():
         yield
 
@@ -283,15 +284,17 @@ def _assert_auto_runs(lengths: list[int], head_dim: int, fa4: bool, **compile_kw
 
 @pytest.mark.parametrize("lengths, fa4", [([6000, 6000, 5000], True), ([300, 0, 1, 77, 129, 5], False)], ids=["136k-rows", "4k-rows"])
 def test_auto_needs_enough_rows_for_fa4(lengths, fa4):
-    """Behind our op FA4 pays host time the template does not: the default table picks it only
-    from T_q * H_q >= 2**17 rows (here H_q = 8)."""
+    """Behind our op FA4 pays host time the template does not: the default choice keeps the
+    template on a small batch and picks FA4 on a large one (on sm90 at causal D128 the fitted
+    cost model decides, elsewhere the table's T_q * H_q >= 2**17 rows; here H_q = 8)."""
     _assert_auto_runs(lengths, 128, fa4)
 
 
 def test_auto_follows_the_batch_under_dynamic_shapes(fa4_calls):
     """Compiled once with dynamic shapes, the default choice is decided per batch through a
-    guard on the row rule: a 4k-row batch runs the template, a 136k-row batch recompiles once
-    and runs FA4, and batches of either size after that reuse their graph."""
+    guard (the cost model's comparison, or the table's row rule): a 4k-row batch runs the
+    template, a 136k-row batch recompiles once and runs FA4, and batches of either size after
+    that reuse their graph."""
     from torch._inductor.utils import fresh_inductor_cache
 
     torch._dynamo.reset()
