@@ -18,6 +18,10 @@ microseconds. A compiled graph calls FA4 with the same shapes and options every 
   served by FA4's own call from then on.
 - **Replay.** The ops and kernels in order on this call's tensors; the result built as FA4
   built it.
+- **Only keys that repeat.** A plan holds the sizes of what FA4 allocates, so a key includes
+  the token counts. A key's first call is FA4's own; the second is recorded. Batches whose
+  token counts change every call therefore pay only the key (a few microseconds) on top of
+  FA4's call, never a recording; at most :data:`MAX_KEYS` keys are remembered (oldest first out).
 
 The key holds what FA4's Python decides by: every non-tensor argument's value, every tensor
 argument's shape, strides, dtype, device, ``requires_grad`` and 16-byte alignment, the grad
@@ -46,9 +50,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from varlen_compile import _compat, config
 
-__all__ = ["ATTEMPTS", "REPLAYABLE_OPS", "Replayer"]
+__all__ = ["ATTEMPTS", "MAX_KEYS", "REPLAYABLE_OPS", "Replayer"]
 
 log = logging.getLogger(__name__)
+
+MAX_KEYS = 4096
+"""Keys remembered per FA4 function (calls seen, plans, refusals); the oldest go first."""
 
 ATTEMPTS = 3
 """Recording tries per key before it is left to FA4's own call (a try that compiled a kernel
@@ -308,6 +315,13 @@ def _compile_caches(package: str) -> list[tuple[Any, Any]]:
 _RECORD_LOCK = threading.Lock()
 
 
+def _remember(table: dict[tuple, Any], key: tuple, value: Any) -> None:
+    """``table[key] = value``, dropping the oldest key beyond :data:`MAX_KEYS`."""
+    table[key] = value
+    if len(table) > MAX_KEYS:
+        table.pop(next(iter(table)))
+
+
 def _tensor_key(tensor: torch.Tensor) -> tuple:
     return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor.requires_grad,
             tensor.data_ptr() % 16)
@@ -321,10 +335,12 @@ class Replayer:
         self.name, self.package = name, package
         self._plans: dict[tuple, _Plan | None] = {}
         self._tries: dict[tuple, int] = {}
+        self._seen: dict[tuple, int] = {}
 
     def clear(self) -> None:
         self._plans.clear()
         self._tries.clear()
+        self._seen.clear()
 
     def __call__(self, interface: Any, **kwargs: Any) -> Any:
         function = getattr(interface, self.name)
@@ -338,6 +354,9 @@ class Replayer:
         if plan:
             return plan.run(inputs)
         if plan is None or self._tries.get(key, 0) >= ATTEMPTS:
+            return function(**kwargs)
+        if key not in self._seen:  # a key's first call: FA4's own (most keys never repeat)
+            _remember(self._seen, key, 1)
             return function(**kwargs)
         return self._record(key, function, kwargs, inputs)
 
@@ -359,7 +378,7 @@ class Replayer:
         if not _RECORD_LOCK.acquire(blocking=False):  # another thread is recording: call plainly
             return function(**kwargs)
         try:
-            self._tries[key] = self._tries.get(key, 0) + 1
+            _remember(self._tries, key, self._tries.get(key, 0) + 1)
             recording = _Recording(inputs)
             caches = _compile_caches(self.package)
             for owner, cache in caches:
@@ -371,11 +390,12 @@ class Replayer:
                 for owner, cache in caches:
                     owner.compile_cache = cache
             try:
-                self._plans[key] = recording.plan(result)
-                log.debug("FA4 %s: replaying a plan of %d steps from now on", self.name, len(self._plans[key].steps))
+                plan = recording.plan(result)
+                _remember(self._plans, key, plan)
+                log.debug("FA4 %s: replaying a plan of %d steps from now on", self.name, len(plan.steps))
             except _Refused as error:
                 if not recording.compiled:
-                    self._plans[key] = None
+                    _remember(self._plans, key, None)
                 log.debug("FA4 %s: no plan for this key (%s)", self.name, error)
             return result
         finally:

@@ -134,9 +134,9 @@ def test_a_recorded_call_is_replayed_with_the_same_results(package):
         out, lse, rest = replayer(module, **kwargs)
         assert rest is None and lse is kwargs["lse"]  # FA4's return value, as FA4 builds it
         assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
-    # the comparison calls run the entry point themselves (the first compiles), so the
-    # replayer's first call is recorded and the other four launch the kernel alone
-    assert module.python_calls.count("fwd") == 5 + 1
+    # the comparison calls run the entry point themselves; of the replayer's, the first is
+    # FA4's own, the second is recorded, and the other three launch the kernel alone
+    assert module.python_calls.count("fwd") == 5 + 2
     assert len(module.kernel_calls) == 10 and len(module.compiles) == 1
 
 
@@ -146,14 +146,13 @@ def test_a_new_shape_or_option_is_a_new_key(package):
     for kwargs in (_inputs(), _inputs(), _inputs(tokens=9), _inputs(tokens=9), {**_inputs(), "causal": False},
                    {**_inputs(), "causal": False}):
         replayer(module, **kwargs)
-    # each key runs the entry point until a call is recorded: 2 calls for the first (it compiles),
-    # 1 for the 9-token batch (same kernel), 2 for non-causal (a new kernel)
-    assert module.python_calls == ["fwd"] * 5
+    # each key runs the entry point twice: FA4's own call, then the recorded one
+    assert module.python_calls == ["fwd"] * 6
     for kwargs in (_inputs(seed=3), _inputs(tokens=9, seed=4), {**_inputs(seed=5), "causal": False}):
         out, _, _ = replayer(module, **kwargs)
         expected, _ = _attention(kwargs["q"], kwargs["k"], kwargs["v"], kwargs["softmax_scale"], kwargs["causal"])
         assert torch.equal(out, expected)
-    assert module.python_calls == ["fwd"] * 5
+    assert module.python_calls == ["fwd"] * 6
 
 
 def test_strides_and_alignment_are_part_of_the_key(package):
@@ -186,7 +185,7 @@ def test_replayed_backward_allocates_zeroes_and_writes_given_buffers(package):
         assert grads[0] is dq
         for got, want in zip(grads, expected):
             assert torch.equal(got, want)
-    assert module.python_calls.count("bwd") == 4 + 1
+    assert module.python_calls.count("bwd") == 4 + 2
 
 
 @pytest.mark.parametrize("why, options", [
@@ -204,6 +203,20 @@ def test_a_record_that_cannot_be_accounted_for_is_never_replayed(package, why, o
         assert torch.equal(out, expected), why
     assert module.python_calls == ["fwd"] * 4, why  # FA4's own call every time
     assert not any(replayer._plans.values())
+
+
+def test_batches_whose_sizes_never_repeat_are_never_recorded(package, monkeypatch):
+    """Token counts that change every call: each key's one call is FA4's own, no recording
+    (its dispatch mode would cost more than it saves), and the keys remembered stay bounded."""
+    monkeypatch.setattr(fa4_replay, "MAX_KEYS", 8)
+    module = package()
+    replayer = Replayer("_flash_attn_fwd", package=PACKAGE)
+    for tokens in range(1, 30):
+        kwargs = _inputs(tokens=tokens, seed=tokens)
+        out, _, _ = replayer(module, **kwargs)
+        assert torch.equal(out, _attention(kwargs["q"], kwargs["k"], kwargs["v"], kwargs["softmax_scale"], True)[0])
+    assert module.python_calls == ["fwd"] * 29
+    assert not replayer._tries and not replayer._plans and len(replayer._seen) == 8
 
 
 def test_a_key_that_compiles_on_every_call_stops_being_recorded(package):
