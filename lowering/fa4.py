@@ -40,7 +40,7 @@ from .launcher import sanitized_offsets
 
 __all__ = ["backward", "forward"]
 
-_FORWARD, _BACKWARD = Replayer("_flash_attn_fwd"), Replayer("_flash_attn_bwd")
+_FORWARD, _BACKWARD = (Replayer(name, audited=_compat.fa4_replay_audited) for name in ("_flash_attn_fwd", "_flash_attn_bwd"))
 """FA4's two calls, replayed per shapes and options without FA4's Python (:mod:`.fa4_replay`)."""
 
 

@@ -29,8 +29,11 @@ mode, the deterministic-algorithms flag and the current device. FA4 never reads 
 values on the host (it would sync), so two calls of one key take the same path.
 
 A kernel FA4 launched other than through a ``compile_cache`` would be missing from a plan; in
-flash-attn-4 4.0.0b36 every launch goes through one (``_compat.FA4_VERSIONS`` pins the versions
-this was read from), and the GPU tests check replayed results against FA4's own bit for bit.
+flash-attn-4 4.0.0b36 every launch goes through one, and only the releases read for it
+(``_compat.FA4_REPLAY_VERSIONS``) are replayed. The GPU tests check replayed results against
+FA4's own. FA4's environment switches (``FLASH_ATTENTION_*``) and its log level count as fixed
+for the process: a plan keeps the choice FA4 made when it was recorded. Two arguments that are
+one tensor (``k is v``) are part of the key.
 Switch it off with ``varlen_compile.config.fa4_replay = False`` (env
 ``VARLEN_COMPILE_FA4_REPLAY=0``).
 """
@@ -89,20 +92,22 @@ _CONSTANT_TYPES = (int, float, bool, str, type(None), torch.dtype, torch.device,
                    enum.Enum)
 
 
-def _holds_tensor(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` (a constant of a recorded step) holds a tensor anywhere we can see."""
-    if isinstance(value, torch.Tensor):
+def _plain_constant(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` (a non-tensor argument of a recorded step) is made only of plain
+    constants (numbers, strings, dtypes, devices, enums) in tuples, lists, dicts and dataclasses:
+    a value a plan may reuse as it is. A tensor anywhere, an object of any other type (which
+    could hold a tensor or a stream where we cannot see) or nesting past 8 levels is not."""
+    if isinstance(value, _CONSTANT_TYPES):
         return True
-    if isinstance(value, _CONSTANT_TYPES) or depth > 8:
+    if isinstance(value, torch.Tensor) or depth > 8:
         return False
-    if isinstance(value, Mapping):
-        return any(_holds_tensor(item, depth + 1) for item in value.values())
-    if isinstance(value, (tuple, list, set, frozenset)):
-        return any(_holds_tensor(item, depth + 1) for item in value)
-    if dataclasses.is_dataclass(value):
-        return any(_holds_tensor(getattr(value, field.name), depth + 1) for field in dataclasses.fields(value))
-    fields = getattr(value, "__dict__", None)
-    return fields is not None and any(_holds_tensor(item, depth + 1) for item in fields.values())
+    if isinstance(value, (tuple, list)):
+        return all(_plain_constant(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(_plain_constant(item, depth + 1) for item in (*value.keys(), *value.values()))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(_plain_constant(getattr(value, field.name), depth + 1) for field in dataclasses.fields(value))
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,10 +214,8 @@ class _Recording(TorchDispatchMode):
         if isinstance(value, (tuple, list)) and depth < 4:
             items = [self._template(item, depth + 1) for item in value]
             return _rebuild(value, [item for item, _ in items]), any(nested for _, nested in items)
-        if _holds_tensor(value):
-            raise _Refused(f"a constant argument holds a tensor ({type(value).__name__})")
-        if "stream" in type(value).__name__.lower():
-            raise _Refused(f"a constant argument is a stream ({type(value).__name__})")
+        if not _plain_constant(value):
+            raise _Refused(f"a constant argument is not a plain constant ({type(value).__name__})")
         return value, False
 
     def _record(self, function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], is_kernel: bool) -> _Step:
@@ -294,6 +297,9 @@ class _CacheProxy:
         self._cache[key] = value
 
     def __getattr__(self, name: str) -> Any:
+        # Any other use of the cache (``get``, its dict) could reach a kernel unrecorded.
+        if threading.get_ident() == self._recording.thread:
+            self._recording.refuse(f"FA4 used its compile cache's {name!r}")
         return getattr(self._cache, name)
 
 
@@ -319,7 +325,10 @@ def _remember(table: dict[tuple, Any], key: tuple, value: Any) -> None:
     """``table[key] = value``, dropping the oldest key beyond :data:`MAX_KEYS`."""
     table[key] = value
     if len(table) > MAX_KEYS:
-        table.pop(next(iter(table)))
+        try:
+            table.pop(next(iter(table)), None)
+        except (StopIteration, RuntimeError):  # emptied or resized by another thread meanwhile
+            pass
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:
@@ -329,10 +338,13 @@ def _tensor_key(tensor: torch.Tensor) -> tuple:
 
 class Replayer:
     """One FA4 function (``interface.<name>``), called with keywords only, replayed per key
-    (see the module docstring). ``package``: the modules whose compile caches are watched."""
+    (see the module docstring). ``package``: the modules whose compile caches are watched;
+    ``audited``: whether the installed FA4 is one whose calls may be replayed (else every call
+    is FA4's own)."""
 
-    def __init__(self, name: str, package: str = "flash_attn.cute") -> None:
-        self.name, self.package = name, package
+    def __init__(self, name: str, package: str = "flash_attn.cute",
+                 audited: Callable[[], bool] = lambda: True) -> None:
+        self.name, self.package, self.audited = name, package, audited
         self._plans: dict[tuple, _Plan | None] = {}
         self._tries: dict[tuple, int] = {}
         self._seen: dict[tuple, int] = {}
@@ -344,7 +356,7 @@ class Replayer:
 
     def __call__(self, interface: Any, **kwargs: Any) -> Any:
         function = getattr(interface, self.name)
-        if not config.fa4_replay:
+        if not config.fa4_replay or not self.audited():
             return function(**kwargs)
         key, inputs = self._key(kwargs)
         try:
@@ -371,6 +383,9 @@ class Replayer:
                 parts.append((name, value))
         if inputs and inputs[0].is_cuda:
             parts.append(torch.cuda.current_device())
+        if len({id(tensor) for tensor in inputs}) < len(inputs):  # one tensor passed twice (k is v)
+            first: dict[int, int] = {}
+            parts.append(tuple(first.setdefault(id(tensor), index) for index, tensor in enumerate(inputs)))
         return tuple(parts), inputs
 
     def _record(self, key: tuple, function: Callable[..., Any], kwargs: dict[str, Any],

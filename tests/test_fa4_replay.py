@@ -288,3 +288,63 @@ def test_the_replay_module_reads_no_value_on_the_host():
     """The ops a plan may replay allocate, fill, view or copy: none of them reads a value."""
     names = {packet.__name__ for packet in fa4_replay.REPLAYABLE_OPS}
     assert not names & {"item", "_local_scalar_dense", "nonzero", "masked_select", "sum", "max", "equal"}
+
+
+def test_one_tensor_passed_twice_is_part_of_the_key(package):
+    """A plan recorded with ``k is v`` must not serve a call with separate k and v of the same
+    metadata (it would read v as the keys)."""
+    module = package()
+    replayer = Replayer("_flash_attn_fwd", package=PACKAGE)
+    for call in range(3):
+        shared = _inputs(seed=call)
+        shared["k"] = shared["v"]
+        replayer(module, **shared)
+    assert any(replayer._plans.values())
+    for call in range(3, 6):
+        kwargs = _inputs(seed=call)
+        out, _, _ = replayer(module, **kwargs)
+        expected, _ = _attention(kwargs["q"], kwargs["k"], kwargs["v"], kwargs["softmax_scale"], True)
+        assert torch.equal(out, expected)
+
+
+def test_an_fa4_release_not_read_for_replay_is_called_as_it_is(package):
+    module = package()
+    replayer = Replayer("_flash_attn_fwd", package=PACKAGE, audited=lambda: False)
+    for call in range(4):
+        replayer(module, **_inputs(seed=call))
+    assert module.python_calls == ["fwd"] * 4 and not replayer._plans and not replayer._seen
+
+
+def test_only_the_audited_release_is_replayed():
+    from varlen_compile import _compat
+
+    assert str(_compat.FA4_REPLAY_VERSIONS) == "==4.0.0b36"
+    assert "4.0.0b37" not in _compat.FA4_REPLAY_VERSIONS and "4.0.0b36" in _compat.FA4_VERSIONS
+
+
+class _Opaque:
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+@pytest.mark.parametrize("value, plain", [
+    (3, True), (None, True), ((1, 2.0, "x", torch.bfloat16), True), (Aux(None, None), True),
+    ({"a": [1, 2]}, True), (torch.zeros(1), False), ([torch.zeros(1)], False), (Aux([torch.zeros(1)]), False),
+    (_Opaque(torch.zeros(1)), False), (object(), False),
+])
+def test_only_plain_constants_are_kept_in_a_plan(value, plain):
+    assert fa4_replay._plain_constant(value) is plain
+
+
+def test_other_uses_of_a_compile_cache_refuse_the_record(package):
+    """``cache.get(key)`` (or the cache's own dict) would reach a kernel past the recording."""
+    holder = {}
+    module = package(host_op=lambda q: holder["module"]._flash_attn_fwd.compile_cache.get)
+    holder["module"] = module
+    replayer = Replayer("_flash_attn_fwd", package=PACKAGE)
+    for call in range(4):
+        replayer(module, **_inputs(seed=call))
+    assert module.python_calls == ["fwd"] * 4
+    assert replayer._plans and not any(replayer._plans.values())  # recorded once, refused

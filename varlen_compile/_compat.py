@@ -87,6 +87,11 @@ tested: 4.0.0b36). Its varlen forward/backward entry points are private function
 ``flash_attn.cute.interface``, so the keywords we pass (every argument is passed by keyword) are also checked against their
 signatures: a release that renamed one is refused with a logged reason, never called."""
 
+FA4_REPLAY_VERSIONS = SpecifierSet("==4.0.0b36", prereleases=True)
+"""flash-attn-4 releases whose entry points were read for ``lowering.fa4_replay`` (every kernel
+launched through a function's ``compile_cache``, no tensor cached across calls): other releases
+in :data:`FA4_VERSIONS` are called as they are, never replayed."""
+
 _FA4_FIXED_KEYWORDS = {
     "forward": ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "softcap",
                 "window_size_left", "window_size_right", "return_lse", "lse"),
@@ -104,6 +109,15 @@ def _fa4_keywords(side: str) -> tuple[str, ...]:
 
 
 FA4_FORWARD_KEYWORDS, FA4_BACKWARD_KEYWORDS = _fa4_keywords("forward"), _fa4_keywords("backward")
+
+
+@functools.cache
+def fa4_replay_audited() -> bool:
+    """Whether the installed flash-attn-4 is one :data:`FA4_REPLAY_VERSIONS` names."""
+    try:
+        return Version(importlib.metadata.version("flash-attn-4")) in FA4_REPLAY_VERSIONS
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 @functools.cache
