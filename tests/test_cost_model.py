@@ -329,3 +329,44 @@ def test_grid_kernels_are_named_from_the_grids_kernels(text, expected):
             run._grid_kernels(text)
     else:
         assert run._grid_kernels(text) == expected
+
+
+def test_host_rows_time_each_graph_in_rotating_rounds(monkeypatch):
+    """Each graph is compiled once (each kernel under its own switch) and timed once per round,
+    the order rotating; a kernel's host time is the median over rounds of its time less that
+    round's floor, so a slow first timing (here the floor's, first of the first round) does not
+    decide it."""
+    from benchmarks import harness
+    from benchmarks.harness import Case
+    from varlen_compile import config
+
+    monkeypatch.setattr(grid, "make_inputs", lambda case: harness.make_inputs(case, device="cpu"))
+    state, builds, timed = {}, [], []
+    costs = {"floor": (10e-6, 20e-6), "triton": (15e-6, 30e-6), "fa4": (25e-6, 60e-6)}  # forward, step
+
+    def built(name):
+        def attention(q, k, v):
+            state["name"], state["backward"] = name, False
+            out = q * 1.0
+            out.register_hook(lambda grad: state.__setitem__("backward", True))
+            return out
+
+        builds.append(name)
+        return harness.Built(attention, [])
+
+    def host_time(fn, calls, warmup=0):
+        fn()
+        if not state["backward"]:
+            timed.append(state["name"])
+        seconds = costs[state["name"]][state["backward"]] + (1e-3 if len(timed) == 1 and not state["backward"] else 0)
+        return seconds, seconds
+
+    monkeypatch.setattr(harness, "build_floor", lambda case, x: built("floor"))
+    monkeypatch.setattr(harness, "build_ours", lambda case, x: built(config.kernel))
+    monkeypatch.setattr(harness, "host_time", host_time)
+    rows = grid.host_rows(Case("tiny", (8, 5), 2, 1, 16, True), calls=2)
+    assert builds == ["floor", "triton", "fa4"]
+    assert timed == ["floor", "triton", "fa4", "triton", "fa4", "floor", "fa4", "floor", "triton"]
+    seconds = {(row["kernel"], row["side"]): row["seconds"] for row in rows}
+    assert seconds == pytest.approx({("triton", "forward"): 5e-6, ("triton", "backward"): 5e-6,
+                                     ("fa4", "forward"): 15e-6, ("fa4", "backward"): 25e-6})
