@@ -51,6 +51,8 @@ class Case:
     ``head_dim``. ``seqused_k_trim``: with it, sequence ``i`` uses only its first
     ``max(lengths[i] - trim, 0)`` keys (``seqused_k``). ``page_size`` > 0: K/V in pages of that
     size scattered over a pool (``ordered_pages``: each sequence's pages adjacent), forward only.
+    ``hints``: our op gets the ``max_q``/``max_k`` ints, as ``torch.nn.attention.varlen`` callers
+    pass them (the default choice's cost model reads ``max_k``).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Case:
     seqused_k_trim: int | None = None
     page_size: int = 0
     ordered_pages: bool = False
+    hints: bool = False
 
     @property
     def value_dim(self) -> int:
@@ -283,6 +286,8 @@ def varlen_kwargs(case: Case, x: Inputs) -> dict:
         kwargs["window_size"] = case.window
     if case.softcap:
         kwargs["softcap"] = case.softcap
+    if case.hints:
+        kwargs.update(max_q=x.max_q, max_k=x.max_k)
     return kwargs
 
 

@@ -312,6 +312,49 @@ def test_auto_follows_the_batch_under_dynamic_shapes(fa4_calls):
             assert counter.frame_count == frames, (len(lengths), counter.frame_count)
 
 
+def _hint_reading_costs() -> dict:
+    """Cost-model coefficients for sm90, D64 causal, under which the skewed batch of
+    :func:`test_auto_reads_the_max_hint` goes to FA4 only when its ``max_k`` hint is known:
+    FA4-like (more host time, less per pair) against a template-like lean kernel."""
+    from varlen_compile.lowering.cost_model import FEMTOSECONDS, CostKey, KernelCost
+
+    us = FEMTOSECONDS // 10**6
+    costs = {"fa4": KernelCost(host=60 * us, launch=8 * us, row=1_000, sequence=100_000, pair=600),
+             "triton": KernelCost(host=20 * us, launch=5 * us, row=2_000, sequence=200_000, pair=1_000)}
+    return {9: {CostKey(side, 64, 64, causal=True): costs for side in ("forward", "backward")}}
+
+
+def test_auto_reads_the_max_hint(fa4_calls, monkeypatch):
+    """One 16k-token sequence among 63 of 64 tokens: equal lengths of the same count predict
+    little attention (the template), the ``max_k`` hint shows the work (FA4). Under dynamic
+    shapes the hint is a size like the others: an even batch with its own hint runs the template
+    after one recompile, and both graphs are reused after that."""
+    from torch._inductor.utils import fresh_inductor_cache
+
+    from varlen_compile.lowering import choices
+
+    monkeypatch.setattr(choices, "COSTS", _hint_reading_costs())
+    skewed, even = [16384] + [64] * 63, [320] * 64
+    with fresh_inductor_cache():
+        for hinted, fa4 in ((False, False), (True, True)):
+            torch._dynamo.reset()
+            before = dict(fa4_calls)
+            q, k, v, cu_q, cu_k, max_q, max_k = _batch(skewed, head_dim=64)
+            out = torch.compile(attention, fullgraph=True)(q, k, v, cu_q, cu_k, *((max_q, max_k) if hinted else (None, None)))
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            assert (fa4_calls["fwd"] > before["fwd"] and fa4_calls["bwd"] > before["bwd"]) is fa4, (hinted, fa4_calls)
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(attention, backend=counter, fullgraph=True, dynamic=True)
+        for lengths, fa4, frames in ((skewed, True, 1), (even, False, 2), (skewed, True, 2), (even, False, 2)):
+            before = dict(fa4_calls)
+            q, k, v, cu_q, cu_k, max_q, max_k = _batch(lengths, head_dim=64)
+            out = compiled(q, k, v, cu_q, cu_k, max_q, max_k)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            assert (fa4_calls["fwd"] > before["fwd"]) is fa4, (lengths[0], fa4_calls)
+            assert counter.frame_count == frames, (lengths[0], counter.frame_count)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_deterministic_algorithms_keep_the_backward_off_fa4(compiled, fa4_calls):
     """kernel="fa4" under torch.use_deterministic_algorithms(True): the forward runs FA4, the

@@ -117,15 +117,19 @@ def test_symbolic_sizes_give_the_same_answer_through_guards():
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_at_most_two_comparisons_are_read(cuda_graphs):
+@pytest.mark.parametrize("hinted", [False, True])
+def test_at_most_two_comparisons_are_read_per_bound(cuda_graphs, hinted):
     """Each comparison read is a guard in a compiled graph: at most two per decision (one under
-    CUDA graphs), whichever kernel has more host time."""
+    CUDA graphs), whichever kernel has more host time; twice that with a ``max_k`` hint (each
+    comparison with a root is read as two without one)."""
+    limit = (1 if cuda_graphs else 2) * (2 if hinted else 1)
     for candidate, incumbent in ((HEAVY, LEAN), (LEAN, HEAVY)):
         for tokens, sequences in ((1024, 8), (8192, 4), (131072, 2), (65536, 256)):
+            sizes = {**_sizes(tokens, sequences), **({"max_k": tokens // 2} if hinted else {})}
             read = []
-            cost_model.faster(candidate, incumbent, _sizes(tokens, sequences), True, cuda_graphs,
+            cost_model.faster(candidate, incumbent, sizes, True, cuda_graphs,
                               decide=lambda relation: read.append(relation) or bool(relation))
-            assert 1 <= len(read) <= (1 if cuda_graphs else 2), (tokens, sequences, read)
+            assert 1 <= len(read) <= limit, (tokens, sequences, read)
 
 
 def test_causal_pairs_stop_at_the_keys():
@@ -135,6 +139,107 @@ def test_causal_pairs_stop_at_the_keys():
     assert cost_model.scaled_pairs(300, 100, False) == 2 * 300 * 100
     t, k = sympy.symbols("t k", positive=True, integer=True)
     assert cost_model.scaled_pairs(t, k, True).subs({t: 300, k: 100}) == cost_model.scaled_pairs(300, 100, True)
+
+
+def _wall_us_skewed(cost: KernelCost, tokens: int, sequences: int, heads: int, causal: bool, max_k: int,
+                    cuda_graphs: bool = False) -> float:
+    """The model with a ``max_k`` hint written out by hand: the equal-length pairs times
+    ``sqrt(N * max_k / T)``."""
+    length = tokens / sequences
+    pairs = sequences * (length * length - (length * length / 2 if causal else 0.0))
+    pairs *= (sequences * max_k / tokens) ** 0.5
+    gpu = cost.launch + cost.row * heads * tokens + cost.sequence * heads * sequences + cost.pair * heads * pairs
+    return max(0 if cuda_graphs else cost.host, gpu) / US
+
+
+def _random_skewed(rng: random.Random) -> tuple[int, int, int, int]:
+    """``(tokens, sequences, heads, max_k)`` of a random packed batch (``max_k`` at least the mean
+    length, at most the tokens)."""
+    sequences = rng.randint(1, 256)
+    tokens = sequences * rng.randint(1, 2048)
+    return tokens, sequences, rng.choice((8, 16, 32)), rng.randint(tokens // sequences, tokens)
+
+
+def test_a_max_hint_scales_the_pairs_by_the_root_of_the_skew():
+    rng = random.Random(1)
+    for _ in range(200):
+        tokens, sequences, heads, max_k = _random_skewed(rng)
+        for cost in (LEAN, HEAVY):
+            for causal in (True, False):
+                predicted = cost_model.predicted_seconds(cost, tokens, tokens, sequences, heads, causal, max_k=max_k) * 1e6
+                assert predicted == pytest.approx(_wall_us_skewed(cost, tokens, sequences, heads, causal, max_k), rel=1e-9)
+
+
+def test_a_hint_of_equal_lengths_changes_nothing():
+    """``max_k = T / N``: the bounds meet, and every answer is the one without a hint."""
+    for tokens, sequences in ((512, 8), (8192, 4), (131072, 64), (4096, 1)):
+        for causal in (True, False):
+            for cuda_graphs in (True, False):
+                sizes = _sizes(tokens, sequences)
+                hinted = {**sizes, "max_k": tokens // sequences}
+                for candidate, incumbent in ((HEAVY, LEAN), (LEAN, HEAVY)):
+                    assert cost_model.faster(candidate, incumbent, hinted, causal, cuda_graphs) is cost_model.faster(
+                        candidate, incumbent, sizes, causal, cuda_graphs)
+
+
+def test_faster_with_a_hint_is_the_comparison_of_the_predictions():
+    """Over random skewed batches, both kernel orders: ``faster`` with a hint answers exactly
+    whether the candidate's predicted wall time (the root computed in floating point) is lower."""
+    rng = random.Random(2)
+    for _ in range(1000):
+        tokens, sequences, heads, max_k = _random_skewed(rng)
+        causal, cuda_graphs = rng.random() < 0.5, rng.random() < 0.3
+        sizes = {**_sizes(tokens, sequences, heads), "max_k": max_k}
+        for candidate, incumbent in ((HEAVY, LEAN), (LEAN, HEAVY)):
+            mine = _wall_us_skewed(candidate, tokens, sequences, heads, causal, max_k, cuda_graphs)
+            theirs = _wall_us_skewed(incumbent, tokens, sequences, heads, causal, max_k, cuda_graphs)
+            if abs(mine - theirs) < 1e-6 * max(mine, theirs):
+                continue  # a tie within floating point: either answer is the model's
+            assert cost_model.faster(candidate, incumbent, sizes, causal, cuda_graphs) is (mine < theirs)
+
+
+def test_a_skewed_batch_goes_to_the_kernel_with_less_time_per_pair():
+    """One long sequence among short ones: equal lengths predict little attention and keep the
+    lean kernel; the hint shows the work, and the heavy kernel (less GPU time per pair) wins."""
+    lengths = [16384] + [64] * 63
+    tokens, sequences, longest = sum(lengths), len(lengths), max(lengths)
+    sizes = _sizes(tokens, sequences)
+    assert not cost_model.faster(HEAVY, LEAN, sizes, True, False)
+    assert cost_model.faster(HEAVY, LEAN, {**sizes, "max_k": longest}, True, False)
+    true_pairs = sum(length * (length + 1) // 2 for length in lengths)
+    heavy_gpu = HEAVY.launch + HEAVY.row * 16 * tokens + HEAVY.sequence * 16 * sequences + HEAVY.pair * 16 * true_pairs
+    lean_gpu = LEAN.launch + LEAN.row * 16 * tokens + LEAN.sequence * 16 * sequences + LEAN.pair * 16 * true_pairs
+    assert max(HEAVY.host, heavy_gpu) < max(LEAN.host, lean_gpu)  # the hinted answer is the right one here
+
+
+def test_symbolic_hints_give_the_same_answer_through_guards():
+    """Tokens, sequences and the hint as a ShapeEnv's backed sizes: the answer is the hints',
+    and the guards left hold for the same batch and fail for a batch on the other side."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.source import ConstantSource
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from varlen_compile.lowering import choices
+
+    tokens, sequences = 16384 + 63 * 64, 64
+    for longest, expected in ((16384, True), (128, False)):
+        env = ShapeEnv()
+        t, n, m = (env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+                   for hint, name in ((tokens, "t"), (sequences, "n"), (longest, "m")))
+        sizes = dict(tokens_q=t, tokens_k=t, sequences=n, heads_q=16, max_k=m)
+        with V.set_graph_handler(SimpleNamespace(sizevars=SizeVarAllocator(env))):
+            answer = cost_model.faster(HEAVY, LEAN, sizes, True, False, decide=choices.holds)
+        assert answer is expected is cost_model.faster(HEAVY, LEAN, {**_sizes(tokens, sequences), "max_k": longest},
+                                                       True, False)
+
+        def guards_hold(hint: int) -> bool:
+            return all(bool(guard.expr.subs({t: tokens, n: sequences, m: hint})) for guard in env.guards)
+
+        assert env.guards and guards_hold(longest)
+        assert not guards_hold(128 if expected else 16384)
 
 
 @pytest.mark.parametrize("field, value", [("host", -1), ("pair", 1.5), ("row", None)])
