@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from varlen_compile import config, varlen_attn
 
-from . import harness, internals
+from . import harness, internals, shapes
 from .harness import CASES, Attention, Case, Inputs, make_inputs
 
 HELP = """\
@@ -410,6 +410,9 @@ GPU_BOUND_CASES = harness._registry([
     Case("gqa-4x28k-causal", (28672,) * 4, 32, 8, 128, True),
     Case("d64-1x96k-causal", (95744,), 16, 16, 64, True),
     Case("d128-4x16k", (16384,) * 4, 16, 16, 128, False),
+    # 14 random lengths summing to 72322 (the training-like draw of benchmarks/shapes.py, seed 11,
+    # shape 24), 8 heads, D64, causal: unequal lengths, where max_seqlen bounds FA4's grid
+    Case("random-14x-d64-causal", shapes.random_shapes(30, 11, "train")[24].lengths, 8, 8, 64, True),
 ])
 """Batches large enough that the GPU, not the host, sets the time of one FA4 call."""
 
