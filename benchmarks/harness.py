@@ -52,7 +52,7 @@ class Case:
     ``max(lengths[i] - trim, 0)`` keys (``seqused_k``). ``page_size`` > 0: K/V in pages of that
     size scattered over a pool (``ordered_pages``: each sequence's pages adjacent), forward only.
     ``hints``: our op gets the ``max_q``/``max_k`` ints, as ``torch.nn.attention.varlen`` callers
-    pass them (the default choice's cost model reads ``max_k``).
+    pass them (the default choice's cost model reads them).
     """
 
     name: str

@@ -270,7 +270,8 @@ def default_picks_fa4(case: Case, arch_major: int, side: str = "forward") -> boo
     optional = OptionalInputs(sink=marker if case.sink else None, alibi_slopes=marker if case.alibi else None,
                               seqused_k=marker if case.seqused_k_trim is not None else None)
     sizes = dict(tokens_q=case.total_q, tokens_k=case.total, sequences=len(case.lengths), heads_q=case.heads_q,
-                 max_k=max(case.lengths, default=0) if case.hints else None)
+                 **({"max_q": max(case.query_lengths or case.lengths, default=0), "max_k": max(case.lengths, default=0)}
+                    if case.hints else {}))
     return choices.fa4_by_default(arch_major, side, (case.head_dim, case.value_dim), _options(case), optional, sizes,
                                   cuda_graphs=False)
 

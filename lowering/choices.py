@@ -164,8 +164,8 @@ def fa4_by_default(
 ) -> bool:
     """Whether the default choice gives a call FA4 (where FA4 can serve it): the cost model
     where fitted (FA4 predicted strictly faster than the template), else the default table.
-    ``sizes``: ``tokens_q``, ``tokens_k``, ``sequences``, ``heads_q`` and the optional ``max_k``
-    hint, which only the cost model reads (ints, or Inductor's symbolic sizes with
+    ``sizes``: ``tokens_q``, ``tokens_k``, ``sequences``, ``heads_q`` and the optional ``max_q``/
+    ``max_k`` hints, which only the cost model reads (ints, or Inductor's symbolic sizes with
     ``decide=holds``: a guard per comparison read)."""
     costs = fitted_costs(arch_major, side, head_dims, options, optional)
     if costs is not None:
@@ -197,7 +197,7 @@ def kernels_for(
         tokens_q, heads_q = query.get_size()[:2]
         sequences = 0 if layout.cu_seq_q is None else layout.cu_seq_q.get_size()[0] - 1
         sizes = dict(tokens_q=tokens_q, tokens_k=key.get_size()[0], sequences=sequences, heads_q=heads_q,
-                     max_k=layout.max_k)
+                     max_q=layout.max_q, max_k=layout.max_k)
         fa4_default = fa4_by_default(
             call.arch()[0], "backward" if backward else "forward", head_dims, options, optional, sizes,
             bool(inductor_config.triton.cudagraphs), decide=holds,

@@ -8,18 +8,22 @@ previous work, so whichever is longer sets the pace. The GPU time is linear in f
 
     gpu = launch + row * H_q * T_q + sequence * H_q * N + pair * H_q * pairs
 
-``pairs``, the (query, key) pairs one head attends, is unknown to the host; it lies between two
-bounds the host knows. Where queries and keys share one partition (self-attention) the lower
-bound is equal lengths: ``P_lo = T_q * T_k / N`` without a mask and ``(2 T_q T_k - T_q^2) / 2N``
-causal (bottom-right alignment; ``T_q <= T_k``), since ``sum L^2 >= T^2 / N``. With the caller's
-``max_k`` hint, no sequence is longer than it, so ``sum L^2 <= T * max_k``: the upper bound is
-``P_lo * r`` with ``r = N * max_k / T_k`` (1 for equal lengths). The model takes the geometric
-mean of the bounds, ``pairs = P_lo * sqrt(r)``: on random packed batches it is within 0.6x to
-1.8x of the true count (geomean 0.93 to 1.01 over six draws of 30 batches), where ``P_lo`` alone
-is up to 5.5x low. Without the hint ``pairs = P_lo``: skewed batches then attend more than
-predicted, so the model errs towards the kernel with the larger per-pair cost (the slower one on
-long sequences). A hint the batch exceeds makes the estimate low, a loose one high; neither
-affects correctness, only which kernel runs.
+``pairs``, the (query, key) pairs one head attends, is unknown to the host. The model's base
+value is equal lengths: ``P_lo = T_q * T_k / N`` without a mask and ``(2 T_q T_k - T_q^2) / 2N``
+causal (bottom-right alignment; ``T_q <= T_k``). Where queries and keys share one partition
+(self-attention) that is a lower bound, since ``sum L^2 >= T^2 / N``. The caller's max hints
+bound the pairs from above: each query attends at most ``max_k`` keys and each key is attended
+by at most ``max_q`` queries, so the pairs are at most ``P_lo * r`` with ``r`` the smaller of
+``N * max_k / T_k`` and ``N * max_q / T_q`` (:func:`skew`; 1 for equal lengths, and for one query
+per sequence as in decoding, whose pairs are exactly ``T_k``). The model takes the geometric mean
+of the bounds, ``pairs = P_lo * sqrt(r)``. Over six draws of 30 random packed batches
+(``benchmarks/shapes.py``, both distributions) the true count is 0.93x to 1.01x of that estimate
+in geomean (0.6x to 1.8x at the extremes), where ``P_lo`` alone is 1.5x to 2.0x low in geomean
+and up to 5.5x. Without a hint ``pairs = P_lo``: skewed batches then attend more than predicted,
+so the model errs towards the kernel with the larger per-pair cost (the slower one on long
+sequences). A hint the batch exceeds makes the estimate low and a loose one high; our kernels
+and FA4 behind the op never read the hints, so they change only which kernel runs (aten flash,
+which only max-autotune or ``kernel="aten"`` runs, trusts them as FlashAttention 2 does).
 
 Everything is written times ``2 N`` (:func:`scaled_times`): integer polynomials in the sizes,
 with no division, so the same expressions decide for ints and for Inductor's symbolic sizes (a
@@ -98,13 +102,22 @@ def scaled_pairs(tokens_q: Any, tokens_k: Any, causal: bool) -> Any:
     return 2 * rows * tokens_k - rows * rows
 
 
-def skew(sequences: Any, tokens_k: Any, max_k: Any) -> tuple[Any, Any] | None:
-    """``(numerator, denominator)`` of ``r = N * max_k / T_k``, the pairs' upper bound over their
-    lower bound (see the module docstring), or None without a ``max_k`` hint or keys (``r`` is
-    then taken as 1)."""
-    if max_k is None or (not isinstance(tokens_k, sympy.Basic) and tokens_k <= 0):
-        return None
-    return sequences * max_k, tokens_k
+def skew(
+    sequences: Any, tokens_q: Any, tokens_k: Any, max_q: Any, max_k: Any, decide: Callable[[Any], bool] = bool
+) -> tuple[Any, Any] | None:
+    """``(numerator, denominator)`` of ``r``, the pairs' upper bound over ``P_lo``: the smaller of
+    ``N * max_k / T_k`` and ``N * max_q / T_q`` over the hints given (see the module docstring);
+    None without a hint (``r`` is then taken as 1). With both hints, which is smaller is one
+    comparison read through ``decide`` (a guard on symbolic sizes)."""
+    ratios = [(sequences * hint, tokens) for hint, tokens in ((max_k, tokens_k), (max_q, tokens_q))
+              if hint is not None and (isinstance(tokens, sympy.Basic) or tokens > 0)]
+    if len(ratios) < 2:
+        return ratios[0] if ratios else None
+    (num_k, den_k), (num_q, den_q) = ratios
+    relation = num_q * den_k < num_k * den_q  # N max_q / T_q < N max_k / T_k
+    if isinstance(relation, sympy.Basic):
+        relation = sympy.Lt(num_q * den_k, num_k * den_q)
+    return (num_q, den_q) if decide(relation) else (num_k, den_k)
 
 
 def _scaled_parts(
@@ -131,15 +144,15 @@ def scaled_times(
 
 def predicted_seconds(
     cost: KernelCost, tokens_q: int, tokens_k: int, sequences: int, heads_q: int, causal: bool, cuda_graphs: bool = False,
-    max_k: int | None = None,
+    max_q: int | None = None, max_k: int | None = None,
 ) -> float:
     """The predicted wall time of one call, seconds (concrete sizes; 0 for an empty batch);
-    ``max_k``: the caller's hint, which scales the pairs by ``sqrt(r)`` (:func:`skew`)."""
+    ``max_q``/``max_k``: the caller's hints, which scale the pairs by ``sqrt(r)`` (:func:`skew`)."""
     if sequences <= 0:
         return 0.0
     host, fixed, pairs = _scaled_parts(cost, tokens_q, tokens_k, sequences, heads_q, causal, cuda_graphs)
-    ratio = skew(sequences, tokens_k, max_k)
-    gpu = fixed + (pairs if ratio is None else pairs * math.sqrt(ratio[0] / ratio[1]))
+    ratio = skew(sequences, tokens_q, tokens_k, max_q, max_k)
+    gpu = fixed + (pairs if ratio is None else pairs * math.sqrt(max(ratio[0], 0) / ratio[1]))
     return max(host, gpu) / (2 * sequences * FEMTOSECONDS)
 
 
@@ -177,10 +190,11 @@ def faster(
 ) -> bool:
     """Whether ``candidate`` is predicted strictly faster than ``incumbent``:
     ``max(h_c, g_c) < max(h_i, g_i)`` (host and GPU times, :func:`scaled_times`, the pairs
-    scaled by ``sqrt(r)`` where ``sizes`` has a ``max_k`` hint). ``sizes``: ``tokens_q``,
-    ``tokens_k``, ``sequences``, ``heads_q`` and optionally ``max_k`` (ints or symbolic). Each
-    comparison of sizes goes through ``decide`` (``choices.holds`` in a lowering: a guard per
-    comparison read): at most two without a hint, four with one (half of that under CUDA graphs):
+    scaled by ``sqrt(r)`` where ``sizes`` has max hints, :func:`skew`). ``sizes``: ``tokens_q``,
+    ``tokens_k``, ``sequences``, ``heads_q`` and optionally ``max_q``/``max_k`` (ints or
+    symbolic). Each comparison of sizes goes through ``decide`` (``choices.holds`` in a lowering:
+    a guard per comparison read): at most two without a hint, four with one (half of that under
+    CUDA graphs), and one more to pick the smaller bound when both hints are given:
 
     - CUDA graphs (no host time): ``g_c < g_i``;
     - ``h_c >= h_i``: the incumbent must be GPU-bound past the candidate's host time,
@@ -192,7 +206,7 @@ def faster(
     if not isinstance(sequences, sympy.Basic) and sequences <= 0:
         return False
     shape = {name: sizes[name] for name in ("tokens_q", "tokens_k", "sequences", "heads_q")}
-    ratio = skew(sequences, sizes["tokens_k"], sizes.get("max_k"))
+    ratio = skew(sequences, sizes["tokens_q"], sizes["tokens_k"], sizes.get("max_q"), sizes.get("max_k"), decide)
     h_c, f_c, p_c = _scaled_parts(candidate, causal=causal, cuda_graphs=cuda_graphs, **shape)
     h_i, f_i, p_i = _scaled_parts(incumbent, causal=causal, cuda_graphs=cuda_graphs, **shape)
     pair_sign = _sign(candidate.pair - incumbent.pair)

@@ -326,9 +326,10 @@ def _hint_reading_costs() -> dict:
 
 def test_auto_reads_the_max_hint(fa4_calls, monkeypatch):
     """One 16k-token sequence among 63 of 64 tokens: equal lengths of the same count predict
-    little attention (the template), the ``max_k`` hint shows the work (FA4). Under dynamic
-    shapes the hint is a size like the others: an even batch with its own hint runs the template
-    after one recompile, and both graphs are reused after that."""
+    little attention (the template), the max hints show the work (FA4). Under dynamic shapes the
+    hints are sizes like the others: an even batch with its own hints runs the template after one
+    recompile, both graphs are reused after that, and another skewed batch (other tokens, other
+    longest sequence) reuses the first graph: a hint is not specialized to its value."""
     from torch._inductor.utils import fresh_inductor_cache
 
     from varlen_compile.lowering import choices
@@ -342,16 +343,20 @@ def test_auto_reads_the_max_hint(fa4_calls, monkeypatch):
             q, k, v, cu_q, cu_k, max_q, max_k = _batch(skewed, head_dim=64)
             out = torch.compile(attention, fullgraph=True)(q, k, v, cu_q, cu_k, *((max_q, max_k) if hinted else (None, None)))
             torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-            assert (fa4_calls["fwd"] > before["fwd"] and fa4_calls["bwd"] > before["bwd"]) is fa4, (hinted, fa4_calls)
+            ran = (fa4_calls["fwd"] > before["fwd"], fa4_calls["bwd"] > before["bwd"])
+            assert ran == (fa4, fa4), (hinted, fa4_calls)
         torch._dynamo.reset()
         counter = CompileCounterWithBackend("inductor")
         compiled = torch.compile(attention, backend=counter, fullgraph=True, dynamic=True)
-        for lengths, fa4, frames in ((skewed, True, 1), (even, False, 2), (skewed, True, 2), (even, False, 2)):
+        other_skewed = [12000] + [80] * 47
+        for lengths, fa4, frames in ((skewed, True, 1), (even, False, 2), (skewed, True, 2), (even, False, 2),
+                                     (other_skewed, True, 2)):
             before = dict(fa4_calls)
             q, k, v, cu_q, cu_k, max_q, max_k = _batch(lengths, head_dim=64)
             out = compiled(q, k, v, cu_q, cu_k, max_q, max_k)
             torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-            assert (fa4_calls["fwd"] > before["fwd"]) is fa4, (lengths[0], fa4_calls)
+            ran_fa4 = fa4_calls["fwd"] > before["fwd"] and fa4_calls["bwd"] > before["bwd"]
+            assert ran_fa4 is fa4 and (fa4 or fa4_calls["fwd"] == before["fwd"]), (lengths[0], fa4_calls)
             assert counter.frame_count == frames, (lengths[0], counter.frame_count)
 
 

@@ -212,6 +212,34 @@ def test_a_skewed_batch_goes_to_the_kernel_with_less_time_per_pair():
     assert max(HEAVY.host, heavy_gpu) < max(LEAN.host, lean_gpu)  # the hinted answer is the right one here
 
 
+def test_one_query_per_sequence_takes_no_skew():
+    """Decoding-like calls (one query per sequence, bottom-right causal): the pairs are exactly
+    ``T_k`` however long the longest key sequence, and ``max_q = 1`` bounds them there: the
+    prediction is the one without hints, however skewed the keys."""
+    sequences, tokens_k = 64, 64 * 500
+    for cost in (LEAN, HEAVY):
+        # GPU time alone (CUDA graphs): host time would hide the pair term at this size
+        plain = cost_model.predicted_seconds(cost, sequences, tokens_k, sequences, 16, True, True)
+        hinted = cost_model.predicted_seconds(cost, sequences, tokens_k, sequences, 16, True, True, max_q=1, max_k=20000)
+        assert hinted == plain
+        assert cost_model.predicted_seconds(cost, sequences, tokens_k, sequences, 16, True, True, max_k=20000) > plain
+
+
+def test_the_smaller_bound_is_taken_from_two_hints():
+    """With both hints the tighter upper bound sets ``r`` (one comparison read), whichever side
+    it comes from."""
+    tokens, sequences = 16384 + 63 * 64, 64
+    for max_q, max_k, expected in ((16384, 64, (sequences * 64, tokens)), (64, 16384, (sequences * 64, tokens)),
+                                   (16384, 16384, (sequences * 16384, tokens))):
+        read = []
+        ratio = cost_model.skew(sequences, tokens, tokens, max_q, max_k,
+                                decide=lambda relation: read.append(relation) or bool(relation))
+        assert ratio == expected and len(read) == 1
+    assert cost_model.skew(sequences, tokens, tokens, None, None) is None
+    assert cost_model.skew(sequences, tokens, tokens, None, 300) == (sequences * 300, tokens)
+    assert cost_model.skew(sequences, tokens, tokens, 300, None) == (sequences * 300, tokens)
+
+
 def test_symbolic_hints_give_the_same_answer_through_guards():
     """Tokens, sequences and the hint as a ShapeEnv's backed sizes: the answer is the hints',
     and the guards left hold for the same batch and fail for a batch on the other side."""
