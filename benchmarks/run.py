@@ -59,7 +59,8 @@ writes the coefficients to --costs-out (lowering/costs.py), which the default ch
 --random N: instead of the grid, N random shapes (--seed, --dist: "train", training-like
 batches of 4096..131072 tokens; "any", 1..256 sequences of mean length 32..8192; the
 distributions are in benchmarks/shapes.py), each timed as the template (kernel="triton") and
-the default choice (kernel="auto"), compiled fullgraph with static shapes, and FA4's
+the default choice (kernel="auto"), compiled fullgraph with static shapes and called with the
+max_q/max_k ints, and FA4's
 flash_attn_varlen_func called directly: forward and forward+backward (--no-backward: forward
 only); directions whose fastest step is under 1 ms in --rounds interleaved rounds. regret =
 auto time / fastest of the three (1: auto picked the best; FA4 absent: the best of the other
