@@ -448,9 +448,10 @@ causal or full attention."""
 
 
 def features_of(case: Case) -> list[str]:
-    """The case's features beyond plain causal or full attention."""
+    """The case's features beyond plain causal or full attention (the max hints are how our op
+    is called, not a feature: every implementation serves a hinted case)."""
     defaults = Case(case.name, case.lengths, case.heads_q, case.heads_kv, case.head_dim, case.causal,
-                    head_dim_v=case.head_dim_v)
+                    head_dim_v=case.head_dim_v, hints=case.hints)
     return [field.name for field in dataclasses.fields(Case) if getattr(case, field.name) != getattr(defaults, field.name)]
 
 

@@ -103,3 +103,17 @@ def test_summary_counts_the_thresholds_strictly():
     assert (summary.over_5_percent, summary.over_10_percent) == (3, 1)
     assert summary.geomean == pytest.approx(math.prod((1.0, 1.04, 1.07, 1.10, 1.2)) ** 0.2)
     assert summary.total_ratio == pytest.approx(sum((1.0, 1.04, 1.07, 1.10, 1.2)) / 5)
+
+
+def test_random_cases_are_called_with_hints_which_no_implementation_refuses():
+    """``choice --random`` calls our op with the max hints, as FA4 direct gets ``max_seqlen``;
+    the hints are not a feature, so FA4 direct and aten still measure the case (a real feature
+    still keeps them out)."""
+    import dataclasses
+
+    from benchmarks import harness, run
+
+    for shape in shapes.random_shapes(5, 3, "train"):
+        case = run._case_of(shape)
+        assert case.hints and harness.features_of(case) == []
+    assert harness.features_of(dataclasses.replace(case, softcap=30.0)) == ["softcap"]
