@@ -64,7 +64,8 @@ max_q/max_k ints, and FA4's
 flash_attn_varlen_func called directly: forward and forward+backward (--no-backward: forward
 only); directions whose fastest step is under 1 ms in --rounds interleaved rounds. regret =
 auto time / fastest of the three (1: auto picked the best; FA4 absent: the best of the other
-two). Writes per-shape rows and a summary (geometric mean and max regret, shapes above 1.05
+two); in rounds, the median over the rounds of that ratio within each round (drift common to a
+round cancels). Writes per-shape rows and a summary (geometric mean and max regret, shapes above 1.05
 and 1.10, sum of auto over the sum of the per-shape best) to <out>/<tag>.md and .json
 (default tag: choice-random-<dist>-seed<S>)."""
 
@@ -355,7 +356,10 @@ def random_shape_row(shape: shapes.Shape, backward: bool, rounds: int) -> dict:
     for key, _ in _directions(backward):
         best = shapes.best_of(_times(row, key))
         row[f"{key}_best"] = best[0] if best else None
-        row[f"{key}_regret"] = shapes.regret(_times(row, key))
+        rounds = {label: row.get(f"{label}_{key}_rounds") for label in RANDOM_IMPLS.values()
+                  if row.get(f"{label}_{key}_ms") is not None}
+        paired = all(values is not None for values in rounds.values()) and len({len(v) for v in rounds.values()}) == 1
+        row[f"{key}_regret"] = shapes.paired_regret(rounds) if paired else shapes.regret(_times(row, key))
     row["timing_s"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -377,7 +381,8 @@ def random_markdown(rows: list[dict], dist: str, seed: int, rounds: int, backwar
     lines = [f"{harness.device_line()}; bf16; {len(rows)} random shapes (--dist {dist} --seed {seed}); template "
              "(kernel=triton) and auto (the default choice) compiled behind our op, fullgraph, static shapes; "
              f"FA4 called directly; median ms of do_bench, steps under {ROUNDS_BELOW_MS:g} ms over {rounds} "
-             "interleaved rounds; regret = auto / fastest of the three (in parentheses: the fastest, when not "
+             "interleaved rounds; regret = auto / fastest of the three (steps timed in rounds: the median over "
+             "the rounds of auto / that round's fastest; in parentheses: the fastest median, when not "
              "auto); default: what the default choice picks for the forward (the cost model where fitted, else the "
              "table)", ""]
     header = ["shape", "max len", "default"]
@@ -392,7 +397,8 @@ def random_markdown(rows: list[dict], dist: str, seed: int, rounds: int, backwar
     lines += ["### Per shape", ""] + harness.markdown_table(header, body) + [""]
     summary = []
     for key, title in directions:
-        result = shapes.summarize({row["shape"]: _times(row, key) for row in rows})
+        result = shapes.summarize({row["shape"]: _times(row, key) for row in rows},
+                                  regrets={row["shape"]: row.get(f"{key}_regret") for row in rows})
         if result is None:
             summary.append([title, 0, "-", "-", "-", "-", "-"])
             continue

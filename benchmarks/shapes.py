@@ -23,7 +23,7 @@ import dataclasses
 import math
 import random
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 DISTRIBUTIONS = ("train", "any")
 TRAIN_TOKENS = (4096, 131072)
@@ -143,6 +143,23 @@ def regret(times: Times, choice: str = "auto") -> float | None:
     return times[choice] / best_of(times)[1]
 
 
+def paired_regret(rounds: Mapping[str, Sequence[float] | None], choice: str = "auto") -> float | None:
+    """``choice``'s regret from interleaved rounds: in each round, its time over that round's
+    fastest present one; the median over the rounds. Drift that slows every implementation of a
+    round alike (host clock, another process) cancels within the round, where a ratio of
+    per-implementation medians would keep it. None when ``choice`` is absent; the rounds of the
+    present implementations must be equally many."""
+    if rounds.get(choice) is None:
+        return None
+    present = {name: list(values) for name, values in rounds.items() if values is not None}
+    counts = {len(values) for values in present.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"paired_regret: every present implementation needs the same rounds, got {counts}")
+    ratios = [present[choice][index] / min(values[index] for values in present.values())
+              for index in range(counts.pop())]
+    return statistics.median(ratios)
+
+
 @dataclasses.dataclass(frozen=True)
 class RegretSummary:
     """A choice's regret over the shapes where it ran: geometric mean, the worst and its shape,
@@ -158,13 +175,18 @@ class RegretSummary:
     total_ratio: float
 
 
-def summarize(per_shape: Mapping[str, Times], choice: str = "auto") -> RegretSummary | None:
+def summarize(
+    per_shape: Mapping[str, Times], choice: str = "auto", regrets: Mapping[str, float] | None = None
+) -> RegretSummary | None:
     """The :class:`RegretSummary` of ``choice`` over the shapes (by name) where it is present,
-    or None when it is present on none."""
+    or None when it is present on none. ``regrets``: per-shape regrets measured otherwise (e.g.
+    :func:`paired_regret`), used where given instead of :func:`regret` of the times; the sum
+    ratio always comes from the times."""
     ran = {name: times for name, times in per_shape.items() if times.get(choice) is not None}
     if not ran:
         return None
-    regrets = {name: regret(times, choice) for name, times in ran.items()}
+    given = regrets or {}
+    regrets = {name: given[name] if given.get(name) is not None else regret(times, choice) for name, times in ran.items()}
     worst_shape = max(regrets, key=regrets.__getitem__)
     return RegretSummary(
         shapes=len(ran), geomean=statistics.geometric_mean(regrets.values()), worst=regrets[worst_shape],

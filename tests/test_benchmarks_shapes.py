@@ -117,3 +117,26 @@ def test_random_cases_are_called_with_hints_which_no_implementation_refuses():
         case = run._case_of(shape)
         assert case.hints and harness.features_of(case) == []
     assert harness.features_of(dataclasses.replace(case, softcap=30.0)) == ["softcap"]
+
+
+def test_paired_regret_cancels_drift_common_to_a_round():
+    """Two implementations of the same code whose rounds drift together: the ratio of medians
+    says 1.49, the rounds say 1 (times from an H100 run of two identical fwd+bwd steps)."""
+    from benchmarks.shapes import paired_regret
+
+    rounds = {"template": [0.773, 0.562, 0.347, 0.348, 0.346], "auto": [0.676, 0.803, 0.343, 0.343, 0.519], "fa4": None}
+    assert paired_regret(rounds) == 1.0
+    assert regret({name: (None if v is None else sorted(v)[2]) for name, v in rounds.items()}) == pytest.approx(0.519 / 0.348)
+    # a real loss in every round stays: auto 20% slower than FA4 throughout, whatever the drift
+    slow = {"template": [3.0, 6.0, 3.0], "auto": [1.2, 2.4, 1.2], "fa4": [1.0, 2.0, 1.0]}
+    assert paired_regret(slow) == pytest.approx(1.2)
+    assert paired_regret({"template": [1.0], "auto": None, "fa4": [1.0]}) is None
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_regret({"template": [1.0, 2.0], "auto": [1.0]})
+
+
+def test_summary_takes_given_regrets_and_sums_the_times():
+    per_shape = {"a": {"template": 1.0, "auto": 2.0, "fa4": None}, "b": {"template": 1.0, "auto": 1.0, "fa4": None}}
+    summary = summarize(per_shape, regrets={"a": 1.0, "b": None})
+    assert summary.geomean == 1.0 and summary.worst == 1.0 and summary.over_5_percent == 0
+    assert summary.total_ratio == 1.5  # from the medians, not the regrets
