@@ -67,7 +67,8 @@ auto time / fastest of the three (1: auto picked the best; FA4 absent: the best 
 two); in rounds, the median over the rounds of that ratio within each round (drift common to a
 round cancels). Writes per-shape rows and a summary (geometric mean and max regret, shapes above 1.05
 and 1.10, sum of auto over the sum of the per-shape best) to <out>/<tag>.md and .json
-(default tag: choice-random-<dist>-seed<S>)."""
+(default tag: choice-random-<dist>-seed<S>); each row also goes to <out>/<tag>.jsonl as it is
+measured, and --random-report <tag>.jsonl rebuilds the tables from those rows (no GPU)."""
 
 
 # ----------------------------------------------------------------------------- run
@@ -353,6 +354,15 @@ def random_shape_row(shape: shapes.Shape, backward: bool, rounds: int) -> dict:
         row[f"{RANDOM_IMPLS[impl]}_{key}_ms"] = statistics.median(values)
         if len(values) > 1:
             row[f"{RANDOM_IMPLS[impl]}_{key}_rounds"] = values
+    _set_regrets(row, backward)
+    row["timing_s"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _set_regrets(row: dict, backward: bool) -> None:
+    """``<direction>_best`` and ``<direction>_regret`` of a row from its times: the paired regret
+    (:func:`shapes.paired_regret`) where every present implementation has its rounds, else the
+    ratio of the times."""
     for key, _ in _directions(backward):
         best = shapes.best_of(_times(row, key))
         row[f"{key}_best"] = best[0] if best else None
@@ -360,8 +370,6 @@ def random_shape_row(shape: shapes.Shape, backward: bool, rounds: int) -> dict:
                   if row.get(f"{label}_{key}_ms") is not None}
         paired = all(values is not None for values in rounds.values()) and len({len(v) for v in rounds.values()}) == 1
         row[f"{key}_regret"] = shapes.paired_regret(rounds) if paired else shapes.regret(_times(row, key))
-    row["timing_s"] = round(time.perf_counter() - start, 2)
-    return row
 
 
 def _ms_cell(ms: float | None) -> str:
@@ -376,9 +384,13 @@ def _regret_cell(row: dict, key: str) -> str:
 
 
 def random_markdown(rows: list[dict], dist: str, seed: int, rounds: int, backward: bool) -> str:
-    """Per-shape times and regrets, then the regret summary of each direction."""
+    """Per-shape times and regrets, then the regret summary of each direction (the device the
+    rows name, else this process's)."""
     directions = _directions(backward)
-    lines = [f"{harness.device_line()}; bf16; {len(rows)} random shapes (--dist {dist} --seed {seed}); template "
+    device = rows[0].get("device") if rows else None
+    if device is None:
+        device = harness.device_line() if torch.cuda.is_available() else "device not recorded"
+    lines = [f"{device}; bf16; {len(rows)} random shapes (--dist {dist} --seed {seed}); template "
              "(kernel=triton) and auto (the default choice) compiled behind our op, fullgraph, static shapes; "
              f"FA4 called directly; median ms of do_bench, steps under {ROUNDS_BELOW_MS:g} ms over {rounds} "
              "interleaved rounds; regret = auto / fastest of the three (steps timed in rounds: the median over "
@@ -419,14 +431,40 @@ def cmd_choice_random(args: argparse.Namespace) -> None:
     missing = internals.fa4_missing()
     if missing is not None:
         log.warning("FlashAttention 4 is no kernel choice here (%s): auto runs the template", missing)
+    tag = shapes.default_tag(args.dist, args.seed) if args.tag == CHOICE_TAG else args.tag
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    progress = folder / f"{tag}.jsonl"  # a row a line as measured: a run cut short keeps its rows
+    progress.write_text("")
     rows = []
     for shape in shapes.random_shapes(args.random, args.seed, args.dist):
-        row = {**random_shape_row(shape, backward, args.rounds), "dist": args.dist, "seed": args.seed}
+        row = {**random_shape_row(shape, backward, args.rounds), "dist": args.dist, "seed": args.seed,
+               "rounds": args.rounds, "backward": backward, "device": harness.device_line()}
         log_row(row)
         rows.append(row)
+        with progress.open("a") as file:
+            file.write(json.dumps(row) + "\n")
         torch.cuda.empty_cache()  # the shape's inputs and builds are gone with its frame
-    tag = shapes.default_tag(args.dist, args.seed) if args.tag == CHOICE_TAG else args.tag
     harness.write_results(args.out, tag, rows, random_markdown(rows, args.dist, args.seed, args.rounds, backward))
+
+
+def cmd_choice_random_report(args: argparse.Namespace) -> None:
+    """The tables of ``--random`` rebuilt from its rows (``<tag>.jsonl``, written a row at a time,
+    or ``<tag>.json``), e.g. of a run cut short by a time limit; no GPU. Written next to the
+    input, tagged ``<its name>-report`` (the shapes present, in their order)."""
+    source = Path(args.random_report)
+    text = source.read_text()
+    rows = json.loads(text) if source.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line]
+    if not rows:
+        raise SystemExit(f"--random-report: no rows in {source}")
+    first = rows[0]
+    if len({(row.get("dist"), row.get("seed")) for row in rows}) != 1:
+        raise SystemExit(f"--random-report: {source} mixes distributions or seeds")
+    backward = first.get("backward", "fwdbwd_regret" in first)
+    for row in rows:  # regrets as this version computes them
+        _set_regrets(row, backward)
+    markdown = random_markdown(rows, first["dist"], first["seed"], first.get("rounds", args.rounds), backward)
+    harness.write_results(source.parent, f"{source.stem}-report", rows, markdown)
 
 
 def cmd_choice_grid(args: argparse.Namespace) -> None:
@@ -494,6 +532,9 @@ def cmd_choice(args: argparse.Namespace) -> None:
     if args.random is not None:
         cmd_choice_random(args)
         return
+    if args.random_report is not None:
+        cmd_choice_random_report(args)
+        return
     if args.cost_grid:
         cmd_choice_grid(args)
         return
@@ -558,6 +599,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     which.add_argument("--random", type=_positive, default=None, metavar="N",
                        help="N random shapes instead of the grid: auto's regret (default tag: "
                        f"{shapes.default_tag('<dist>', '<S>')})")
+    which.add_argument("--random-report", default=None, metavar="ROWS_JSONL",
+                       help="no GPU: the --random tables rebuilt from its rows (<tag>.jsonl, written as each "
+                            "shape is measured, or <tag>.json), e.g. of a run cut short")
     which.add_argument("--cost-grid", action="store_true",
                        help="measure the cost model's grid: GPU time per kernel and side on equal-length batches, "
                             "host time per call behind our op (default tag: choice-cost-grid)")

@@ -140,3 +140,27 @@ def test_summary_takes_given_regrets_and_sums_the_times():
     summary = summarize(per_shape, regrets={"a": 1.0, "b": None})
     assert summary.geomean == 1.0 and summary.worst == 1.0 and summary.over_5_percent == 0
     assert summary.total_ratio == 1.5  # from the medians, not the regrets
+
+
+def test_a_cut_short_random_run_is_reported_from_its_rows(tmp_path):
+    """``choice --random-report``: the tables of a run cut short, rebuilt on the CPU from the rows
+    it wrote one at a time, with the regrets recomputed (paired over rounds)."""
+    import argparse
+    import json
+
+    from benchmarks import run
+
+    row = {"shape": "00-T100-N2-h8kv8-d64-causal", "tokens": 100, "seqs": 2, "max_len": 60, "heads_q": 8,
+           "heads_kv": 8, "head_dim": 64, "causal": True, "default_picks_fa4": False, "dist": "train", "seed": 7,
+           "rounds": 5, "backward": False, "device": "a test device",
+           "template_fwd_ms": 0.348, "auto_fwd_ms": 0.519, "fa4_fwd_ms": 0.6,
+           "template_fwd_rounds": [0.773, 0.562, 0.347, 0.348, 0.346],
+           "auto_fwd_rounds": [0.676, 0.803, 0.343, 0.343, 0.519],
+           "fa4_fwd_rounds": [0.9, 0.9, 0.6, 0.6, 0.6], "fwd_regret": 1.49}
+    source = tmp_path / "choice-random-train-seed7.jsonl"
+    source.write_text(json.dumps(row) + "\n")
+    run.cmd_choice_random_report(argparse.Namespace(random_report=str(source), rounds=5))
+    rows = json.loads((tmp_path / "choice-random-train-seed7-report.json").read_text())
+    assert rows[0]["fwd_regret"] == 1.0  # paired, not the 1.49 the row came with
+    text = (tmp_path / "choice-random-train-seed7-report.md").read_text()
+    assert text.startswith("a test device;") and "| forward | 1 | 1.000 |" in text
