@@ -305,6 +305,9 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
         compiled = compile_ours(case, x)
         compiled_step = training_step(compiled, x, x.grad_out, clear_grads=False)
         results["FA4 direct fwd+bwd (autograd)"] = host_us(direct)
+        with torch.no_grad():
+            direct_forward = harness.fa4_direct(case, x, hint=False)
+            results["FA4 direct fwd (no_grad)"] = host_us(lambda: direct_forward(x.q, x.k, x.v))
         results["compiled kernel=fa4 fwd+bwd"] = host_us(compiled_step)
         with config.patch(fa4_replay=False):
             results["compiled kernel=fa4 fwd+bwd, no replay"] = host_us(compiled_step)
@@ -314,7 +317,10 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
             results["compiled kernel=fa4 fwd (no_grad)"] = host_us(lambda: compiled(x.q, x.k, x.v))
     with config.patch(kernel="triton"):
         harness.fresh_compile()
-        results["compiled kernel=triton fwd+bwd"] = host_us(training_step(compile_ours(case, x), x, x.grad_out, False))
+        compiled = compile_ours(case, x)
+        results["compiled kernel=triton fwd+bwd"] = host_us(training_step(compiled, x, x.grad_out, False))
+        with torch.no_grad():
+            results["compiled kernel=triton fwd (no_grad)"] = host_us(lambda: compiled(x.q, x.k, x.v))
     harness.log.info("\n".join(harness.markdown_table(["layer", "host us/call"], [[k, f"{v:.1f}"] for k, v in results.items()])))
     for name in ("FA4 adapter backward", "op _fa4_backward_into (dispatcher)"):
         with torch.no_grad():
@@ -326,6 +332,10 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
             (out_dir(args) / f"fa4-compiled-{index}.py").write_text(code)
         harness.log.info("### cProfile: compiled kernel=fa4 fwd+bwd x200 (tottime)\n"
                          + cprofile(compiled_step, 200, ("tottime", 22))[-5500:])
+        with torch.no_grad():
+            compiled = compile_ours(case, x)
+            harness.log.info("### cProfile: compiled kernel=fa4 fwd (no_grad) x200 (tottime)\n"
+                             + cprofile(lambda: compiled(x.q, x.k, x.v), 200, ("tottime", 22))[-5500:])
 
 
 # ----------------------------------------------------------------------------- fa4-path

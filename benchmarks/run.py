@@ -474,6 +474,8 @@ def cmd_choice_grid(args: argparse.Namespace) -> None:
         raise SystemExit(f"choice --cost-grid needs FlashAttention 4 (or --grid-kernels triton): {missing}")
     k, m = args.part
     tag = ("choice-cost-grid" if args.tag == CHOICE_TAG else args.tag) + (f"-part{k}of{m}" if m > 1 else "")
+    if args.grid_host_only:
+        tag += "-host"
     if tuple(kernels) != grid.KERNELS:
         tag += "-" + "-".join(kernels)
     folder = Path(args.out)
@@ -487,14 +489,14 @@ def cmd_choice_grid(args: argparse.Namespace) -> None:
         with progress.open("a") as file:
             file.writelines(json.dumps(row) + "\n" for row in new)
 
-    if k == 1:  # host time: the first part measures it
+    if k == 1 or args.grid_host_only:  # host time: the first part measures it
         for head_dim, causal in grid.HOST_KEYS:
             host_case = Case(f"host-D{head_dim}" + ("-causal" if causal else ""), grid.HOST_CASE_LENGTHS, 16, 16,
                              head_dim, causal)
             keep(grid.host_rows(host_case, kernels=kernels))
             log.info(f"host {host_case.name}: " + ", ".join(
                 f"{row['kernel']} {row['side']} {row['seconds'] * 1e6:.1f} us" for row in rows[-2 * len(kernels):]))
-    shapes_of_part = grid.part_of(grid.grid_cases(), (k, m))
+    shapes_of_part = [] if args.grid_host_only else grid.part_of(grid.grid_cases(), (k, m))
     for done, (shape, case) in enumerate(shapes_of_part, 1):
         keep(grid.gpu_rows(case, shape, kernels))
         log.info(f"{done}/{len(shapes_of_part)} {case.name}: " + ", ".join(
@@ -614,6 +616,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="with --cost-grid: measure part K of M (every M-th shape from the K-th; part 1 also "
                              "measures host time), so that runs of a time limit cover the grid together "
                              "(default: 1/1)")
+    choice.add_argument("--grid-host-only", action="store_true",
+                        help="with --cost-grid: measure the host rows alone (tag suffix -host), no GPU rows, "
+                             "e.g. to re-measure them without the rest of part 1")
     choice.add_argument("--grid-kernels", type=_grid_kernels, default=",".join(grid.KERNELS), metavar="K[,K]",
                         help="with --cost-grid: the kernels measured (default: %(default)s; runs of one kernel each "
                              "are fitted together, and triton alone needs no FA4)")
