@@ -255,6 +255,9 @@ def fa4_extern_ops(case: Case, x: Inputs, out: torch.Tensor, lse: torch.Tensor, 
         f"op {extern_ops.FA4_FORWARD} (dispatcher)": lambda: forward(q, k, v, lse_buffer, x.cu_seq_q, x.cu_seq_k, *scalars),
         f"op {extern_ops.FA4_BACKWARD} (dispatcher)": lambda: backward(
             grad_out, q, k, v, out, lse, dq, dv, x.cu_seq_q, x.cu_seq_k, *scalars),
+        # as a compiled graph calls it: on the graph's inputs, which require grad
+        f"op {extern_ops.FA4_FORWARD} (dispatcher), inputs requiring grad": lambda: forward(
+            x.q, x.k, x.v, lse_buffer, x.cu_seq_q, x.cu_seq_k, *scalars),
     }
 
 

@@ -277,6 +277,8 @@ def fa4_layers(case: Case, x: Inputs) -> dict[str, Callable[[], object]]:
             q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, softmax_scale=scale, causal=True, return_lse=True),
         "FA4 adapter forward": lambda: adapter_forward(q, k, v),
         "op _fa4_forward_into (dispatcher)": extern["op _fa4_forward_into (dispatcher)"],
+        "op _fa4_forward_into (dispatcher), inputs requiring grad":
+            extern["op _fa4_forward_into (dispatcher), inputs requiring grad"],
         "FA4 _flash_attn_bwd": lambda: interface._flash_attn_bwd(
             q, k, v, out, grad_out, lse, scale, True, cu_seqlens_q=cu, cu_seqlens_k=cu),
         "FA4 _flash_attn_bwd dq/dk/dv given": lambda: interface._flash_attn_bwd(
@@ -315,6 +317,8 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
             results["compiled kernel=fa4 fwd+bwd, autograd single-threaded"] = host_us(compiled_step)
         with torch.no_grad():
             results["compiled kernel=fa4 fwd (no_grad)"] = host_us(lambda: compiled(x.q, x.k, x.v))
+            q, k, v = x.detached()
+            results["compiled kernel=fa4 fwd (no_grad), inputs detached"] = host_us(lambda: compiled(q, k, v))
     with config.patch(kernel="triton"):
         harness.fresh_compile()
         compiled = compile_ours(case, x)
