@@ -338,6 +338,7 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
                          + cprofile(compiled_step, 200, ("tottime", 22))[-5500:])
         with torch.no_grad():
             compiled = compile_ours(case, x)
+
             def forward() -> torch.Tensor:
                 return compiled(x.q, x.k, x.v)
 
