@@ -449,9 +449,9 @@ some timing rounds only."""
 
 def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
     """Our compiled op with ``kernel="fa4"`` timed (do_bench median forward, and host time per
-    call) in ``rounds`` rounds before FA4 direct has run in this process, then FA4 direct timed
+    call) in ``rounds`` rounds before FA4 direct has run on this batch, then FA4 direct timed
     once, then ``rounds`` more rounds of ours: whether running FA4 direct changes what our call
-    costs."""
+    costs (only the first case of a run comes before any FA4 direct call in the process)."""
     x = make_inputs(case)
     with config.patch(kernel="fa4"), torch.no_grad():
         compiled = fresh_ours(case, x)
@@ -468,11 +468,11 @@ def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
             body.append([case.name, label, f"{ms:.3f}", f"{host:.1f}"])
 
         for index in range(rounds):
-            measure(f"ours, before FA4 direct, round {index + 1}", forward)
+            measure(f"ours, before FA4 direct on this batch, round {index + 1}", forward)
         direct = harness.fa4_direct(case, x, hint=True)
         measure("FA4 direct", lambda: direct(x.q, x.k, x.v))
         for index in range(rounds):
-            measure(f"ours, after FA4 direct, round {index + 1}", forward)
+            measure(f"ours, after FA4 direct on this batch, round {index + 1}", forward)
         with config.patch(fa4_replay=False):
             measure("ours, after FA4 direct, FA4 not replayed", forward)
     return body
@@ -657,7 +657,8 @@ median and host time per call) before FlashAttention 4 has been called directly 
 then FA4 direct (flash_attn_varlen_func with max_seqlen) once, then --rounds more rounds of ours,
 and one with FA4's calls not replayed, on the sub-millisecond batches where auto's FA4 forward
 was slower than FA4 direct in some rounds only (--cases, default all: """ + ", ".join(ROUND_CASES) + """).
-Writes <out>/fa4_rounds.md. Needs flash-attn-4."""),
+Only the first case of a run comes before any FA4 direct call in the process: one case per run
+for a clean "before". Writes <out>/fa4_rounds.md. Needs flash-attn-4."""),
     "compile-time": (cmd_compile_time, "cold-cache compile time of a forward+backward graph", """\
 Cold-cache compile time of a forward+backward graph that calls varlen_attn (no max-autotune): a
 qkv projection, varlen_attn (causal, 16 heads of 64) and an output projection on 4 sequences,
