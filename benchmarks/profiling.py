@@ -23,6 +23,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from varlen_compile import config, varlen_attn
+from varlen_compile.lowering import extern_ops, fa4
 
 from . import harness, internals, shapes
 from .harness import CASES, Attention, Case, Inputs, make_inputs
@@ -447,11 +448,43 @@ ROUND_CASES = harness._registry([
 some timing rounds only."""
 
 
+def _round_layers(case: Case, x: Inputs) -> dict[str, Callable[[], object]]:
+    """The layers under our compiled FA4 forward, each a call of no arguments (no_grad)."""
+    interface = internals.fa4_interface()
+    q, k, v = x.detached()
+    adapter_forward, _ = internals.fa4_adapter_functions(case, x)
+    out, lse = adapter_forward(q, k, v)
+    extern = internals.fa4_extern_ops(case, x, out, lse, torch.randn_like(out))
+    return {
+        "layer: sanitizer launch": internals.sanitize_offsets(x),
+        "layer: FA4 _flash_attn_fwd, FA4's own Python": lambda: interface._flash_attn_fwd(
+            q, k, v, cu_seqlens_q=x.cu_seq_q, cu_seqlens_k=x.cu_seq_k, softmax_scale=case.head_dim**-0.5,
+            causal=case.causal, return_lse=True),
+        "layer: our FA4 adapter (replayed)": lambda: adapter_forward(q, k, v),
+        "layer: extern op (dispatcher)": extern[f"op {extern_ops.FA4_FORWARD} (dispatcher)"],
+        "layer: extern op (dispatcher), inputs requiring grad":
+            extern[f"op {extern_ops.FA4_FORWARD} (dispatcher), inputs requiring grad"],
+    }
+
+
+def _dynamo_counts() -> str:
+    """Dynamo's frame and recompile counters, and what our FA4 replayer holds, in one line."""
+    from torch._dynamo.utils import counters
+
+    stats = {key: value for key, value in counters["stats"].items()}
+    recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    plans = sum(1 for plan in fa4._FORWARD._plans.values() if plan)
+    return (f"dynamo stats {stats}, recompiles {recompiles}; FA4 forward replayer: {plans} plans, "
+            f"{len(fa4._FORWARD._plans)} keys decided, {len(fa4._FORWARD._seen)} seen")
+
+
 def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
-    """Our compiled op with ``kernel="fa4"`` timed (do_bench median forward, and host time per
-    call) in ``rounds`` rounds before FA4 direct has run on this batch, then FA4 direct timed
-    once, then ``rounds`` more rounds of ours: whether running FA4 direct changes what our call
-    costs (only the first case of a run comes before any FA4 direct call in the process)."""
+    """Our compiled op with ``kernel="fa4"`` timed (do_bench median forward, host time per call
+    and GPU time from a CUDA-graph replay) in ``rounds`` rounds before FA4 direct has run on this
+    batch, with each layer under it timed once; then FA4 direct timed once; then ``rounds`` more
+    rounds of ours and its layers again; then a cProfile and a torch.profiler table of our
+    forward: whether running FA4 direct changes what our call costs, and in which layer (only
+    the first case of a run comes before any FA4 direct call in the process)."""
     x = make_inputs(case)
     with config.patch(kernel="fa4"), torch.no_grad():
         compiled = fresh_ours(case, x)
@@ -460,21 +493,40 @@ def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
             return compiled(x.q, x.k, x.v)
 
         forward()
+        layers = _round_layers(case, x)
         body = []
 
-        def measure(label: str, target: Callable[[], object]) -> None:
+        def measure(label: str, target: Callable[[], object], gpu: bool = False) -> None:
             ms, host = harness.bench_ms(target, rep=100), host_us(target, calls=200)
-            harness.log_row({"case": case.name, "what": label, "fwd_ms": ms, "host_us": host})
-            body.append([case.name, label, f"{ms:.3f}", f"{host:.1f}"])
+            row = {"case": case.name, "what": label, "fwd_ms": ms, "host_us": host}
+            if gpu:
+                try:
+                    row["gpu_ms"] = harness.bench_ms(target, rep=100, cuda_graph=True)
+                except Exception as error:  # noqa: BLE001 -- report and go on
+                    row["gpu_error"] = harness.error_text(error, 120)
+            harness.log_row(row)
+            body.append([case.name, label, f"{ms:.3f}", f"{host:.1f}",
+                         f"{row['gpu_ms']:.3f}" if "gpu_ms" in row else "-"])
 
-        for index in range(rounds):
-            measure(f"ours, before FA4 direct on this batch, round {index + 1}", forward)
+        def phase(when: str) -> None:
+            for index in range(rounds):
+                measure(f"ours, {when} FA4 direct on this batch, round {index + 1}", forward, gpu=index == 0)
+            for name, layer in layers.items():
+                measure(f"{name}, {when} FA4 direct", layer)
+            measure(f"ours, {when} FA4 direct, after the layers above", forward)
+            harness.log.info(f"{case.name}, {when} FA4 direct: {_dynamo_counts()}")
+
+        phase("before")
         direct = harness.fa4_direct(case, x, hint=True)
-        measure("FA4 direct", lambda: direct(x.q, x.k, x.v))
-        for index in range(rounds):
-            measure(f"ours, after FA4 direct on this batch, round {index + 1}", forward)
+        measure("FA4 direct", lambda: direct(x.q, x.k, x.v), gpu=True)
+        phase("after")
         with config.patch(fa4_replay=False):
             measure("ours, after FA4 direct, FA4 not replayed", forward)
+        harness.log.info(f"### cProfile: {case.name}, ours after FA4 direct x200 (tottime)\n"
+                         + cprofile(forward, 200, ("tottime", 18))[-4500:])
+        averages = torch_profile(forward, warmup=5, steps=50).key_averages()
+        harness.log.info(f"### torch.profiler: {case.name}, ours after FA4 direct x50, by self CPU time\n"
+                         + averages.table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=70))
     return body
 
 
@@ -482,7 +534,8 @@ def cmd_fa4_rounds(args: argparse.Namespace) -> None:
     body = []
     for case in harness.pick(ROUND_CASES, args.cases):
         body += fa4_rounds_case(case, args.rounds)
-    table = "\n".join(harness.markdown_table(["case", "what", "fwd ms (do_bench)", "host us/call"], body))
+    table = "\n".join(harness.markdown_table(["case", "what", "fwd ms (do_bench)", "host us/call", "GPU ms (graph)"],
+                                              body))
     (out_dir(args) / "fa4_rounds.md").write_text(table + "\n")
     harness.log.info(table)
 
