@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import os
@@ -84,6 +85,28 @@ def host_us_on_a_thread(fn: Callable[[], object], calls: int = 300) -> float:
     thread.start()
     thread.join()
     return result[0]
+
+
+@contextlib.contextmanager
+def gc_watch() -> Iterator[dict[str, float]]:
+    """Python's garbage collections while the block runs: ``{"gc_collections": n per generation
+    as "g0/g1/g2", "gc_ms": their total time}`` (filled in when the block exits)."""
+    counts, spent, started = [0, 0, 0], [0.0], [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            counts[info["generation"]] += 1
+            spent[0] += time.perf_counter() - started[0]
+
+    result: dict[str, float] = {}
+    gc.callbacks.append(callback)
+    try:
+        yield result
+    finally:
+        gc.callbacks.remove(callback)
+        result.update(gc_collections="/".join(map(str, counts)), gc_ms=spent[0] * 1e3)
 
 
 def cprofile(fn: Callable[[], object], calls: int, *sorts: tuple[str, int]) -> str:
@@ -497,8 +520,9 @@ def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
         body = []
 
         def measure(label: str, target: Callable[[], object], gpu: bool = False) -> None:
-            ms, host = harness.bench_ms(target, rep=100), host_us(target, calls=200)
-            row = {"case": case.name, "what": label, "fwd_ms": ms, "host_us": host}
+            with gc_watch() as collections:
+                ms, host = harness.bench_ms(target, rep=100), host_us(target, calls=200)
+            row = {"case": case.name, "what": label, "fwd_ms": ms, "host_us": host, **collections}
             if gpu:
                 try:
                     row["gpu_ms"] = harness.bench_ms(target, rep=100, cuda_graph=True)
@@ -506,7 +530,8 @@ def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
                     row["gpu_error"] = harness.error_text(error, 120)
             harness.log_row(row)
             body.append([case.name, label, f"{ms:.3f}", f"{host:.1f}",
-                         f"{row['gpu_ms']:.3f}" if "gpu_ms" in row else "-"])
+                         f"{row['gpu_ms']:.3f}" if "gpu_ms" in row else "-",
+                         f"{collections['gc_collections']}, {collections['gc_ms']:.1f} ms"])
 
         def phase(when: str) -> None:
             for index in range(rounds):
@@ -522,6 +547,11 @@ def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
         phase("after")
         with config.patch(fa4_replay=False):
             measure("ours, after FA4 direct, FA4 not replayed", forward)
+        gc.freeze()  # every object so far out of the collector's reach: full collections get cheap
+        try:
+            measure("ours, after FA4 direct, gc.freeze()", forward)
+        finally:
+            gc.unfreeze()
         harness.log.info(f"### cProfile: {case.name}, ours after FA4 direct x200 (tottime)\n"
                          + cprofile(forward, 200, ("tottime", 18))[-4500:])
         averages = torch_profile(forward, warmup=5, steps=50).key_averages()
@@ -534,7 +564,8 @@ def cmd_fa4_rounds(args: argparse.Namespace) -> None:
     body = []
     for case in harness.pick(ROUND_CASES, args.cases):
         body += fa4_rounds_case(case, args.rounds)
-    table = "\n".join(harness.markdown_table(["case", "what", "fwd ms (do_bench)", "host us/call", "GPU ms (graph)"],
+    table = "\n".join(harness.markdown_table(["case", "what", "fwd ms (do_bench)", "host us/call", "GPU ms (graph)",
+                                               "GC runs g0/g1/g2, time"],
                                               body))
     (out_dir(args) / "fa4_rounds.md").write_text(table + "\n")
     harness.log.info(table)
