@@ -487,6 +487,52 @@ def _round_layers(case: Case, x: Inputs) -> dict[str, Callable[[], object]]:
         "layer: extern op (dispatcher)": extern[f"op {extern_ops.FA4_FORWARD} (dispatcher)"],
         "layer: extern op (dispatcher), inputs requiring grad":
             extern[f"op {extern_ops.FA4_FORWARD} (dispatcher), inputs requiring grad"],
+        "layer: extern op (dispatcher), from a compiled frame":
+            _in_dynamo_frame(extern[f"op {extern_ops.FA4_FORWARD} (dispatcher)"]),
+        **_python_cost_layers(x),
+    }
+
+
+def _python_calls(calls: int) -> int:
+    """``calls`` plain Python function calls (a yardstick of the interpreter's call cost)."""
+    value = 0
+    for _ in range(calls):
+        value = _identity(value)
+    return value
+
+
+def _identity(value: int) -> int:
+    return value
+
+
+@torch.library.custom_op("varlen_compile_bench::python_calls", mutates_args=())
+def _python_calls_op(x: torch.Tensor, calls: int) -> torch.Tensor:
+    """An op whose implementation is plain Python: run inside a compiled graph, it shows what
+    the graph's frame does to Python code that runs under it."""
+    _python_calls(calls)
+    return x.clone()
+
+
+@_python_calls_op.register_fake
+def _(x: torch.Tensor, calls: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _in_dynamo_frame(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` (which calls only ops, whose Python Dynamo does not trace) run from a compiled
+    frame with Dynamo's eager backend: what an op's Python pays inside a compiled graph."""
+    return torch.compile(fn, backend="eager", fullgraph=True)
+
+
+def _python_cost_layers(x: Inputs) -> dict[str, Callable[[], object]]:
+    """1000 plain Python calls from eager code, and from an op called eagerly and from a
+    compiled frame."""
+    small = x.cu_seq_q
+    return {
+        "yardstick: 1000 Python calls": lambda: _python_calls(1000),
+        "yardstick: op running 1000 Python calls": lambda: _python_calls_op(small, 1000),
+        "yardstick: op running 1000 Python calls, from a compiled frame": _in_dynamo_frame(
+            lambda: _python_calls_op(small, 1000)),
     }
 
 
