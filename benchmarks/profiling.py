@@ -783,10 +783,16 @@ Then a torch.profiler table of 5 compiled and direct-none steps per case, writte
 <out>/profile-<case>-<path>.txt; the timings to <out>/fa4_path.md. Needs flash-attn-4."""),
     "fa4-rounds": (cmd_fa4_rounds, "FA4 behind our op timed in rounds before and after FA4 direct runs", """\
 Our compiled op with config.kernel="fa4", forward under no_grad, timed in --rounds rounds (do_bench
-median and host time per call) before FlashAttention 4 has been called directly in the process,
-then FA4 direct (flash_attn_varlen_func with max_seqlen) once, then --rounds more rounds of ours,
-and one with FA4's calls not replayed, on the sub-millisecond batches where auto's FA4 forward
-was slower than FA4 direct in some rounds only (--cases, default all: """ + ", ".join(ROUND_CASES) + """).
+median, host time per call, GPU time from a CUDA-graph replay in the first round, and Python's
+garbage collections during each measurement) before FlashAttention 4 has been called directly in
+the process, then FA4 direct (flash_attn_varlen_func with max_seqlen) once, then --rounds more
+rounds of ours, on the sub-millisecond batches where auto's FA4 forward was slower than FA4
+direct in some rounds only (--cases, default all: """ + ", ".join(ROUND_CASES) + """).
+Each phase also times the layers under our compiled call one by one (the offsets sanitizer, FA4's
+own Python, our FA4 adapter, our extern op eagerly and from a compiled frame) and a yardstick:
+1000 plain Python calls, bare, inside an op, and inside an op called from a compiled frame (what
+a compiled graph's frame does to the Python under it). Then one round with FA4's calls not
+replayed, one after gc.freeze(), Dynamo's counters, a cProfile and a torch.profiler table.
 Only the first case of a run comes before any FA4 direct call in the process: one case per run
 for a clean "before". Writes <out>/fa4_rounds.md. Needs flash-attn-4."""),
     "compile-time": (cmd_compile_time, "cold-cache compile time of a forward+backward graph", """\
