@@ -339,6 +339,7 @@ def cmd_fa4_host(args: argparse.Namespace) -> None:
             results["compiled kernel=fa4 fwd+bwd, no replay"] = host_us(compiled_step)
         with torch.autograd.set_multithreading_enabled(False):
             results["compiled kernel=fa4 fwd+bwd, autograd single-threaded"] = host_us(compiled_step)
+        harness.log.info(f"after the compiled fwd+bwd rows: {_replayer_state()}")
         with torch.no_grad():
             results["compiled kernel=fa4 fwd (no_grad)"] = host_us(lambda: compiled(x.q, x.k, x.v))
             q, k, v = x.detached()
@@ -542,9 +543,15 @@ def _dynamo_counts() -> str:
 
     stats = {key: value for key, value in counters["stats"].items()}
     recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
-    plans = sum(1 for plan in fa4._FORWARD._plans.values() if plan)
-    return (f"dynamo stats {stats}, recompiles {recompiles}; FA4 forward replayer: {plans} plans, "
-            f"{len(fa4._FORWARD._plans)} keys decided, {len(fa4._FORWARD._seen)} seen")
+    return f"dynamo stats {stats}, recompiles {recompiles}; {_replayer_state()}"
+
+
+def _replayer_state() -> str:
+    """What each of our FA4 replayers holds: plans, keys decided (a plan or refused), keys seen."""
+    return "; ".join(
+        f"FA4 {name} replayer: {sum(1 for plan in replayer._plans.values() if plan)} plans, "
+        f"{len(replayer._plans)} keys decided, {len(replayer._seen)} seen"
+        for name, replayer in (("forward", fa4._FORWARD), ("backward", fa4._BACKWARD)))
 
 
 def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
