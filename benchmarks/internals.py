@@ -237,6 +237,11 @@ def fa4_adapter_functions(case: Case, x: Inputs) -> tuple[Forward, Backward]:
             lambda grad_out, q, k, v, out, lse: fa4.backward(grad_out, q, k, v, out, lse, layout, options, optional))
 
 
+def fa4_replayers() -> dict[str, Any]:
+    """Our two FA4 replayers by direction (``lowering.fa4``): their plans and keys, for reports."""
+    return {"forward": fa4._FORWARD, "backward": fa4._BACKWARD}
+
+
 def sanitize_offsets(x: Inputs) -> Callable[[], object]:
     """The offsets sanitizer FA4 runs behind our op (one Triton launch)."""
     total_q, total_k = x.q.shape[0], x.k.shape[0]

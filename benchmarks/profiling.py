@@ -24,7 +24,6 @@ from torch._inductor.utils import run_and_get_code
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from varlen_compile import config, varlen_attn
-from varlen_compile.lowering import extern_ops, fa4
 
 from . import harness, internals, shapes
 from .harness import CASES, Attention, Case, Inputs, make_inputs
@@ -479,17 +478,18 @@ def _round_layers(case: Case, x: Inputs) -> dict[str, Callable[[], object]]:
     adapter_forward, _ = internals.fa4_adapter_functions(case, x)
     out, lse = adapter_forward(q, k, v)
     extern = internals.fa4_extern_ops(case, x, out, lse, torch.randn_like(out))
+    forward_op, forward_op_requiring_grad = (
+        next(call for label, call in extern.items() if "forward" in label and ("requiring grad" in label) is grad)
+        for grad in (False, True))
     return {
         "layer: sanitizer launch": internals.sanitize_offsets(x),
         "layer: FA4 _flash_attn_fwd, FA4's own Python": lambda: interface._flash_attn_fwd(
             q, k, v, cu_seqlens_q=x.cu_seq_q, cu_seqlens_k=x.cu_seq_k, softmax_scale=case.head_dim**-0.5,
             causal=case.causal, return_lse=True),
         "layer: our FA4 adapter (replayed)": lambda: adapter_forward(q, k, v),
-        "layer: extern op (dispatcher)": extern[f"op {extern_ops.FA4_FORWARD} (dispatcher)"],
-        "layer: extern op (dispatcher), inputs requiring grad":
-            extern[f"op {extern_ops.FA4_FORWARD} (dispatcher), inputs requiring grad"],
-        "layer: extern op (dispatcher), from a compiled frame":
-            _in_dynamo_frame(extern[f"op {extern_ops.FA4_FORWARD} (dispatcher)"]),
+        "layer: extern op (dispatcher)": forward_op,
+        "layer: extern op (dispatcher), inputs requiring grad": forward_op_requiring_grad,
+        "layer: extern op (dispatcher), from a compiled frame": _in_dynamo_frame(forward_op),
         **_python_cost_layers(x),
     }
 
@@ -551,7 +551,7 @@ def _replayer_state() -> str:
     return "; ".join(
         f"FA4 {name} replayer: {sum(1 for plan in replayer._plans.values() if plan)} plans, "
         f"{len(replayer._plans)} keys decided, {len(replayer._seen)} seen"
-        for name, replayer in (("forward", fa4._FORWARD), ("backward", fa4._BACKWARD)))
+        for name, replayer in internals.fa4_replayers().items())
 
 
 def fa4_rounds_case(case: Case, rounds: int) -> list[list[str]]:
