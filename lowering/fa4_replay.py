@@ -117,6 +117,12 @@ class _Step:
     function: Callable[..., Any]
     args: tuple
     kwargs: dict[str, Any]
+    arg_slots: tuple[tuple[int, int], ...]
+    """``(position, slot)`` of the top-level tensor arguments."""
+    kwarg_slots: tuple[tuple[str, int], ...]
+    nested: bool
+    """Whether a slot sits inside a list or tuple argument (then ``args``/``kwargs`` are filled
+    recursively)."""
     results: tuple[int, ...]
     """Positions in the flattened result (one tensor: position 0) whose tensors become new slots."""
     is_kernel: bool
@@ -127,6 +133,14 @@ def _rebuild(like: tuple | list, items: list[Any]) -> tuple | list:
     if isinstance(like, tuple) and hasattr(like, "_fields"):
         return type(like)(*items)
     return type(like)(items)
+
+
+def _fill(value: Any, slots: list[torch.Tensor]) -> Any:
+    if type(value) is _Slot:
+        return slots[value]
+    if isinstance(value, (tuple, list)):
+        return _rebuild(value, [_fill(item, slots) for item in value])
+    return value
 
 
 def _flat_results(result: Any) -> list[Any]:
@@ -141,79 +155,36 @@ def _fast(function: Callable[..., Any]) -> Callable[..., Any]:
     return getattr(function, "_op", function) if isinstance(function, torch._ops.OpOverload) else function
 
 
-class _Source:
-    """The Python source of a plan's replay function, built step by step: tensors are local
-    variables ``s<slot>``, every other value a constant bound by name (``c<n>``), so the text
-    holds no value of the call."""
-
-    def __init__(self, inputs: int) -> None:
-        self.lines = ["def replay(inputs):"]
-        if inputs:
-            self.lines.append("    " + "".join(f"s{slot}, " for slot in range(inputs)) + "= inputs")
-        self.constants: dict[str, Any] = {}
-        self.slots = inputs
-
-    def constant(self, value: Any) -> str:
-        name = f"c{len(self.constants)}"
-        self.constants[name] = value
-        return name
-
-    def value(self, value: Any) -> str:
-        """An expression for a template value: a slot's variable, a tuple or list built anew on
-        each call (a callee may keep or change it), or a bound constant."""
-        if type(value) is _Slot:
-            return f"s{int(value)}"
-        if isinstance(value, (tuple, list)):
-            items = ", ".join(self.value(item) for item in value)
-            if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple takes its fields positionally
-                return f"{self.constant(type(value))}({items})"
-            if type(value) is tuple:
-                return f"({items},)" if len(value) == 1 else f"({items})"
-            if type(value) is list:
-                return f"[{items}]"
-            return f"{self.constant(type(value))}([{items}])"
-        return self.constant(value)
-
-    def step(self, step: _Step) -> None:
-        arguments = [self.value(value) for value in step.args]
-        arguments += [f"{name}={self.value(value)}" for name, value in step.kwargs.items()]
-        call = f"{self.constant(step.function)}({', '.join(arguments)})"
-        if not step.results:
-            self.lines.append(f"    {call}")
-        elif step.results == (0,):
-            self.lines.append(f"    result = {call}")
-            self.lines.append(f"    s{self.slots} = result if type(result) is not tuple and type(result) is not list "
-                              f"else result[0]")
-            self.slots += 1
-        else:
-            self.lines.append(f"    result = {self.constant(_flat_results)}({call})")
-            for position in step.results:
-                self.lines.append(f"    s{self.slots} = result[{position}]")
-                self.slots += 1
-
-    def function(self, result: Any) -> Callable[[list[torch.Tensor]], Any]:
-        self.lines.append(f"    return {self.value(result)}")
-        namespace = dict(self.constants)
-        exec(compile("\n".join(self.lines), "<varlen_compile fa4 replay>", "exec"), namespace)  # noqa: S102
-        return namespace["replay"]
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     steps: tuple[_Step, ...]
     result: Any
     """FA4's return value with slots for its tensors."""
-    inputs: int
-    """How many tensor arguments the call has (the first slots)."""
-    run: Callable[[list[torch.Tensor]], Any] = dataclasses.field(init=False, repr=False, compare=False)
-    """``run(inputs)``: the steps in order on the call's tensors, FA4's result built from them, as
-    one straight-line function (no per-step interpretation on the host's hot path)."""
 
-    def __post_init__(self) -> None:
-        source = _Source(self.inputs)
+    def run(self, inputs: list[torch.Tensor]) -> Any:
+        slots = list(inputs)
         for step in self.steps:
-            source.step(step)
-        object.__setattr__(self, "run", source.function(self.result))
+            if step.nested:
+                result = step.function(*_fill(step.args, slots),
+                                       **{name: _fill(value, slots) for name, value in step.kwargs.items()})
+            else:
+                args = list(step.args)
+                for position, slot in step.arg_slots:
+                    args[position] = slots[slot]
+                if step.kwarg_slots:
+                    kwargs = dict(step.kwargs)
+                    for name, slot in step.kwarg_slots:
+                        kwargs[name] = slots[slot]
+                    result = step.function(*args, **kwargs)
+                else:
+                    result = step.function(*args, **step.kwargs)
+            if step.results:
+                if len(step.results) == 1 and step.results[0] == 0 and isinstance(result, torch.Tensor):
+                    slots.append(result)
+                else:
+                    flat = _flat_results(result)
+                    slots.extend(flat[position] for position in step.results)
+        return _fill(self.result, slots)
 
 
 class _Recording(TorchDispatchMode):
@@ -225,7 +196,6 @@ class _Recording(TorchDispatchMode):
         self.thread = threading.get_ident()
         self.slot_of: dict[int, int] = {id(tensor): index for index, tensor in enumerate(inputs)}
         self.alive: list[torch.Tensor] = list(inputs)  # keeps ids unique while recording
-        self.inputs = len(inputs)
         self.steps: list[_Step] = []
         self.refusal: str | None = None
         self.compiled = False
@@ -234,23 +204,33 @@ class _Recording(TorchDispatchMode):
         if self.refusal is None:
             self.refusal = why
 
-    def _template(self, value: Any, depth: int = 0) -> Any:
-        """``value`` with its tensors as slots."""
+    def _template(self, value: Any, depth: int = 0) -> tuple[Any, bool]:
+        """``value`` with its tensors as slots, and whether a slot is nested."""
         if isinstance(value, torch.Tensor):
             slot = self.slot_of.get(id(value))
             if slot is None:
                 raise _Refused(f"a tensor argument ({tuple(value.shape)}, {value.dtype}) is none of the call's tensors")
-            return _Slot(slot)
+            return _Slot(slot), depth > 0
         if isinstance(value, (tuple, list)) and depth < 4:
-            return _rebuild(value, [self._template(item, depth + 1) for item in value])
+            items = [self._template(item, depth + 1) for item in value]
+            return _rebuild(value, [item for item, _ in items]), any(nested for _, nested in items)
         if not _plain_constant(value):
             raise _Refused(f"a constant argument is not a plain constant ({type(value).__name__})")
-        return value
+        return value, False
 
     def _record(self, function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], is_kernel: bool) -> _Step:
-        template_args = tuple(self._template(value) for value in args)
-        template_kwargs = {name: self._template(value) for name, value in kwargs.items()}
-        return _Step(_fast(function), template_args, template_kwargs, (), is_kernel)
+        template_args, template_kwargs, nested = [], {}, False
+        for value in args:
+            template, inner = self._template(value)
+            template_args.append(template)
+            nested = nested or inner
+        for name, value in kwargs.items():
+            template_kwargs[name], inner = self._template(value)
+            nested = nested or inner
+        arg_slots = tuple((position, int(v)) for position, v in enumerate(template_args) if type(v) is _Slot)
+        kwarg_slots = tuple((name, int(v)) for name, v in template_kwargs.items() if type(v) is _Slot)
+        return _Step(_fast(function), tuple(template_args), template_kwargs, arg_slots, kwarg_slots, nested, (),
+                     is_kernel)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 -- the mode's protocol
         kwargs = kwargs or {}
@@ -290,8 +270,8 @@ class _Recording(TorchDispatchMode):
             raise _Refused(self.refusal)
         if not any(step.is_kernel for step in self.steps):
             raise _Refused("FA4 launched no compiled kernel through a compile cache")
-        template = self._template(result)
-        return _Plan(tuple(self.steps), template, self.inputs)
+        template, _ = self._template(result)
+        return _Plan(tuple(self.steps), template)
 
 
 class _CacheProxy:
