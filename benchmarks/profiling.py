@@ -87,7 +87,7 @@ def host_us_on_a_thread(fn: Callable[[], object], calls: int = 300) -> float:
 
 
 @contextlib.contextmanager
-def gc_watch() -> Iterator[dict[str, float]]:
+def gc_watch() -> Iterator[dict[str, float | str]]:
     """Python's garbage collections while the block runs: ``{"gc_collections": n per generation
     as "g0/g1/g2", "gc_ms": their total time}`` (filled in when the block exits)."""
     counts, spent, started = [0, 0, 0], [0.0], [0.0]
@@ -99,7 +99,7 @@ def gc_watch() -> Iterator[dict[str, float]]:
             counts[info["generation"]] += 1
             spent[0] += time.perf_counter() - started[0]
 
-    result: dict[str, float] = {}
+    result: dict[str, float | str] = {}
     gc.callbacks.append(callback)
     try:
         yield result
@@ -541,7 +541,7 @@ def _dynamo_counts() -> str:
     """Dynamo's frame and recompile counters, and what our FA4 replayer holds, in one line."""
     from torch._dynamo.utils import counters
 
-    stats = {key: value for key, value in counters["stats"].items()}
+    stats = dict(counters["stats"])
     recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
     return f"dynamo stats {stats}, recompiles {recompiles}; {_replayer_state()}"
 
