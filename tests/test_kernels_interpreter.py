@@ -40,6 +40,12 @@ SPECS = [
     AttnSpec((20,), (6,), heads_q=4, heads_kv=2, window_size=(0, 0)),
     # Head dim 24, padded to 32 inside the kernel.
     AttnSpec((19, 1, 26), (19, 1, 26), heads_q=4, heads_kv=2, head_dim=24, is_causal=True),
+    # Window sides near int32's limit, queries longer and shorter than keys: a diagonal minus the
+    # left side, or plus the right side, would overflow int32 (it did: silently wrong rows).
+    AttnSpec((30, 9, 1), (4, 23, 1), heads_q=4, heads_kv=2, window_size=(2**31 - 2, 2**31 - 2)),
+    AttnSpec((30, 9, 1), (4, 23, 1), heads_q=4, heads_kv=2, window_size=(2**31 - 1, 3)),
+    AttnSpec((4, 23, 1), (30, 9, 1), heads_q=4, heads_kv=2, window_size=(3, 2**31 - 2)),
+    AttnSpec((4, 23, 1), (30, 9, 1), heads_q=4, heads_kv=2, window_size=(10**12, 10**12)),
 ]
 
 # The GQA-packed forward (ForwardConfig.pack_gqa): every spec above (groups of 2), and groups of 4.

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from factory import allowed_pairs, make_cu_seq
+from factory import allowed_pairs, make_case, make_cu_seq
 from varlen_compile import reference
 from varlen_compile.params import AttnOptions
 
@@ -556,3 +556,17 @@ def test_gradcheck_all_features():
 
     inputs = tuple(t.clone().requires_grad_() for t in (x["q"], x["k"], x["v"], SINK))
     assert torch.autograd.gradcheck(function, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("side", [2**31 - 1, 2**40])
+def test_a_window_side_past_int32_is_unbounded(side):
+    """No sequence of int32 offsets has 2**31 - 1 keys or queries, so such a side excludes no
+    key: every kernel gets -1 (the kernels' int32 arithmetic takes the sides below it)."""
+    assert AttnOptions(window_left=side, window_right=side).window() == (-1, -1)
+    assert AttnOptions(is_causal=True, window_left=side).window() == (-1, 0)
+    assert AttnOptions(window_left=2**31 - 2, window_right=7).window() == (2**31 - 2, 7)
+    case = make_case([30, 9, 1], [4, 23, 1], dtype=torch.float64)
+    huge, _ = reference.attention_forward(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k,
+                                          window_size=(side, side))
+    unbounded, _ = reference.attention_forward(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k)
+    assert torch.equal(huge, unbounded)

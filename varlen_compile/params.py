@@ -37,6 +37,7 @@ __all__ = [
     "OptionalInput",
     "OptionalInputs",
     "Side",
+    "WINDOW_UNBOUNDED_FROM",
     "argument_names",
     "bind_op_args",
     "flat_args",
@@ -48,6 +49,9 @@ __all__ = [
 
 Side = Literal["forward", "backward"]
 """Which kernel: the forward, or the backward (dQ, dK, dV)."""
+
+WINDOW_UNBOUNDED_FROM = 2**31 - 1
+"""A window side from which it is unbounded: every key of any sequence (int32 offsets) is in it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +74,12 @@ class AttnOptions:
     softcap: float = 0.0
 
     def window(self) -> tuple[int, int]:
-        """``(left, right)`` actually applied: causal attention means ``right = 0``."""
-        return self.window_left, (0 if self.is_causal else self.window_right)
+        """``(left, right)`` actually applied: causal attention means ``right = 0``, and a side
+        of ``2**31 - 1`` or more is unbounded (-1): no sequence of int32 offsets is that long,
+        and the kernels' int32 arithmetic takes sides below it."""
+        left = -1 if self.window_left >= WINDOW_UNBOUNDED_FROM else self.window_left
+        right = -1 if self.window_right >= WINDOW_UNBOUNDED_FROM else self.window_right
+        return left, (0 if self.is_causal else right)
 
     def scale_for(self, head_dim: int) -> float:
         """The softmax scale for ``head_dim`` (the default ``1 / sqrt(head_dim)`` when unset)."""
