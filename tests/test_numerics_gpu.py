@@ -348,3 +348,29 @@ def test_compiled_training_matches_eager_aten():
     assert compiled_t[-4:].mean() < compiled_t[:4].mean(), f"loss did not go down: {compiled_losses}"
     # bf16 noise: the two runs use different kernels, so the curves drift apart slowly.
     assert torch.allclose(compiled_t, eager_t, rtol=0.05, atol=0.01), (eager_losses, compiled_losses)
+
+
+@pytest.mark.parametrize("window", [(2**31 - 1, 2**31 - 1), (2**31 - 2, 2**31 - 2), (2**31 - 2, 5), (3, 2**31 - 2),
+                                    (10**12, 0)], ids=["int32-max", "int32-max-minus-1", "left-huge", "right-huge",
+                                                       "past-int32"])
+def test_window_sides_near_int32_limit_match_reference(window):
+    """A diagonal minus the left side, or plus the right one, once wrapped around int32 in the
+    kernels (silently wrong rows); the standalone kernels, and the compiled template once, meet
+    the error rule with queries longer and shorter than keys."""
+    for lengths_q, lengths_k in (([300, 90, 5], [100, 7, 0]), ([4, 23, 1], [300, 90, 5])):
+        case = gpu_case(lengths_q, lengths_k, heads_q=4, heads_kv=2, requires_grad=False)
+        options = AttnOptions(window_left=window[0], window_right=window[1])
+        layout = BatchLayout(case.cu_seq_q, case.cu_seq_k)
+        out, lse = launcher.forward(case.q, case.k, case.v, layout, options, OptionalInputs())
+        check = reference_outputs(case, torch.float64, window_size=window), reference_outputs(
+            case, case.q.dtype, window_size=window)
+        assert_meets_error_rule(out, check[0][0], check[1][0], name="out")
+        assert_meets_error_rule(lse, check[0][1], check[1][1], name="lse")
+    if window == (2**31 - 2, 2**31 - 2):
+        compiled = torch.compile(
+            lambda q, k, v: varlen_attn(q, k, v, case.cu_seq_q, case.cu_seq_k, window_size=window, enable_gqa=True),
+            fullgraph=True,
+        )
+        with varlen_compile.config.patch(kernel="triton"):
+            out = compiled(case.q, case.k, case.v)
+        assert_meets_error_rule(out, check[0][0], check[1][0], name="compiled out")
