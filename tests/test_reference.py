@@ -18,6 +18,11 @@ from factory import allowed_pairs, make_case, make_cu_seq
 from varlen_compile import reference
 from varlen_compile.params import AttnOptions
 
+try:  # the lowering modules need Triton and Inductor
+    from varlen_compile.lowering import aten
+except ImportError:
+    aten = None
+
 F64 = torch.float64
 # Both sides compute in float64; only summation order differs.
 TIGHT = {"atol": 1e-12, "rtol": 1e-10}
@@ -565,6 +570,11 @@ def test_a_window_side_past_int32_is_unbounded(side):
     assert AttnOptions(window_left=side, window_right=side).window() == (-1, -1)
     assert AttnOptions(is_causal=True, window_left=side).window() == (-1, 0)
     assert AttnOptions(window_left=2**31 - 2, window_right=7).window() == (2**31 - 2, 7)
+    if aten is not None:  # aten flash gets the same sides (a causal call keeps its own right side)
+        assert aten._window_sizes(AttnOptions(window_left=side, window_right=5)) == {
+            "window_size_left": -1, "window_size_right": 5}
+        assert aten._window_sizes(AttnOptions(is_causal=True, window_right=side)) == {
+            "window_size_left": -1, "window_size_right": side}
     case = make_case([30, 9, 1], [4, 23, 1], dtype=torch.float64)
     huge, _ = reference.attention_forward(case.q, case.k, case.v, case.cu_seq_q, case.cu_seq_k,
                                           window_size=(side, side))
