@@ -35,13 +35,13 @@ def sanitized(layout: BatchLayout, total_q: int, total_k: int) -> BatchLayout:
     return dataclasses.replace(layout, cu_seq_q=cu_seq_q, cu_seq_k=cu_seq_k)
 
 
-
 def _window_sizes(options: AttnOptions) -> dict[str, int]:
     """aten flash's window keywords: our sides, with one of ``2**31 - 1`` or more unbounded
     (``AttnOptions.window``; FlashAttention's int32 block arithmetic would wrap around on it).
     Causal calls keep their own right side: aten sets it to 0 under ``is_causal``."""
     left, right = options.window()
     return {"window_size_left": left, "window_size_right": options.window_right if options.is_causal else right}
+
 
 def forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, options: AttnOptions
