@@ -144,20 +144,28 @@ def regret(times: Times, choice: str = "auto") -> float | None:
 
 
 def paired_regret(rounds: Mapping[str, Sequence[float] | None], choice: str = "auto") -> float | None:
-    """``choice``'s regret from interleaved rounds: in each round, its time over that round's
-    fastest present one; the median over the rounds. Drift that slows every implementation of a
-    round alike (host clock, another process) cancels within the round, where a ratio of
-    per-implementation medians would keep it. None when ``choice`` is absent; the rounds of the
-    present implementations must be equally many."""
+    """``choice``'s regret from interleaved rounds, against the implementation whose median over
+    the rounds is lowest: 1 when that is ``choice``, else the median over the rounds of
+    ``choice``'s time over that implementation's time in the same round (at least 1).
+
+    Pairing within a round cancels drift that slows every implementation of the round alike
+    (host clock, another process), where a ratio of per-implementation medians would keep it.
+    The rival is picked once, by its median, and not anew in each round: the fastest of several
+    noisy times in one round is faster than any of them typically is, so a per-round minimum
+    would charge a choice for the noise of the others (three runs of one graph would score
+    above 1). None when ``choice`` is absent; the rounds of the present implementations must be
+    equally many."""
     if rounds.get(choice) is None:
         return None
     present = {name: list(values) for name, values in rounds.items() if values is not None}
     counts = {len(values) for values in present.values()}
     if len(counts) != 1 or 0 in counts:
         raise ValueError(f"paired_regret: every present implementation needs the same rounds, got {counts}")
-    ratios = [present[choice][index] / min(values[index] for values in present.values())
-              for index in range(counts.pop())]
-    return statistics.median(ratios)
+    rival = min(present, key=lambda name: (statistics.median(present[name]), name != choice))
+    if rival == choice:
+        return 1.0
+    ratios = [mine / theirs for mine, theirs in zip(present[choice], present[rival], strict=True)]
+    return max(1.0, statistics.median(ratios))
 
 
 @dataclasses.dataclass(frozen=True)
