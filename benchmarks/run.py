@@ -64,7 +64,8 @@ max_q/max_k ints, and FA4's
 flash_attn_varlen_func called directly: forward and forward+backward (--no-backward: forward
 only); directions whose fastest step is under 1 ms in --rounds interleaved rounds. regret =
 auto time / fastest of the three (1: auto picked the best; FA4 absent: the best of the other
-two); in rounds, the median over the rounds of that ratio within each round (drift common to a
+two); in rounds, auto against the implementation of the lowest median, paired round by round
+(the median over the rounds of auto's time over its time in the same round: drift common to a
 round cancels). Writes per-shape rows and a summary (geometric mean and max regret, shapes above 1.05
 and 1.10, sum of auto over the sum of the per-shape best) to <out>/<tag>.md and .json
 (default tag: choice-random-<dist>-seed<S>); each row also goes to <out>/<tag>.jsonl as it is
@@ -394,8 +395,8 @@ def random_markdown(rows: list[dict], dist: str, seed: int, rounds: int, backwar
              "(kernel=triton) and auto (the default choice) compiled behind our op, fullgraph, static shapes; "
              f"FA4 called directly; median ms of do_bench, steps under {ROUNDS_BELOW_MS:g} ms over {rounds} "
              "interleaved rounds; regret = auto / fastest of the three (steps timed in rounds: the median over "
-             "the rounds of auto / that round's fastest; in parentheses: the fastest median, when not "
-             "auto); default: what the default choice picks for the forward (the cost model where fitted, else the "
+             "the rounds of auto / the lowest-median implementation's time in the same round; in parentheses: "
+             "the fastest median, when not auto); default: what the default choice picks for the forward (the cost model where fitted, else the "
              "table)", ""]
     header = ["shape", "max len", "default"]
     for _, title in directions:
