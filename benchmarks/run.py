@@ -396,8 +396,8 @@ def random_markdown(rows: list[dict], dist: str, seed: int, rounds: int, backwar
              f"FA4 called directly; median ms of do_bench, steps under {ROUNDS_BELOW_MS:g} ms over {rounds} "
              "interleaved rounds; regret = auto / fastest of the three (steps timed in rounds: the median over "
              "the rounds of auto / the lowest-median implementation's time in the same round; in parentheses: "
-             "the fastest median, when not auto); default: what the default choice picks for the forward (the cost model where fitted, else the "
-             "table)", ""]
+             "the fastest median, when not auto); default: what the default choice picks for the forward "
+             "(the cost model where fitted, else the table)", ""]
     header = ["shape", "max len", "default"]
     for _, title in directions:
         header += [f"template {title}", f"auto {title}", f"FA4 {title}", f"regret {title}"]
